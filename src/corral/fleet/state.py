@@ -1,0 +1,204 @@
+"""The balancer's picture of the fleet: agents, instances, and per-model pools.
+
+Everything here lives on the balancer's event loop and is changed only there. Slot
+accounting joins two views of an instance: the requests this balancer has dispatched
+and not yet finished (``in_flight``, exact and immediate) and the busy slots its agent
+last reported (``reported_busy``, true but late, and counting other balancers' and
+direct clients' work too). On each report the balancer keeps only the part it cannot
+explain by its own work, ``foreign_busy = max(0, reported_busy - in_flight)``; its own
+dispatches and releases then adjust the estimate at once, so a finished request frees
+its slot without waiting for the next report, and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class InstanceState(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass
+class InstanceIssue:
+    """A typed problem an agent found reading its llama-server."""
+
+    kind: str  # unreachable | unauthorized | server_error | bad_response | loading | ...
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "message": self.message}
+
+
+@dataclass
+class Breaker:
+    """Circuit breaker: set an instance aside after upstream failures, probe it later.
+
+    Closed: traffic flows. Open: no traffic until ``open_until``. Then half-open: one
+    request may probe it; success closes, failure opens again for twice as long.
+    """
+
+    failures: int = 0
+    open_until: float = 0.0
+    probing: bool = False
+    base_cooldown: float = 2.0
+    max_cooldown: float = 30.0
+
+    def allows(self, now: float) -> bool:
+        if self.failures == 0:
+            return True
+        if now < self.open_until:
+            return False
+        return not self.probing
+
+    def record_failure(self, now: float) -> None:
+        self.failures += 1
+        self.probing = False
+        cooldown = min(self.base_cooldown * 2 ** (self.failures - 1), self.max_cooldown)
+        self.open_until = now + cooldown
+
+    def record_success(self) -> None:
+        self.failures = 0
+        self.probing = False
+        self.open_until = 0.0
+
+    @property
+    def state(self) -> str:
+        if self.failures == 0:
+            return "closed"
+        return "half-open" if time.monotonic() >= self.open_until else "open"
+
+
+@dataclass
+class Instance:
+    """One llama-server serving one model at one address, as the balancer sees it."""
+
+    id: str
+    agent_id: str
+    url: str
+    model: str
+    aliases: list[str] = field(default_factory=list)
+    state: InstanceState = InstanceState.STARTING
+    total_slots: int = 0
+    reported_busy: int = 0
+    foreign_busy: int = 0
+    in_flight: int = 0
+    n_ctx: int = 0
+    issues: list[InstanceIssue] = field(default_factory=list)
+    last_report: float = 0.0
+    stale: bool = False
+    breaker: Breaker = field(default_factory=Breaker)
+    served: int = 0
+    started_at: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.model, *self.aliases]
+
+    @property
+    def busy_slots(self) -> int:
+        return min(self.total_slots, self.in_flight + self.foreign_busy)
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.total_slots - self.in_flight - self.foreign_busy)
+
+    def usable(self, now: float) -> bool:
+        """Ready, reported recently, no open issue, and not set aside by its breaker."""
+        return (
+            self.state is InstanceState.READY
+            and not self.stale
+            and not self.issues
+            and self.total_slots > 0
+            and self.breaker.allows(now)
+        )
+
+    def apply_report(self, total_slots: int, busy: int) -> None:
+        self.total_slots = total_slots
+        self.reported_busy = busy
+        self.foreign_busy = max(0, busy - self.in_flight)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "agent_id": self.agent_id,
+            "url": self.url,
+            "model": self.model,
+            "aliases": self.aliases,
+            "state": self.state.value,
+            "usable": self.usable(time.monotonic()),
+            "stale": self.stale,
+            "slots_total": self.total_slots,
+            "slots_busy": self.busy_slots,
+            "slots_free": self.free_slots,
+            "reported_busy": self.reported_busy,
+            "in_flight": self.in_flight,
+            "n_ctx": self.n_ctx,
+            "issues": [i.as_dict() for i in self.issues],
+            "breaker": self.breaker.state,
+            "served": self.served,
+        }
+
+
+@dataclass
+class Agent:
+    id: str
+    name: str
+    connected_at: float = field(default_factory=time.time)
+    last_seq: int = -1
+    last_report: float = field(default_factory=time.monotonic)
+    instance_ids: set[str] = field(default_factory=set)
+    remote: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "remote": self.remote,
+            "connected_at": self.connected_at,
+            "last_seq": self.last_seq,
+            "instances": sorted(self.instance_ids),
+        }
+
+
+class Fleet:
+    """Agents and instances by id, and the pool (instances) of each model name."""
+
+    def __init__(self) -> None:
+        self.agents: dict[str, Agent] = {}
+        self.instances: dict[str, Instance] = {}
+        self.known_models: set[str] = set()
+
+    def pool(self, model: str) -> list[Instance]:
+        return [i for i in self.instances.values() if model in i.names]
+
+    def served_models(self) -> list[str]:
+        """Primary model names with at least one instance, sorted."""
+        return sorted({i.model for i in self.instances.values() if i.model})
+
+    def resolve(self, name: str) -> str | None:
+        """The primary model name a requested name (or alias) refers to."""
+        for instance in self.instances.values():
+            if name in instance.names:
+                return instance.model
+        return name if name in self.known_models else None
+
+    def upsert_instance(self, instance: Instance) -> None:
+        self.instances[instance.id] = instance
+        self.known_models.update(name for name in instance.names if name)
+
+    def remove_instance(self, instance_id: str) -> Instance | None:
+        instance = self.instances.pop(instance_id, None)
+        if instance is not None:
+            agent = self.agents.get(instance.agent_id)
+            if agent is not None:
+                agent.instance_ids.discard(instance_id)
+        return instance

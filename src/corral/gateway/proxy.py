@@ -1,0 +1,542 @@
+"""The inference front door: admission, placement, forwarding and streaming.
+
+One request flows like this: authenticate; read the body once (bounded); find the
+model; ask the scheduler for a slot lease (buffering if needed); send one upstream
+request; relay the response chunk by chunk as it arrives. If the upstream fails before
+the first byte reaches the client, the lease is returned as failed (the instance's
+circuit breaker opens) and the request is resent elsewhere. After the first byte, a
+stream ends with an OpenAI-shaped error event. The lease is released when the
+response ends or the client goes away.
+
+llama-server closes a connection after a streamed response while advertising
+keep-alive, so a connection that carried a stream is closed, never pooled, and a
+request whose pooled connection dies before any response byte is resent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from corral.gateway.auth import key_matches, presented_key
+from corral.gateway.errors import error_response, sse_error_event
+from corral.observe.metrics import BalancerMetrics
+from corral.scheduling.policies import Placement
+from corral.scheduling.scheduler import Lease, Scheduler, SchedulingError
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("corral.access")
+
+#: Routes whose POST body names a model and which take a slot.
+MODEL_ROUTES = (
+    "/v1/chat/completions",
+    "/chat/completions",
+    "/v1/completions",
+    "/completions",
+    "/completion",
+    "/v1/embeddings",
+    "/embeddings",
+    "/embedding",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/infill",
+    "/rerank",
+    "/reranking",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+)
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailers",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+        "Authorization",
+        "x-api-key",
+        "X-Model-Id",
+    )
+)
+RESPONSE_DROP = frozenset(
+    h.lower()
+    for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Server", "Date")
+)
+RETRY_STATUSES = frozenset({502, 503})
+
+_request_ids = itertools.count(1)
+_REQUEST_PREFIX = os.urandom(3).hex()
+
+
+class UpstreamFailed(Exception):
+    """The upstream failed before any response byte reached the client."""
+
+
+@dataclass
+class GatewayOptions:
+    api_keys: list[str]
+    max_body: int
+    max_retries: int = 2
+    connect_timeout: float = 5.0
+    first_byte_timeout: float = 600.0
+    idle_timeout: float = 300.0
+    cors_origins: tuple[str, ...] = ()
+    expose_slots: bool = False
+
+
+class Gateway:
+    """The inference HTTP app: routes, auth, forwarding, aggregates."""
+
+    def __init__(
+        self, scheduler: Scheduler, metrics: BalancerMetrics, options: GatewayOptions
+    ) -> None:
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.options = options
+        self.session: aiohttp.ClientSession | None = None
+        self.app = web.Application(client_max_size=options.max_body)
+        self.app.router.add_get("/health", self.health)
+        self.app.router.add_get("/v1/health", self.health)
+        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/models", self.models)
+        self.app.router.add_get("/slots", self.slots)
+        for route in MODEL_ROUTES:
+            self.app.router.add_post(route, self.forward)
+        self.app.router.add_route("*", "/{tail:.*}", self.passthrough)
+        self.app.on_startup.append(self._start)
+        self.app.on_cleanup.append(self._stop)
+        self.app.on_response_prepare.append(self._cors_headers)
+
+    async def _start(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0, enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout),
+        )
+
+    async def _stop(self, app: web.Application) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    # -- hygiene ------------------------------------------------------------------------
+
+    async def _cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        if origin and (origin in self.options.cors_origins or "*" in self.options.cors_origins):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+
+    def _preflight(self, request: web.Request) -> web.Response | None:
+        origin = request.headers.get("Origin")
+        if request.method != "OPTIONS" or not origin:
+            return None
+        if origin not in self.options.cors_origins and "*" not in self.options.cors_origins:
+            return error_response(403, f"origin {origin!r} is not allowed by CORS")
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": request.headers.get(
+                    "Access-Control-Request-Headers", "Authorization, Content-Type"
+                ),
+                "Access-Control-Max-Age": "600",
+            },
+        )
+
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        if not self.options.api_keys:
+            return None
+        if key_matches(presented_key(request), self.options.api_keys):
+            return None
+        return error_response(
+            401,
+            "missing or invalid API key: send `Authorization: Bearer KEY` or `x-api-key: KEY`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    # -- aggregates ----------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        now = self.scheduler.clock()
+        usable = [i for i in self.scheduler.fleet.instances.values() if i.usable(now)]
+        body = {
+            "status": "ok" if usable else "unavailable",
+            "instances_ready": len(usable),
+            "instances_total": len(self.scheduler.fleet.instances),
+            "slots_free": sum(i.free_slots for i in usable),
+            "slots_busy": sum(i.busy_slots for i in usable),
+            "buffered": self.scheduler.buffered(),
+        }
+        return web.json_response(body, status=200 if usable else 503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        data = []
+        seen: set[str] = set()
+        now = self.scheduler.clock()
+        for instance in sorted(self.scheduler.fleet.instances.values(), key=lambda i: i.id):
+            if instance.model in seen:
+                continue
+            seen.add(instance.model)
+            pool = self.scheduler.fleet.pool(instance.model)
+            data.append(
+                {
+                    "id": instance.model,
+                    "object": "model",
+                    "created": int(instance.started_at),
+                    "owned_by": "corral",
+                    "aliases": instance.aliases,
+                    "status": {
+                        "value": "loaded" if any(i.usable(now) for i in pool) else "loading",
+                        "instances": len(pool),
+                    },
+                    "meta": {"n_ctx": instance.n_ctx},
+                }
+            )
+        return web.json_response({"object": "list", "data": data})
+
+    async def slots(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        if not self.options.expose_slots:
+            return error_response(501, "the /slots aggregate is off; start with --expose-slots")
+        return web.json_response([i.as_dict() for i in self.scheduler.fleet.instances.values()])
+
+    # -- forwarding ----------------------------------------------------------------------
+
+    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+        """Paths corral doesn't route by model (e.g. the web UI) go to the default model."""
+        preflight = self._preflight(request)
+        if preflight is not None:
+            return preflight
+        return await self.forward(request)
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        request_id = (
+            request.headers.get("X-Request-Id") or f"{_REQUEST_PREFIX}-{next(_request_ids)}"
+        )
+        route = request.path if request.path in MODEL_ROUTES else "other"
+        denied = self._preflight(request) or self._unauthorized(request)
+        if denied is not None:
+            return self._finish(denied, request_id, "", route, started)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._finish(
+                error_response(
+                    413, f"request body is larger than the {self.options.max_body}-byte limit"
+                ),
+                request_id,
+                "",
+                route,
+                started,
+            )
+        parsed: dict[str, Any] | None = None
+        if body and request.method == "POST" and route != "other":
+            try:
+                value = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return self._finish(
+                    error_response(400, f"request body is not valid JSON: {exc}"),
+                    request_id,
+                    "",
+                    route,
+                    started,
+                )
+            if not isinstance(value, dict):
+                return self._finish(
+                    error_response(400, "request body must be a JSON object"),
+                    request_id,
+                    "",
+                    route,
+                    started,
+                )
+            parsed = value
+        requested = request.headers.get("X-Model-Id")
+        if requested is None and parsed is not None:
+            raw = parsed.get("model")
+            if raw is not None and not isinstance(raw, str):
+                return self._finish(
+                    error_response(400, "`model` must be a string"),
+                    request_id,
+                    "",
+                    route,
+                    started,
+                )
+            requested = raw
+        if requested is None:
+            requested = request.query.get("model")
+        try:
+            model = self.scheduler.resolve_model(requested)
+        except SchedulingError as exc:
+            return self._finish(
+                error_response(exc.status, exc.message, exc.error_type, exc.headers),
+                request_id,
+                requested or "",
+                route,
+                started,
+            )
+        placement = Placement(model=model, body=parsed)
+        try:
+            return await self._relay(request, body, model, placement, request_id, route, started)
+        except SchedulingError as exc:
+            return self._finish(
+                error_response(exc.status, exc.message, exc.error_type, exc.headers),
+                request_id,
+                model,
+                route,
+                started,
+            )
+
+    def _finish(
+        self,
+        response: web.StreamResponse,
+        request_id: str,
+        model: str,
+        route: str,
+        started: float,
+        instance: str = "",
+        waited: float = 0.0,
+        ttft: float | None = None,
+    ) -> web.StreamResponse:
+        response.headers["X-Request-Id"] = request_id
+        self._record(response.status, request_id, model, route, started, instance, waited, ttft)
+        return response
+
+    def _record(
+        self,
+        status: int,
+        request_id: str,
+        model: str,
+        route: str,
+        started: float,
+        instance: str,
+        waited: float,
+        ttft: float | None,
+    ) -> None:
+        elapsed = time.monotonic() - started
+        self.metrics.requests.labels(model, route, str(status)).inc()
+        self.metrics.duration.labels(model, route).observe(elapsed)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "request_id=%s model=%s route=%s instance=%s status=%d buffer_wait=%.4f "
+                "ttft=%s duration=%.4f",
+                request_id,
+                model or "-",
+                route,
+                instance or "-",
+                status,
+                waited,
+                f"{ttft:.4f}" if ttft is not None else "-",
+                elapsed,
+            )
+
+    def _upstream_headers(self, request: web.Request, request_id: str) -> dict[str, str]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers["X-Request-Id"] = request_id
+        return headers
+
+    async def _open(
+        self, request: web.Request, body: bytes, lease: Lease, headers: dict[str, str]
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """Send the request upstream and read its head and first chunk.
+
+        Returns the response and its first body chunk (b"" at end of body). Raises
+        :class:`UpstreamFailed` for anything that lets the request be resent: refused,
+        reset, a 502/503, or a connection that died before the first body byte.
+        """
+        assert self.session is not None
+        url = lease.instance.url.rstrip("/") + request.rel_url.raw_path_qs
+        for attempt in (0, 1):
+            response: aiohttp.ClientResponse | None = None
+            try:
+                async with asyncio.timeout(self.options.first_byte_timeout):
+                    response = await self.session.request(
+                        request.method,
+                        url,
+                        data=body or None,
+                        headers=headers,
+                        allow_redirects=False,
+                    )
+                    if response.status in RETRY_STATUSES:
+                        detail = (await response.read())[:200].decode(errors="replace")
+                        response.release()
+                        raise UpstreamFailed(f"upstream answered {response.status}: {detail}")
+                    first = await response.content.readany()
+                    return response, first
+            except UpstreamFailed:
+                raise
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if response is not None:
+                    response.close()
+                if attempt == 0 and not isinstance(exc, aiohttp.ClientConnectorError):
+                    continue  # a pooled connection the server had already closed: resend
+                raise UpstreamFailed(f"{type(exc).__name__}: {exc}") from exc
+            except aiohttp.ClientError as exc:
+                if response is not None:
+                    response.close()
+                raise UpstreamFailed(f"{type(exc).__name__}: {exc}") from exc
+            except TimeoutError:
+                if response is not None:
+                    response.close()
+                raise SchedulingError(
+                    f"instance {lease.instance.id} sent no response within "
+                    f"{self.options.first_byte_timeout:g} s"
+                ) from None
+        raise AssertionError("unreachable")
+
+    async def _relay(
+        self,
+        request: web.Request,
+        body: bytes,
+        model: str,
+        placement: Placement,
+        request_id: str,
+        route: str,
+        started: float,
+    ) -> web.StreamResponse:
+        exclude: set[str] = set()
+        headers = self._upstream_headers(request, request_id)
+        failures: list[str] = []
+        waited = 0.0
+        while True:
+            lease = await self.scheduler.acquire(model, placement, frozenset(exclude))
+            waited += lease.waited
+            if lease.waited:
+                self.metrics.buffer_wait.labels(model).observe(lease.waited)
+            outcome = "client_gone"
+            try:
+                try:
+                    upstream, first = await self._open(request, body, lease, headers)
+                except UpstreamFailed as exc:
+                    outcome = "upstream_failed"
+                    failures.append(f"{lease.instance.id}: {exc}")
+                    log.warning(
+                        "upstream failed before first byte request_id=%s instance=%s error=%s",
+                        request_id,
+                        lease.instance.id,
+                        exc,
+                    )
+                    exclude.add(lease.instance.id)
+                    untried = {i.id for i in self.scheduler.fleet.pool(model)} - exclude
+                    if len(failures) > self.options.max_retries or not untried:
+                        return self._finish(
+                            error_response(
+                                502,
+                                "every instance tried failed before answering: "
+                                + "; ".join(failures),
+                            ),
+                            request_id,
+                            model,
+                            route,
+                            started,
+                            lease.instance.id,
+                            waited,
+                        )
+                    self.metrics.retries.labels(model).inc()
+                    continue
+                outcome = "ok"
+                return await self._stream(
+                    request, upstream, first, lease, request_id, model, route, started, waited
+                )
+            finally:
+                self.scheduler.release(lease, outcome)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        first: bytes,
+        lease: Lease,
+        request_id: str,
+        model: str,
+        route: str,
+        started: float,
+        waited: float,
+    ) -> web.StreamResponse:
+        is_sse = upstream.content_type == "text/event-stream"
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for key, value in upstream.headers.items():
+            if key.lower() not in RESPONSE_DROP:
+                response.headers.add(key, value)
+        response.headers["X-Request-Id"] = request_id
+        response.headers["X-Corral-Instance"] = lease.instance.id
+        if upstream.content_length is not None and not is_sse:
+            response.content_length = upstream.content_length
+        ttft = time.monotonic() - started
+        self.metrics.ttft.labels(model, route).observe(ttft)
+        clean = False
+        try:
+            await response.prepare(request)
+            if first:
+                await response.write(first)
+            if first or not upstream.content.at_eof():
+                idle = self.options.idle_timeout
+                while True:
+                    try:
+                        async with asyncio.timeout(idle):
+                            chunk = await upstream.content.readany()
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+                        log.warning(
+                            "upstream failed mid-response request_id=%s instance=%s error=%s",
+                            request_id,
+                            lease.instance.id,
+                            reason,
+                        )
+                        if is_sse:
+                            await response.write(
+                                sse_error_event(
+                                    502,
+                                    f"instance {lease.instance.id} failed mid-stream "
+                                    f"({reason}); the response is incomplete",
+                                )
+                            )
+                            await response.write_eof()
+                        else:
+                            # the status is already sent: drop the connection so the
+                            # client sees a truncated response, not a complete one
+                            if request.transport is not None:
+                                request.transport.close()
+                        self._record(
+                            502, request_id, model, route, started, lease.instance.id, waited, ttft
+                        )
+                        return response
+                    if not chunk:
+                        break
+                    await response.write(chunk)
+            await response.write_eof()
+            clean = True
+        finally:
+            if is_sse or not clean:
+                upstream.close()  # never pool a connection that carried a stream
+            else:
+                upstream.release()
+        self._record(
+            response.status, request_id, model, route, started, lease.instance.id, waited, ttft
+        )
+        return response

@@ -1,0 +1,37 @@
+"""Placement policies: each picks an instance for a request from a model's pool.
+
+One module per policy behind :class:`corral.scheduling.policies.base.Policy`. The
+scheduler passes only candidates that are usable and have a free slot, so a policy
+decides preference, never capacity.
+"""
+
+from __future__ import annotations
+
+from corral.scheduling.policies.base import Placement, Policy
+from corral.scheduling.policies.least_busy import LeastBusy
+from corral.scheduling.policies.random import RandomPolicy
+from corral.scheduling.policies.round_robin import RoundRobin
+
+POLICIES: dict[str, type[Policy]] = {
+    "least_busy": LeastBusy,
+    "round_robin": RoundRobin,
+    "random": RandomPolicy,
+}
+
+
+def make_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}") from None
+
+
+__all__ = [
+    "POLICIES",
+    "LeastBusy",
+    "Placement",
+    "Policy",
+    "RandomPolicy",
+    "RoundRobin",
+    "make_policy",
+]

@@ -1,0 +1,361 @@
+"""Admission, buffering and slot leases: the balancer's scheduler.
+
+The scheduler owns the fleet picture and every waiting request. It runs on the
+balancer's event loop and does no I/O: the gateway asks it for a :class:`Lease` (a
+claimed slot on one instance) and gives the lease back when the response ends; the
+control plane feeds it agent reports. Tests drive it directly, without processes.
+
+Buffering: when no usable instance of a model has a free slot (or no instance exists
+yet, so a fleet can scale from zero), a request waits in that model's FIFO buffer,
+bounded in size (``max_buffered``; full -> 429 with ``Retry-After``) and in time
+(``buffer_timeout``; -> 504). ``max_buffered == 0`` disables buffering (-> 503 at
+once). A waiter whose client goes away is cancelled and leaves the buffer at once.
+Waiters wake on every slot release, agent report and fleet change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.fleet.state import Agent, Fleet, Instance, InstanceIssue, InstanceState
+from corral.scheduling.policies import Placement, Policy
+
+log = logging.getLogger(__name__)
+
+ANY_MODEL = ""  # buffer key for requests that name no model while none is served
+
+
+class SchedulingError(Exception):
+    """A request cannot be placed; carries the HTTP status and an OpenAI error type."""
+
+    status = 503
+    error_type = "unavailable_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class UnknownModel(SchedulingError):
+    status = 404
+    error_type = "not_found_error"
+
+
+class ModelRequired(SchedulingError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class BufferFull(SchedulingError):
+    status = 429
+    error_type = "rate_limit_error"
+
+
+class BufferTimeout(SchedulingError):
+    status = 504
+    error_type = "timeout_error"
+
+
+class NoCapacity(SchedulingError):
+    status = 503
+    error_type = "unavailable_error"
+
+
+@dataclass(eq=False)
+class Lease:
+    """One claimed slot: the request may be sent to ``instance`` until released."""
+
+    instance: Instance
+    model: str
+    granted_at: float
+    waited: float = 0.0
+    released: bool = False
+    probe: bool = False  # the one half-open probe of a tripped breaker
+
+
+@dataclass(eq=False)
+class Waiter:
+    model: str
+    placement: Placement
+    future: asyncio.Future[Lease]
+    enqueued_at: float
+    exclude: frozenset[str] = field(default_factory=frozenset)
+
+
+class Scheduler:
+    """Places requests on instances by free slots and buffers what can't be placed."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        max_buffered: int = 30,
+        buffer_timeout: float = 10.0,
+        report_timeout: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fleet = Fleet()
+        self.policy = policy
+        self.max_buffered = max_buffered
+        self.buffer_timeout = buffer_timeout
+        self.report_timeout = report_timeout
+        self.clock = clock
+        self.buffers: dict[str, deque[Waiter]] = {}
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.accepting = True
+
+    # -- model resolution -------------------------------------------------------------
+
+    def resolve_model(self, requested: str | None) -> str:
+        """The pool a request goes to, or an error a client can act on."""
+        served = self.fleet.served_models()
+        if not requested:
+            if len(served) == 1:
+                return served[0]
+            if not served:
+                return ANY_MODEL  # scale from zero: any model that appears will do
+            raise ModelRequired(
+                "this server serves several models; set `model` to one of: " + ", ".join(served)
+            )
+        resolved = self.fleet.resolve(requested)
+        if resolved is not None:
+            return resolved
+        if not self.fleet.instances and not self.fleet.known_models:
+            return requested  # nothing registered yet: wait for it (scale from zero)
+        listed = ", ".join(served) if served else "(none ready right now)"
+        raise UnknownModel(f"model {requested!r} is not served here; served models: {listed}")
+
+    # -- leases -----------------------------------------------------------------------
+
+    def _candidates(self, model: str, exclude: frozenset[str]) -> list[Instance]:
+        now = self.clock()
+        pool = list(self.fleet.instances.values()) if model == ANY_MODEL else self.fleet.pool(model)
+        if exclude and any(i.id not in exclude for i in pool):
+            pool = [i for i in pool if i.id not in exclude]
+        return [i for i in pool if i.free_slots > 0 and i.usable(now)]
+
+    def try_lease(
+        self, model: str, placement: Placement, exclude: frozenset[str] = frozenset()
+    ) -> Lease | None:
+        """Claim a slot now if one is free, else None."""
+        chosen = self.policy.choose(self._candidates(model, exclude), placement)
+        if chosen is None:
+            return None
+        chosen.in_flight += 1
+        chosen.served += 1
+        probe = bool(chosen.breaker.failures)
+        if probe:
+            chosen.breaker.probing = True  # this request is the half-open probe
+        return Lease(instance=chosen, model=chosen.model, granted_at=self.clock(), probe=probe)
+
+    def buffered(self, model: str | None = None) -> int:
+        if model is not None:
+            return sum(1 for w in self.buffers.get(model, ()) if not w.future.done())
+        return sum(self.buffered(m) for m in self.buffers)
+
+    async def acquire(
+        self,
+        model: str,
+        placement: Placement,
+        exclude: frozenset[str] = frozenset(),
+        timeout: float | None = None,  # noqa: ASYNC109 (bounds the buffer wait: BufferTimeout)
+    ) -> Lease:
+        """A lease on an instance of ``model``, waiting in the buffer if needed.
+
+        Raises :class:`BufferFull`, :class:`BufferTimeout` or :class:`NoCapacity`.
+        Cancelling the caller (client gone) removes it from the buffer at once.
+        """
+        if not self.accepting:
+            raise NoCapacity("corral is shutting down; retry on another balancer")
+        queue = self.buffers.setdefault(model, deque())
+        if not any(not w.future.done() for w in queue):
+            lease = self.try_lease(model, placement, exclude)
+            if lease is not None:
+                return lease
+        if self.max_buffered == 0:
+            raise NoCapacity(
+                f"no free slot for model {model or '(any)'!r} and buffering is off; retry shortly",
+                {"Retry-After": "1"},
+            )
+        self._prune(queue)
+        if len(queue) >= self.max_buffered:
+            raise BufferFull(
+                f"all slots for model {model or '(any)'!r} are busy and its buffer is full "
+                f"({self.max_buffered} waiting); retry later",
+                {"Retry-After": str(max(1, math.ceil(self.buffer_timeout / 4)))},
+            )
+        loop = asyncio.get_running_loop()
+        waiter = Waiter(model, placement, loop.create_future(), self.clock(), exclude)
+        queue.append(waiter)
+        self._emit({"type": "buffer", "model": model, "depth": self.buffered(model)})
+        # Waiters ahead may be ones that exclude an instance with a free slot (retries):
+        # let this one take it now rather than at the next release or report.
+        self.wake((model,))
+        wait = self.buffer_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(wait):
+                lease = await waiter.future
+        except TimeoutError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                lease = waiter.future.result()  # granted as the timeout fired: use it
+            else:
+                raise BufferTimeout(
+                    f"no slot for model {model or '(any)'!r} became free within {wait:g} s; "
+                    "retry later or add capacity"
+                ) from None
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release(waiter.future.result(), outcome="client_gone")
+            raise
+        finally:
+            waiter.future.cancel()  # no-op when it has a result
+            self._prune(queue)
+            self._emit({"type": "buffer", "model": model, "depth": self.buffered(model)})
+        lease.waited = self.clock() - waiter.enqueued_at
+        return lease
+
+    def release(self, lease: Lease, outcome: str = "ok") -> None:
+        """Give a slot back. ``outcome``: ``ok``, ``client_gone`` or ``upstream_failed``."""
+        if lease.released:
+            return
+        lease.released = True
+        instance = lease.instance
+        instance.in_flight = max(0, instance.in_flight - 1)
+        if outcome == "upstream_failed":
+            instance.breaker.record_failure(self.clock())
+            self._emit({"type": "breaker", "instance": instance.id, "state": "open"})
+        elif outcome == "ok" and instance.breaker.failures:
+            instance.breaker.record_success()
+        elif lease.probe:
+            instance.breaker.probing = False  # the probe told nothing: another may go
+        self.wake(instance.names)
+
+    # -- waking -----------------------------------------------------------------------
+
+    @staticmethod
+    def _prune(queue: deque[Waiter]) -> None:
+        while queue and queue[0].future.done():
+            queue.popleft()
+        if any(w.future.done() for w in queue):
+            live = [w for w in queue if not w.future.done()]
+            queue.clear()
+            queue.extend(live)
+
+    def wake(self, models: Iterable[str] | None = None) -> None:
+        """Hand free slots to waiters, oldest first, for the given models (or all)."""
+        keys = list(self.buffers) if models is None else [*models, ANY_MODEL]
+        for key in keys:
+            queue = self.buffers.get(key)
+            if not queue:
+                continue
+            self._prune(queue)
+            for waiter in list(queue):
+                if waiter.future.done():
+                    continue
+                lease = self.try_lease(waiter.model, waiter.placement, waiter.exclude)
+                if lease is None:
+                    if not waiter.exclude:
+                        break  # the same candidates for every plain waiter behind it
+                    continue
+                waiter.future.set_result(lease)
+            self._prune(queue)
+
+    # -- fleet updates from agents ------------------------------------------------------
+
+    def register_agent(self, agent_id: str, name: str, remote: str = "") -> Agent:
+        agent = self.fleet.agents.get(agent_id)
+        if agent is None:
+            agent = Agent(id=agent_id, name=name, remote=remote)
+            self.fleet.agents[agent_id] = agent
+            self._emit({"type": "agent", "agent": agent_id, "event": "connected"})
+        agent.last_report = self.clock()
+        return agent
+
+    def apply_snapshot(self, agent_id: str, seq: int, instances: list[dict[str, Any]]) -> bool:
+        """Apply an agent's snapshot; drop it (return False) when it is stale."""
+        agent = self.fleet.agents.get(agent_id)
+        if agent is None:
+            return False
+        if seq <= agent.last_seq:
+            return False
+        agent.last_seq = seq
+        now = self.clock()
+        agent.last_report = now
+        seen: set[str] = set()
+        changed = False
+        for data in instances:
+            instance_id = f"{agent_id}/{data['id']}"
+            seen.add(instance_id)
+            instance = self.fleet.instances.get(instance_id)
+            model = str(data.get("model") or "")
+            if instance is None or instance.url != data["url"] or instance.model != model:
+                if instance is not None:
+                    self.fleet.remove_instance(instance_id)
+                instance = Instance(
+                    id=instance_id, agent_id=agent_id, url=str(data["url"]), model=model
+                )
+                changed = True
+            before = (instance.state, instance.total_slots, len(instance.issues), instance.stale)
+            instance.aliases = [str(a) for a in data.get("aliases", []) if a != model]
+            instance.state = InstanceState(data.get("state", "ready"))
+            instance.n_ctx = int(data.get("n_ctx") or 0)
+            instance.issues = [
+                InstanceIssue(str(i.get("kind", "unknown")), str(i.get("message", "")))
+                for i in data.get("issues", [])
+            ]
+            instance.apply_report(int(data.get("total_slots") or 0), int(data.get("busy") or 0))
+            instance.last_report = now
+            instance.stale = False
+            self.fleet.upsert_instance(instance)
+            agent.instance_ids.add(instance_id)
+            after = (instance.state, instance.total_slots, len(instance.issues), instance.stale)
+            changed = changed or before != after
+        for gone in agent.instance_ids - seen:
+            self.fleet.remove_instance(gone)
+            changed = True
+        if changed:
+            self._emit({"type": "fleet", "agent": agent_id})
+        self.wake()
+        return True
+
+    def agent_gone(self, agent_id: str) -> None:
+        """An agent disconnected or deregistered: its instances leave their pools."""
+        agent = self.fleet.agents.pop(agent_id, None)
+        if agent is None:
+            return
+        for instance_id in list(agent.instance_ids):
+            self.fleet.remove_instance(instance_id)
+        self._emit({"type": "agent", "agent": agent_id, "event": "disconnected"})
+        self.wake()
+
+    def check_stale(self) -> None:
+        """Take instances out of their pools when their agent missed reports too long."""
+        now = self.clock()
+        changed = False
+        for agent in list(self.fleet.agents.values()):
+            if now - agent.last_report > self.report_timeout:
+                for instance_id in agent.instance_ids:
+                    instance = self.fleet.instances.get(instance_id)
+                    if instance is not None and not instance.stale:
+                        instance.stale = True
+                        changed = True
+        if changed:
+            self._emit({"type": "fleet", "event": "stale"})
+        self.wake()
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not break scheduling
+                log.exception("event listener failed")

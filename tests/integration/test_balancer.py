@@ -1,0 +1,403 @@
+"""The balancer end to end: real HTTP in and out, real agents, fake llama-servers."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+
+from corral.testing.fake_llama_server import SERVER_KEY, FakeLlamaServer, Fault
+from tests.integration.fleet import (
+    CHAT,
+    CLUSTER_TOKEN,
+    MANAGEMENT_TOKEN,
+    Fleet,
+    start_fleet,
+    wait_for,
+)
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    fleet = await start_fleet(buffered_request_timeout=5.0)
+    try:
+        yield fleet
+    finally:
+        await fleet.close()
+
+
+async def test_openai_client_gets_chat_completions_plain_and_streamed(fleet: Fleet) -> None:
+    await fleet.add_fake(model="tiny", slots=2)
+    client = openai.AsyncOpenAI(base_url=fleet.base + "/v1", api_key="unused", max_retries=0)
+    try:
+        plain = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert plain.choices[0].message.content
+        assert plain.model == "tiny"
+        chunks = [
+            chunk
+            async for chunk in await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+        ]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text
+        models = await client.models.list()
+        assert [m.id for m in models.data] == ["tiny"]
+    finally:
+        await client.close()
+
+
+async def test_requests_spread_by_free_slots_across_instances(fleet: Fleet) -> None:
+    big = await fleet.add_fake(model="m", slots=3, token_delay=0.05, tokens=6)
+    small = await fleet.add_fake(model="m", slots=1, token_delay=0.05, tokens=6)
+    results = await asyncio.gather(*(fleet.chat("m") for _ in range(8)))
+    assert all(status == 200 for status, _, _ in results)
+    served = collections.Counter(headers["X-Corral-Instance"] for _, _, headers in results)
+    assert sum(served.values()) == 8
+    # never more requests on an instance than it has slots
+    assert big.fake.counters.max_in_flight <= 3
+    assert small.fake.counters.max_in_flight <= 1
+    assert big.fake.counters.requests_served > small.fake.counters.requests_served
+
+
+async def test_one_slot_is_never_oversubscribed_under_256_concurrent_requests(
+    fleet: Fleet,
+) -> None:
+    await fleet.balancer.stop()
+    fleet.balancer = (await start_fleet(max_buffered_requests=300)).balancer
+    node = await fleet.add_fake(model="m", slots=1, tokens=1)
+    results = await asyncio.gather(*(fleet.chat("m", max_tokens=1) for _ in range(256)))
+    statuses = collections.Counter(status for status, _, _ in results)
+    assert statuses == {200: 256}
+    assert node.fake.counters.max_in_flight == 1
+    assert node.fake.counters.requests_served == 256
+
+
+async def test_requests_wait_in_the_buffer_until_a_slot_frees(fleet: Fleet) -> None:
+    node = await fleet.add_fake(model="m", slots=1, token_delay=0.05, tokens=5)
+    results = await asyncio.gather(*(fleet.chat("m") for _ in range(4)))
+    assert [status for status, _, _ in results] == [200] * 4
+    assert node.fake.counters.max_in_flight == 1
+
+
+async def test_full_buffer_answers_429_with_retry_after() -> None:
+    fleet = await start_fleet(max_buffered_requests=2, buffered_request_timeout=5.0)
+    try:
+        await fleet.add_fake(model="m", slots=1, token_delay=0.2, tokens=5)
+        first = asyncio.create_task(fleet.chat("m"))
+        await wait_for(
+            lambda: fleet.balancer.scheduler.fleet.pool("m")[0].in_flight == 1,
+            "the slot to be taken",
+        )
+        waiting = [asyncio.create_task(fleet.chat("m")) for _ in range(2)]
+        await wait_for(lambda: fleet.balancer.scheduler.buffered("m") == 2, "a full buffer")
+        status, body, headers = await fleet.chat("m")
+        assert status == 429
+        assert body["error"]["type"] == "rate_limit_error"
+        assert "buffer is full" in body["error"]["message"]
+        assert int(headers["Retry-After"]) >= 1
+        assert [r[0] for r in await asyncio.gather(first, *waiting)] == [200, 200, 200]
+    finally:
+        await fleet.close()
+
+
+async def test_buffered_request_times_out_with_504() -> None:
+    fleet = await start_fleet(buffered_request_timeout=0.3)
+    try:
+        await fleet.add_fake(model="m", slots=1, token_delay=0.3, tokens=5)
+        first = asyncio.create_task(fleet.chat("m"))
+        await wait_for(
+            lambda: fleet.balancer.scheduler.fleet.pool("m")[0].in_flight == 1,
+            "the slot to be taken",
+        )
+        status, body, _ = await fleet.chat("m")
+        assert status == 504
+        assert body["error"]["type"] == "timeout_error"
+        assert (await first)[0] == 200
+    finally:
+        await fleet.close()
+
+
+async def test_buffering_off_answers_503_at_once() -> None:
+    fleet = await start_fleet(max_buffered_requests=0)
+    try:
+        await fleet.add_fake(model="m", slots=1, token_delay=0.2, tokens=5)
+        first = asyncio.create_task(fleet.chat("m"))
+        await wait_for(
+            lambda: fleet.balancer.scheduler.fleet.pool("m")[0].in_flight == 1,
+            "the slot to be taken",
+        )
+        status, body, _ = await fleet.chat("m")
+        assert status == 503
+        assert "buffering is off" in body["error"]["message"]
+        assert (await first)[0] == 200
+    finally:
+        await fleet.close()
+
+
+async def test_client_that_leaves_the_buffer_frees_its_place_at_once() -> None:
+    fleet = await start_fleet(max_buffered_requests=1, buffered_request_timeout=30.0)
+    try:
+        await fleet.add_fake(model="m", slots=1, token_delay=0.1, tokens=10)
+        first = asyncio.create_task(fleet.chat("m"))
+        await wait_for(
+            lambda: fleet.balancer.scheduler.fleet.pool("m")[0].in_flight == 1,
+            "the slot to be taken",
+        )
+        # a separate client whose connection we close while it waits
+        async with aiohttp.ClientSession() as impatient:
+            leaving = asyncio.create_task(
+                impatient.post(fleet.base + "/v1/chat/completions", json={**CHAT, "model": "m"})
+            )
+            await wait_for(lambda: fleet.balancer.scheduler.buffered("m") == 1, "one buffered")
+            leaving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaving
+        await wait_for(lambda: fleet.balancer.scheduler.buffered("m") == 0, "the buffer to empty")
+        # its place is reused: another request can wait there now
+        status, _, _ = await fleet.chat("m")
+        assert status == 200
+        assert (await first)[0] == 200
+    finally:
+        await fleet.close()
+
+
+async def test_a_request_sent_before_any_instance_is_served_when_one_appears(
+    fleet: Fleet,
+) -> None:
+    pending = asyncio.create_task(fleet.chat("late"))
+    await wait_for(lambda: fleet.balancer.scheduler.buffered() == 1, "the request to buffer")
+    await fleet.add_fake(model="late", slots=1)
+    status, body, _ = await pending
+    assert status == 200
+    assert body["model"] == "late"
+
+
+async def test_unknown_model_is_404_listing_served_models(fleet: Fleet) -> None:
+    await fleet.add_fake(model="alpha", slots=1)
+    await fleet.add_fake(model="beta", slots=1)
+    status, body, _ = await fleet.chat("gamma")
+    assert status == 404
+    assert body["error"]["type"] == "not_found_error"
+    assert "alpha" in body["error"]["message"] and "beta" in body["error"]["message"]
+
+
+async def test_model_is_required_only_when_several_are_served(fleet: Fleet) -> None:
+    await fleet.add_fake(model="alpha", slots=1)
+    status, body, _ = await fleet.chat()
+    assert status == 200 and body["model"] == "alpha"
+    await fleet.add_fake(model="beta", slots=1)
+    status, body, _ = await fleet.chat()
+    assert status == 400
+    assert "alpha" in body["error"]["message"]
+
+
+async def test_model_header_wins_over_body_and_query(fleet: Fleet) -> None:
+    await fleet.add_fake(model="alpha", slots=1)
+    await fleet.add_fake(model="beta", slots=1)
+    status, body, _ = await fleet.post(
+        "/v1/chat/completions?model=alpha", {**CHAT, "model": "alpha"}, {"X-Model-Id": "beta"}
+    )
+    assert status == 200 and body["model"] == "beta"
+    status, body, _ = await fleet.post("/v1/chat/completions?model=beta", CHAT)
+    assert status == 200 and body["model"] == "beta"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"model": 7, "messages": []}', "`model` must be a string"),
+    ],
+)
+async def test_bad_bodies_get_a_400_in_openai_shape(fleet: Fleet, raw: bytes, message: str) -> None:
+    await fleet.add_fake(model="m", slots=1)
+    assert fleet.http is not None
+    async with fleet.http.post(
+        fleet.base + "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"}
+    ) as response:
+        body = await response.json()
+    assert response.status == 400
+    assert body["error"]["code"] == 400
+    assert message in body["error"]["message"]
+
+
+async def test_body_over_the_limit_is_413() -> None:
+    fleet = await start_fleet(max_request_body_bytes=1024)
+    try:
+        await fleet.add_fake(model="m", slots=1)
+        status, body, _ = await fleet.chat("m", padding="x" * 4096)
+        assert status == 413
+        assert body["error"]["code"] == 413
+    finally:
+        await fleet.close()
+
+
+async def test_api_keys_are_required_when_configured() -> None:
+    fleet = await start_fleet(api_keys=["k1", "k2"])
+    try:
+        await fleet.add_fake(model="m", slots=1)
+        status, body, _ = await fleet.chat("m")
+        assert status == 401
+        assert body["error"]["type"] == "authentication_error"
+        status, _, _ = await fleet.post(
+            "/v1/chat/completions", {**CHAT, "model": "m"}, {"Authorization": "Bearer k2"}
+        )
+        assert status == 200
+        status, _, _ = await fleet.post(
+            "/v1/chat/completions", {**CHAT, "model": "m"}, {"x-api-key": "wrong"}
+        )
+        assert status == 401
+    finally:
+        await fleet.close()
+
+
+def fake_of(server: TestServer) -> FakeLlamaServer:
+    return server.app[SERVER_KEY]
+
+
+async def test_a_refusing_instance_is_skipped_and_the_request_retried(fleet: Fleet) -> None:
+    bad = fake_of(await fleet.add_unwatched_fake("m", slots=4))
+    good = await fleet.add_fake(model="m", slots=1)
+    bad.refusing = True  # accepts nothing from now on
+    results = [await fleet.chat("m") for _ in range(3)]
+    assert [r[0] for r in results] == [200, 200, 200]
+    assert good.fake.counters.requests_served == 3
+    (bad_instance,) = [i for i in fleet.balancer.scheduler.fleet.pool("m") if i.total_slots == 4]
+    assert bad_instance.breaker.failures >= 1
+
+
+async def test_upstream_503_before_first_byte_is_retried_elsewhere(fleet: Fleet) -> None:
+    first = fake_of(await fleet.add_unwatched_fake("m", slots=4))
+    second = await fleet.add_fake(model="m", slots=1)
+    first.started_at = time.monotonic() + 3600  # "Loading model" again: 503s
+    status, body, _ = await fleet.chat("m")
+    assert status == 200, body
+    assert second.fake.counters.requests_served == 1
+    assert first.counters.requests_served == 0
+
+
+async def test_every_instance_failing_gives_a_502_naming_them(fleet: Fleet) -> None:
+    fake_of(await fleet.add_unwatched_fake("m", slots=1)).refusing = True
+    status, body, _ = await fleet.chat("m")
+    assert status == 502
+    assert "failed before answering" in body["error"]["message"]
+
+
+async def test_failure_mid_stream_ends_the_stream_with_an_error_event(fleet: Fleet) -> None:
+    node = await fleet.add_fake(model="m", slots=1, tokens=20, token_delay=0.01)
+    await node.fake.set_fault(Fault.EXIT_MID_STREAM, 1)
+    assert fleet.http is not None
+    async with fleet.http.post(
+        fleet.base + "/v1/chat/completions", json={**CHAT, "model": "m", "stream": True}
+    ) as response:
+        assert response.status == 200
+        raw = (await response.read()).decode()
+    events = [e.removeprefix("data: ") for e in raw.split("\n\n") if e.startswith("data: ")]
+    assert events, raw
+    assert '"error"' in events[-1]
+    assert "failed mid-stream" in events[-1]
+
+
+async def test_instance_leaves_the_pool_when_its_agent_disconnects(fleet: Fleet) -> None:
+    node = await fleet.add_fake(model="m", slots=1)
+    await node.stop_agent()
+    await wait_for(lambda: not fleet.balancer.scheduler.fleet.instances, "the instance to leave")
+
+
+async def test_instance_leaves_the_pool_after_missed_reports() -> None:
+    fleet = await start_fleet(agent_report_timeout=0.5, buffered_request_timeout=0.5)
+    try:
+        await fleet.add_unwatched_fake("m", slots=1)  # reported once, then never again
+        assert fleet.usable() == 1
+        await wait_for(lambda: fleet.usable() == 0, "the instance to go stale")
+        status, _, _ = await fleet.chat("m")
+        assert status == 504  # known model, no usable instance: it waited, then timed out
+    finally:
+        await fleet.close()
+
+
+async def _get(fleet: Fleet, path: str, token: str | None) -> tuple[int, Any]:
+    assert fleet.http is not None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with fleet.http.get(fleet.management + path, headers=headers) as response:
+        return response.status, await response.json(content_type=None)
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v1/fleet", "/api/v1/agents", "/api/v1/instances", "/api/v1/buffer", "/metrics"]
+)
+async def test_every_management_route_requires_the_token(fleet: Fleet, path: str) -> None:
+    assert fleet.http is not None
+    for token in (None, "wrong", CLUSTER_TOKEN):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with fleet.http.get(fleet.management + path, headers=headers) as response:
+            assert response.status == 401
+            body = await response.json()
+            assert body["error"]["type"] == "authentication_error"
+    async with fleet.http.get(
+        fleet.management + path, headers={"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+    ) as response:
+        assert response.status == 200
+
+
+async def test_management_api_shows_instances_and_slots(fleet: Fleet) -> None:
+    await fleet.add_fake(model="m", slots=3)
+    status, body = await _get(fleet, "/api/v1/fleet", MANAGEMENT_TOKEN)
+    assert status == 200
+    (instance,) = body["instances"]
+    assert instance["model"] == "m"
+    assert instance["slots_total"] == 3
+    assert instance["state"] == "ready"
+    assert body["models"] == ["m"]
+
+
+async def test_metrics_count_responses_and_slots(fleet: Fleet) -> None:
+    await fleet.add_fake(model="m", slots=2)
+    assert (await fleet.chat("m"))[0] == 200
+    assert fleet.http is not None
+    async with fleet.http.get(
+        fleet.management + "/metrics", headers={"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+    ) as response:
+        text = await response.text()
+    assert 'corral_responses_total{model="m",route="/v1/chat/completions",status="200"} 1.0' in text
+    assert "corral_slots_total{" in text
+
+
+async def test_health_reports_ready_instances_and_free_slots(fleet: Fleet) -> None:
+    assert fleet.http is not None
+    async with fleet.http.get(fleet.base + "/health") as response:
+        assert response.status == 503
+    await fleet.add_fake(model="m", slots=2)
+    async with fleet.http.get(fleet.base + "/health") as response:
+        body = await response.json()
+        assert response.status == 200
+        assert body["slots_free"] == 2
+
+
+async def test_graceful_stop_lets_in_flight_requests_finish() -> None:
+    fleet = await start_fleet()
+    await fleet.add_fake(model="m", slots=1, token_delay=0.05, tokens=10)
+    running = asyncio.create_task(fleet.chat("m"))
+    await wait_for(
+        lambda: fleet.balancer.scheduler.fleet.pool("m")[0].in_flight == 1, "the request to start"
+    )
+    await fleet.balancer.stop()
+    status, body, _ = await running
+    assert status == 200, body
+    for node in fleet.nodes:
+        await node.stop_agent()
+        await node.server.close()
+    assert fleet.http is not None
+    await fleet.http.close()

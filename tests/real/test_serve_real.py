@@ -1,0 +1,164 @@
+"""``corral serve`` in front of the real llama-server on the tiny model.
+
+corral runs as its own process, exactly as a user starts it; the official ``openai``
+client talks to its front door. This proves what the fake can't: the agent reads a
+real server's readiness and slots, streaming passes through untouched, and many
+concurrent streams lose nothing to llama-server closing connections after a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+from openai import OpenAI
+
+pytestmark = pytest.mark.real
+
+READY_TIMEOUT_S = 60.0
+TOKEN = "real-test-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Corral:
+    process: subprocess.Popen[bytes]
+    base: str
+    management: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def fleet(self) -> dict[str, object]:
+        request = urllib.request.Request(
+            self.management + "/api/v1/fleet", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            data: dict[str, object] = json.loads(response.read())
+            return data
+
+
+def _healthy(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def corral(
+    llama_server_bin: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Corral]:
+    tmp = tmp_path_factory.mktemp("serve")
+    inference, management = _free_port(), _free_port()
+    log_path = tmp / "corral.log"
+    env = {**os.environ, "CORRAL_MANAGEMENT_TOKEN": TOKEN, "CORRAL_STATE_DIR": str(tmp)}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "corral.cli", "serve",
+                "--model", str(tiny_model),
+                "--llama-server", str(llama_server_bin),
+                "--inference-addr", f"127.0.0.1:{inference}",
+                "--management-addr", f"127.0.0.1:{management}",
+                "--", "--parallel", "4", "--ctx-size", "4096",
+            ],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    server = Corral(
+        process, f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}", log_path
+    )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not _healthy(server.base):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"corral serve did not become ready:\n{server.log()}")
+            time.sleep(0.05)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_serve_reports_the_real_servers_slots(corral: Corral) -> None:
+    fleet = corral.fleet()
+    (instance,) = fleet["instances"]  # type: ignore[misc]
+    assert instance["slots_total"] == 4
+    assert instance["model"] == "tiny"
+    assert instance["state"] == "ready"
+
+
+def test_openai_client_chat_completion_through_corral(corral: Corral) -> None:
+    client = OpenAI(base_url=corral.base + "/v1", api_key="unused", max_retries=0)
+    response = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8
+    )
+    assert response.choices[0].finish_reason == "length"
+    assert response.usage is not None and response.usage.completion_tokens == 8
+
+
+def test_openai_client_streams_through_corral(corral: Corral) -> None:
+    client = OpenAI(base_url=corral.base + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8, stream=True
+    )
+    chunks = list(stream)
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 1
+    assert chunks[-1].choices == [] or chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_many_concurrent_streams_lose_no_request(corral: Corral) -> None:
+    """llama-server closes a connection after a stream despite keep-alive; corral must
+    neither reuse such a connection nor lose the request when it happens."""
+
+    async def run() -> list[int]:
+        connector = aiohttp.TCPConnector(limit=8)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def one(i: int) -> int:
+                body = {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": f"request {i}"}],
+                    "max_tokens": 4,
+                    "stream": True,
+                }
+                async with session.post(corral.base + "/v1/chat/completions", json=body) as r:
+                    text = await r.text()
+                    return r.status if "[DONE]" in text else -1
+
+            return list(await asyncio.gather(*(one(i) for i in range(120))))
+
+    statuses = asyncio.run(run())
+    assert statuses.count(200) == len(statuses), statuses
+
+
+def test_sigterm_stops_corral_and_its_llama_server(corral: Corral) -> None:
+    children = psutil.Process(corral.process.pid).children(recursive=True)
+    assert any("llama-server" in " ".join(c.cmdline()) for c in children)
+    corral.process.send_signal(signal.SIGTERM)
+    assert corral.process.wait(30) == 0, corral.log()
+    _gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []

@@ -1,0 +1,182 @@
+"""What the agent makes of llama-server's answers, and of its own options; no I/O."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from corral.control.agent import (
+    AgentOptions,
+    Reading,
+    balancer_socket_url,
+    instance_from_readings,
+    model_name_from_props,
+)
+
+URL = "http://10.0.0.5:8080"
+PROPS: dict[str, Any] = {
+    "default_generation_settings": {"params": {}, "n_ctx": 1024},
+    "total_slots": 4,
+    "model_alias": "qwen",
+    "model_path": "/models/qwen2.5-0.5b-q4_k_m.gguf",
+}
+SLOTS = [{"id": i, "is_processing": i < 3} for i in range(4)]
+HEALTH_OK = Reading.ok({"status": "ok"})
+LOADING = Reading(
+    status=503,
+    body=b'{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}',
+)
+
+
+def read(
+    health: Reading = HEALTH_OK,
+    props: Reading | None = None,
+    slots: Reading | None = None,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return instance_from_readings(
+        instance_id="0",
+        url=URL,
+        health=health,
+        props=Reading.ok(PROPS) if props is None else props,
+        slots=Reading.ok(SLOTS) if slots is None else slots,
+        previous=previous,
+    )
+
+
+def kinds(instance: dict[str, Any]) -> list[str]:
+    return [i["kind"] for i in instance["issues"]]
+
+
+def test_healthy_readings_make_a_ready_instance_with_busy_slots() -> None:
+    assert read() == {
+        "id": "0",
+        "url": URL,
+        "model": "qwen",
+        "aliases": [],
+        "state": "ready",
+        "total_slots": 4,
+        "busy": 3,
+        "n_ctx": 1024,
+        "issues": [],
+    }
+
+
+@pytest.mark.parametrize(
+    ("alias", "path", "model", "aliases"),
+    [
+        ("qwen", "/m/qwen2.5.gguf", "qwen", []),
+        ("tiny.gguf", "/m/tiny.gguf", "tiny", ["tiny.gguf"]),  # no --alias: the file name
+        ("", "/m/tiny.Q4_K_M.gguf", "tiny.Q4_K_M", ["tiny.Q4_K_M.gguf"]),
+        ("big-00001-of-00003.gguf", "/m/big-00001-of-00003.gguf", "big",
+         ["big-00001-of-00003.gguf"]),
+        ("fake-model", "fake-model", "fake-model", []),
+        ("w.gguf", "C:\\models\\w.gguf", "w", ["w.gguf"]),
+    ],
+)  # fmt: skip
+def test_model_name_is_the_alias_else_the_file_stem(
+    alias: str, path: str, model: str, aliases: list[str]
+) -> None:
+    assert model_name_from_props(alias, path) == (model, aliases)
+
+
+@pytest.mark.parametrize(
+    ("reading", "kind"),
+    [
+        (Reading(error="Cannot connect to host"), "unreachable"),
+        (Reading(status=401, body=b'{"error":{"message":"Invalid API Key"}}'), "unauthorized"),
+        (Reading(status=403, body=b""), "unauthorized"),
+        (Reading(status=500, body=b'{"error":{"message":"boom"}}'), "server_error"),
+        (Reading(status=503, body=b"overloaded"), "server_error"),
+        (LOADING, "loading"),
+        (Reading(status=200, body=b"{nope"), "bad_response"),
+        (Reading.ok(["not", "props"]), "bad_response"),
+        (Reading.ok({**PROPS, "total_slots": "4"}), "bad_response"),
+        (Reading.ok({**PROPS, "default_generation_settings": None}), "bad_response"),
+        (Reading.ok({**PROPS, "model_alias": "", "model_path": ""}), "bad_response"),
+        (Reading(status=404, body=b"File Not Found"), "bad_response"),
+    ],
+)
+def test_props_failures_become_typed_issues(reading: Reading, kind: str) -> None:
+    assert kinds(read(props=reading)) == [kind]
+
+
+def test_slots_501_is_slots_disabled_and_malformed_slots_a_bad_response() -> None:
+    disabled = Reading(status=501, body=b'{"error":{"message":"not supported"}}')
+    assert kinds(read(slots=disabled)) == ["slots_disabled"]
+    assert kinds(read(slots=Reading.ok([{"id": 0}]))) == ["bad_response"]
+    assert kinds(read(slots=Reading.ok({"is_processing": True}))) == ["bad_response"]
+
+
+def test_unreachable_server_fails_and_keeps_what_was_known() -> None:
+    known = read()
+    down = instance_from_readings(
+        instance_id="0",
+        url=URL,
+        health=Reading(error="Connection refused"),
+        props=None,
+        slots=None,
+        previous=known,
+    )
+    assert down["state"] == "failed"
+    assert kinds(down) == ["unreachable"]
+    assert "Connection refused" in down["issues"][0]["message"]
+    assert (down["model"], down["total_slots"], down["n_ctx"]) == ("qwen", 4, 1024)
+
+
+def test_loading_on_every_path_is_one_issue_and_starting() -> None:
+    instance = read(health=LOADING, props=LOADING, slots=LOADING)
+    assert instance["state"] == "starting"
+    assert kinds(instance) == ["loading"]
+    assert instance["model"] == ""
+
+
+def test_busy_never_exceeds_total_slots() -> None:
+    instance = read(slots=Reading.ok([{"is_processing": True}] * 6))
+    assert instance["busy"] == 4
+
+
+def test_issue_messages_are_bounded() -> None:
+    huge = json.dumps({"error": {"message": "x" * 10_000}}).encode()
+    (issue,) = read(props=Reading(status=500, body=huge))["issues"]
+    assert len(issue["message"]) < 500
+
+
+@pytest.mark.parametrize(
+    ("address", "url"),
+    [
+        ("127.0.0.1:8085", "ws://127.0.0.1:8085/api/v1/agents/socket"),
+        ("http://b1:8085", "ws://b1:8085/api/v1/agents/socket"),
+        ("https://b1.example/", "wss://b1.example/api/v1/agents/socket"),
+        ("ws://b1:9/custom/path", "ws://b1:9/custom/path"),
+    ],
+)
+def test_balancer_addresses_become_agent_socket_urls(address: str, url: str) -> None:
+    assert balancer_socket_url(address) == url
+
+
+@pytest.mark.parametrize("address", ["", "ftp://b1:21", "http://"])
+def test_bad_balancer_addresses_are_refused(address: str) -> None:
+    with pytest.raises(ValueError, match="balancer address"):
+        balancer_socket_url(address)
+
+
+def test_options_name_the_field_in_error() -> None:
+    base: dict[str, Any] = {
+        "local_llama_server": "http://127.0.0.1:8080",
+        "balancers": ["127.0.0.1:8085"],
+        "cluster_token": "t",
+    }
+    AgentOptions(**base)
+    changes: list[tuple[dict[str, Any], str]] = [
+        ({"balancers": []}, "balancers"),
+        ({"cluster_token": ""}, "cluster_token"),
+        ({"local_llama_server": "127.0.0.1:8080"}, "local_llama_server"),
+        ({"report_interval": 2.0}, "report_interval"),
+        ({"poll_interval": 0}, "poll_interval"),
+    ]
+    for change, field_name in changes:
+        with pytest.raises(ValueError, match=field_name):
+            AgentOptions(**{**base, **change})
