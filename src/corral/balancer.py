@@ -24,6 +24,7 @@ from corral.config import Settings
 from corral.control.management import Management
 from corral.gateway.proxy import Gateway, GatewayOptions
 from corral.observe.metrics import BalancerMetrics
+from corral.observe.statsd import StatsdPusher
 from corral.scheduling.policies import make_policy
 from corral.scheduling.scheduler import Scheduler
 
@@ -78,6 +79,11 @@ class Balancer:
             management_token=management_token,
             cluster_token=cluster_token,
         )
+        self.statsd = (
+            StatsdPusher(self.scheduler, settings.statsd_addr, settings.statsd_prefix)
+            if settings.statsd_addr
+            else None
+        )
         self._runners: list[web.AppRunner] = []
         self._stale_task: asyncio.Task[None] | None = None
         self.addresses = BoundAddresses("", "")
@@ -111,6 +117,8 @@ class Balancer:
             bound.append(f"{sock_host}:{sock_port}")
         self.addresses = BoundAddresses(bound[0], bound[1])
         self._stale_task = asyncio.create_task(self._check_stale(), name="stale-check")
+        if self.statsd is not None:
+            await self.statsd.start()
         log.info(
             "balancer listening inference=%s management=%s policy=%s",
             self.addresses.inference,
@@ -135,6 +143,8 @@ class Balancer:
         await self._cleanup()
 
     async def _cleanup(self) -> None:
+        if self.statsd is not None:
+            await self.statsd.stop()
         if self._stale_task is not None:
             self._stale_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

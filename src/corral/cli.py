@@ -207,6 +207,8 @@ def _balancer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "management_token_file": args.management_token_file,
         "cluster_token_file": args.cluster_token_file,
         "expose_slots": True if args.expose_slots else None,
+        "statsd_addr": args.statsd_addr,
+        "statsd_prefix": args.statsd_prefix,
     }
 
 
@@ -269,6 +271,10 @@ def _add_balancer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--expose-slots", action="store_true", help="serve the fleet's slots at GET /slots"
     )
+    parser.add_argument(
+        "--statsd-addr", default=None, help="HOST:PORT to push StatsD gauges to every second"
+    )
+    parser.add_argument("--statsd-prefix", default=None, help="StatsD name prefix (corral)")
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

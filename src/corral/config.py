@@ -115,6 +115,10 @@ class Settings(BaseModel):
     shutdown_timeout: float = Field(
         default=30.0, gt=0, description="Seconds in-flight requests may take to finish on exit."
     )
+    statsd_addr: str | None = Field(
+        default=None, description="HOST:PORT to push StatsD gauges to (off when unset)."
+    )
+    statsd_prefix: str = Field(default="corral", description="Prefix of StatsD gauge names.")
     agent_report_timeout: float = Field(
         default=3.0, gt=0, description="An instance leaves its pool after this long unreported."
     )
@@ -152,10 +156,11 @@ class Settings(BaseModel):
         default_factory=dict, description="Models by id (file only)."
     )
 
-    @field_validator("inference_addr", "management_addr")
+    @field_validator("inference_addr", "management_addr", "statsd_addr")
     @classmethod
-    def _check_addr(cls, value: str) -> str:
-        _parse_addr(value)
+    def _check_addr(cls, value: str | None) -> str | None:
+        if value is not None:
+            _parse_addr(value)
         return value
 
     @field_validator("port_range")

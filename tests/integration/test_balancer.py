@@ -401,3 +401,27 @@ async def test_graceful_stop_lets_in_flight_requests_finish() -> None:
         await node.server.close()
     assert fleet.http is not None
     await fleet.http.close()
+
+
+async def test_statsd_receives_slot_and_buffer_gauges() -> None:
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Listener(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            received.put_nowait(data)
+
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Listener, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    fleet = await start_fleet(statsd_addr=f"127.0.0.1:{port}", statsd_prefix="lb")
+    try:
+        await fleet.add_fake(model="m", slots=3)
+
+        async def has_slots() -> bool:
+            lines = (await asyncio.wait_for(received.get(), 5)).decode().splitlines()
+            return "lb.slots_idle:3|g" in lines and "lb.model.m.slots_idle:3|g" in lines
+
+        await wait_for(has_slots, "a datagram with 3 idle slots")
+    finally:
+        await fleet.close()
+        transport.close()
