@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -288,11 +289,16 @@ async def test_upstream_503_before_first_byte_is_retried_elsewhere(fleet: Fleet)
     assert first.counters.requests_served == 0
 
 
-async def test_every_instance_failing_gives_a_502_naming_them(fleet: Fleet) -> None:
-    fake_of(await fleet.add_unwatched_fake("m", slots=1)).refusing = True
-    status, body, _ = await fleet.chat("m")
-    assert status == 502
-    assert "failed before answering" in body["error"]["message"]
+async def test_every_instance_failing_gives_a_502_naming_them() -> None:
+    fleet = await start_fleet(buffered_request_timeout=0.5)
+    try:
+        fake_of(await fleet.add_unwatched_fake("m", slots=1)).refusing = True
+        status, body, _ = await fleet.chat("m")
+        assert status == 502
+        assert "failed before answering" in body["error"]["message"]
+        assert "manual-0/0" in body["error"]["message"]
+    finally:
+        await fleet.close()
 
 
 async def test_failure_mid_stream_ends_the_stream_with_an_error_event(fleet: Fleet) -> None:
@@ -425,3 +431,20 @@ async def test_statsd_receives_slot_and_buffer_gauges() -> None:
     finally:
         await fleet.close()
         transport.close()
+
+
+async def test_event_stream_sends_the_fleet_then_changes(fleet: Fleet) -> None:
+    assert fleet.http is not None
+    headers = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+    async with fleet.http.get(fleet.management + "/api/v1/events", headers=headers) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
+        assert first.startswith(b"event: fleet\ndata: ")
+        assert json.loads(first.split(b"data: ", 1)[1])["instances"] == []
+        await fleet.add_fake(model="m", slots=1)
+        seen = b""
+        async with asyncio.timeout(5):
+            while b"event: agent" not in seen:
+                seen += await response.content.readuntil(b"\n\n")
+        assert b'"event": "connected"' in seen

@@ -424,7 +424,21 @@ class Gateway:
         failures: list[str] = []
         waited = 0.0
         while True:
-            lease = await self.scheduler.acquire(model, placement, frozenset(exclude))
+            try:
+                lease = await self.scheduler.acquire(model, placement, frozenset(exclude))
+            except SchedulingError as exc:
+                if not failures:
+                    raise
+                # instances failed and none could take the retry in time: say why
+                return self._finish(
+                    error_response(
+                        502,
+                        "every instance tried failed before answering ("
+                        + "; ".join(failures)
+                        + f"), and no other became available: {exc.message}",
+                    ),
+                    request_id, model, route, started, "", waited,
+                )  # fmt: skip
             waited += lease.waited
             if lease.waited:
                 self.metrics.buffer_wait.labels(model).observe(lease.waited)
@@ -442,8 +456,7 @@ class Gateway:
                         exc,
                     )
                     exclude.add(lease.instance.id)
-                    untried = {i.id for i in self.scheduler.fleet.pool(model)} - exclude
-                    if len(failures) > self.options.max_retries or not untried:
+                    if len(failures) > self.options.max_retries:
                         return self._finish(
                             error_response(
                                 502,

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.fleet.state import Agent, Fleet, Instance, InstanceIssue, InstanceState
+from corral.fleet.state import Agent, Breaker, Fleet, Instance, InstanceIssue, InstanceState
 from corral.scheduling.policies import Placement, Policy
 
 log = logging.getLogger(__name__)
@@ -306,6 +306,8 @@ class Scheduler:
             before = (instance.state, instance.total_slots, len(instance.issues), instance.stale)
             instance.aliases = [str(a) for a in data.get("aliases", []) if a != model]
             instance.state = InstanceState(data.get("state", "ready"))
+            if before[0] is not InstanceState.READY and instance.state is InstanceState.READY:
+                instance.breaker = Breaker()  # a (re)started server gets a clean slate
             instance.n_ctx = int(data.get("n_ctx") or 0)
             instance.issues = [
                 InstanceIssue(str(i.get("kind", "unknown")), str(i.get("message", "")))

@@ -1,0 +1,174 @@
+"""``corral serve`` as a process, with the fake llama-server standing in as its binary."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+
+from tests.integration.fleet import CHAT, wait_for
+
+TOKEN = "serve-token"
+
+
+@dataclass
+class Serve:
+    process: asyncio.subprocess.Process
+    log_path: Path
+    base: str
+    management: str
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def llama_servers(self) -> list[psutil.Process]:
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        return [c for c in children if "llama-server" in " ".join(c.cmdline())]
+
+
+def fake_binary(tmp_path: Path, *flags: str) -> Path:
+    """An executable that runs the fake llama-server with the arguments corral passes."""
+    path = tmp_path / "llama-server"
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        "from corral.testing.fake_llama_server import main\n"
+        f"sys.exit(main([*sys.argv[1:], *{list(flags)!r}]))\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
+async def start_serve(tmp_path: Path, *extra: str, fake_flags: tuple[str, ...] = ()) -> Serve:
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(b"GGUF")  # the fake never reads it
+    log_path = tmp_path / "serve.log"
+    env = {**os.environ, "CORRAL_MANAGEMENT_TOKEN": TOKEN, "CORRAL_STATE_DIR": str(tmp_path)}
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "corral.cli", "serve",
+            "--model", str(model),
+            "--llama-server", str(fake_binary(tmp_path, *fake_flags)),
+            "--inference-addr", "127.0.0.1:0", "--management-addr", "127.0.0.1:0",
+            *extra,
+            stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    pattern = re.compile(r"at http://(\S+)/v1\s+\(management http://(\S+)\)")
+
+    def started() -> bool:
+        return pattern.search(log_path.read_text(errors="replace")) is not None or (
+            process.returncode is not None
+        )
+
+    await wait_for(started, "corral serve to start")
+    match = pattern.search(log_path.read_text(errors="replace"))
+    assert match, log_path.read_text()
+    return Serve(process, log_path, f"http://{match[1]}", f"http://{match[2]}")
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        yield s
+
+
+@pytest.fixture
+async def cleanup() -> AsyncIterator[list[Serve]]:
+    started: list[Serve] = []
+    yield started
+    for serve in started:
+        for child in serve.llama_servers() if serve.process.returncode is None else []:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        if serve.process.returncode is None:
+            serve.process.kill()
+        await serve.process.wait()
+
+
+async def healthy(http: aiohttp.ClientSession, serve: Serve) -> bool:
+    async with http.get(serve.base + "/health") as response:
+        return response.status == 200
+
+
+async def chat(http: aiohttp.ClientSession, serve: Serve) -> tuple[int, Any]:
+    async with http.post(serve.base + "/v1/chat/completions", json=CHAT) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def test_serve_answers_chat_for_the_model_named_after_its_file(
+    tmp_path: Path, http: aiohttp.ClientSession, cleanup: list[Serve]
+) -> None:
+    serve = await start_serve(tmp_path, "--", "--parallel", "3")
+    cleanup.append(serve)
+    await wait_for(lambda: healthy(http, serve), "serve to be healthy")
+    status, body = await chat(http, serve)
+    assert status == 200 and body["model"] == "tiny"
+    async with http.get(serve.base + "/health") as response:
+        assert (await response.json())["slots_free"] == 3
+
+
+async def test_serve_restarts_a_crashed_llama_server_while_requests_wait(
+    tmp_path: Path, http: aiohttp.ClientSession, cleanup: list[Serve]
+) -> None:
+    serve = await start_serve(tmp_path, "--buffered-request-timeout", "30")
+    cleanup.append(serve)
+    await wait_for(lambda: healthy(http, serve), "serve to be healthy")
+    (first,) = serve.llama_servers()
+    first.kill()
+    await wait_for(lambda: not first.is_running() or first.status() == "zombie", "the crash")
+    # a request sent while llama-server is down waits in the buffer and is served
+    status, body = await chat(http, serve)
+    assert status == 200, body
+    (second,) = serve.llama_servers()
+    assert second.pid != first.pid
+    assert "llama-server exited unexpectedly" in serve.log()
+
+
+async def test_serve_refuses_llama_server_args_it_owns(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral.cli", "serve", "--model", str(model),
+        "--llama-server", str(fake_binary(tmp_path)), "--", "--port", "9999",
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "CORRAL_STATE_DIR": str(tmp_path)},
+    )  # fmt: skip
+    _, err = await process.communicate()
+    assert process.returncode == 2
+    assert b"corral sets --port itself" in err
+
+
+async def test_serve_killed_with_sigkill_leaves_no_llama_server_behind(
+    tmp_path: Path, http: aiohttp.ClientSession, cleanup: list[Serve]
+) -> None:
+    serve = await start_serve(tmp_path)
+    cleanup.append(serve)
+    await wait_for(lambda: healthy(http, serve), "serve to be healthy")
+    (child,) = serve.llama_servers()
+    serve.process.send_signal(signal.SIGKILL)
+    await serve.process.wait()
+    _, alive = psutil.wait_procs([child], timeout=10)
+    assert alive == [], "llama-server outlived corral"
+
+
+async def test_serve_sigterm_stops_llama_server_and_exits_zero(
+    tmp_path: Path, http: aiohttp.ClientSession, cleanup: list[Serve]
+) -> None:
+    serve = await start_serve(tmp_path)
+    cleanup.append(serve)
+    await wait_for(lambda: healthy(http, serve), "serve to be healthy")
+    (child,) = serve.llama_servers()
+    serve.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(serve.process.wait(), 20) == 0, serve.log()
+    _, alive = psutil.wait_procs([child], timeout=10)
+    assert alive == []
