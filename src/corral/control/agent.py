@@ -442,6 +442,8 @@ class Agent:
         """Sequence number of the last snapshot sent (to any balancer)."""
         self._stopping = asyncio.Event()
         self._first_reading = asyncio.Event()
+        self.supervisor: dict[str, Any] | None = None
+        """What a local supervisor reports about the process, if one runs it."""
 
     # -------------------------------------------------------------- lifecycle
     async def run(self) -> None:
@@ -608,8 +610,32 @@ class Agent:
     # -------------------------------------------------------------- reporting
     def _snapshot(self) -> dict[str, Any]:
         self.seq += 1
-        instances = [self.instance] if self.instance is not None else []
+        instances = [self._with_supervisor(self.instance)] if self.instance is not None else []
         return {"type": "snapshot", "seq": self.seq, "instances": instances}
+
+    def set_supervisor_state(self, supervisor: dict[str, Any] | None) -> None:
+        """Attach what the local supervisor knows (state, restarts, last error) to the
+        reported instance and report at once. A supervisor that says ``failed`` or
+        ``starting`` overrides what ``/health`` alone would suggest."""
+        self.supervisor = supervisor
+        for link in self.links:
+            link.wake.set()
+
+    def _with_supervisor(self, instance: dict[str, Any]) -> dict[str, Any]:
+        supervisor = self.supervisor
+        if not supervisor:
+            return instance
+        merged = {**instance, "supervisor": supervisor}
+        if supervisor.get("state") in ("failed", "starting", "stopped") and (
+            instance.get("state") == "ready" or supervisor.get("state") == "failed"
+        ):
+            merged["state"] = supervisor["state"]
+            if supervisor.get("state") == "failed":
+                merged["issues"] = [
+                    *instance.get("issues", []),
+                    {"kind": "failed", "message": str(supervisor.get("last_error", ""))},
+                ]
+        return merged
 
     async def _link_loop(self, session: aiohttp.ClientSession, link: BalancerLink) -> None:
         """Keep one balancer informed: connect, report, reconnect with backoff."""

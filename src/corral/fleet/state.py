@@ -145,6 +145,7 @@ class Instance:
             "issues": [i.as_dict() for i in self.issues],
             "breaker": self.breaker.state,
             "served": self.served,
+            **({"supervisor": self.extra["supervisor"]} if "supervisor" in self.extra else {}),
         }
 
 

@@ -309,6 +309,9 @@ class Scheduler:
             if before[0] is not InstanceState.READY and instance.state is InstanceState.READY:
                 instance.breaker = Breaker()  # a (re)started server gets a clean slate
             instance.n_ctx = int(data.get("n_ctx") or 0)
+            supervisor = data.get("supervisor")
+            if isinstance(supervisor, dict):
+                instance.extra["supervisor"] = supervisor
             instance.issues = [
                 InstanceIssue(str(i.get("kind", "unknown")), str(i.get("message", "")))
                 for i in data.get("issues", [])

@@ -1,0 +1,197 @@
+"""One supervised llama-server: launch, readiness, restart with backoff, failure, stop.
+
+States follow ARCHITECTURE.md: ``starting -> ready -> (draining) -> stopped``, or
+``failed``. Readiness polls ``/health`` every ``ready_poll`` seconds from launch (the
+server answers 503 while loading) and notices at once when the process exits first;
+after ``startup_timeout`` the start has failed, with the last log lines in the error.
+
+An unexpected exit restarts the server after a backoff that starts at
+``backoff_initial`` and doubles up to ``backoff_max``, reset once the server has stayed
+up for ``backoff_reset_after``. ``max_failures`` failures (crashes or failed starts)
+within ``failure_window`` seconds mark it ``failed`` for good, with the exit code and
+the last log lines; a manual :meth:`restart` clears that. Every state change calls
+``on_change`` so whoever reports the instance (the agent) can do so at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+from corral.supervisor.process import ChildProcess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SupervisorOptions:
+    """Tunables of one supervised server; the defaults are the documented ones."""
+
+    startup_timeout: float = 120.0
+    """Seconds from launch until ``/health`` must answer 200."""
+    ready_poll: float = 0.05
+    """Seconds between ``/health`` polls while starting."""
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    backoff_reset_after: float = 60.0
+    """Seconds up after which the next crash starts the backoff over."""
+    max_failures: int = 5
+    failure_window: float = 300.0
+    stop_grace: float = 10.0
+    """Seconds between SIGTERM and SIGKILL when stopping."""
+
+
+class SupervisedInstance:
+    """Keeps one server process running and says what state it is in."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        health_url: str,
+        *,
+        name: str = "llama-server",
+        options: SupervisorOptions | None = None,
+        on_change: Callable[[SupervisedInstance], None] | None = None,
+    ) -> None:
+        self.args = list(args)
+        self.health_url = health_url
+        self.name = name
+        self.options = options or SupervisorOptions()
+        self.on_change = on_change
+        self.state = "stopped"
+        self.child: ChildProcess | None = None
+        self.restarts = 0
+        self.last_exit_code: int | None = None
+        self.last_error = ""
+        self.failures: deque[float] = deque()
+        self.started_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._settled = asyncio.Event()
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _set(self, state: str, error: str | None = None) -> None:
+        if error is not None:
+            self.last_error = error
+        if state == self.state and error is None:
+            return
+        self.state = state
+        if state == "starting":
+            self._settled.clear()
+        else:
+            self._settled.set()
+        log.info("instance state name=%s state=%s", self.name, state)
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "pid": self.child.pid if self.child else None,
+            "restarts": self.restarts,
+            "last_exit_code": self.last_exit_code,
+            "last_error": self.last_error,
+            "log_tail": self.child.tail(20) if self.child else [],
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin supervising (returns at once; watch ``state`` or ``on_change``)."""
+        if self._task is not None and not self._task.done():
+            return
+        self._stopping = False
+        self.failures.clear()
+        self._task = asyncio.create_task(self._supervise(), name=f"supervise-{self.name}")
+
+    async def wait_ready(self) -> bool:
+        """Wait until ready (True) or failed/stopped (False)."""
+        await self._settled.wait()
+        return self.state == "ready"
+
+    async def restart(self) -> None:
+        """Stop the server (gracefully) and start it again; clears a ``failed`` state."""
+        await self.stop()
+        self.restarts += 1
+        self.start()
+
+    async def stop(self) -> None:
+        """SIGTERM, wait ``stop_grace``, SIGKILL; ``stopped`` once the process is gone."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.child is not None and self.child.running():
+            self.last_exit_code = await self.child.stop(self.options.stop_grace)
+        self._set("stopped")
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        backoff = self.options.backoff_initial
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=2.0),
+            connector=aiohttp.TCPConnector(force_close=True),
+        ) as session:
+            while not self._stopping:
+                self.child = ChildProcess(self.args, name=self.name)
+                self._set("starting")
+                await self.child.start()
+                launched = time.monotonic()
+                error = await self._until_ready(session)
+                if error is None:
+                    self.started_at = time.monotonic()
+                    self._set("ready", "")
+                    code = await self.child.wait()
+                    if self._stopping:
+                        return
+                    self.last_exit_code = code
+                    error = f"exited with code {code}"
+                    if time.monotonic() - launched > self.options.backoff_reset_after:
+                        backoff = self.options.backoff_initial
+                elif self.child.running():
+                    await self.child.stop(self.options.stop_grace)
+                if self._stopping:
+                    return
+                tail = "\n".join(self.child.tail(10))
+                message = f"{self.name} {error}; last log lines:\n{tail}"
+                now = time.monotonic()
+                self.failures.append(now)
+                while self.failures and now - self.failures[0] > self.options.failure_window:
+                    self.failures.popleft()
+                if len(self.failures) >= self.options.max_failures:
+                    log.error("instance failed for good name=%s %s", self.name, message)
+                    self._set("failed", message)
+                    return
+                log.error("instance down name=%s restart_in=%.1fs %s", self.name, backoff, message)
+                self._set("starting", message)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.options.backoff_max)
+                self.restarts += 1
+
+    async def _until_ready(self, session: aiohttp.ClientSession) -> str | None:
+        """None once ``/health`` answers 200; else why the start failed."""
+        assert self.child is not None
+        deadline = time.monotonic() + self.options.startup_timeout
+        while True:
+            if not self.child.running():
+                code = await self.child.wait()
+                self.last_exit_code = code
+                return f"exited with code {code} before it was ready"
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                async with session.get(self.health_url) as response:
+                    if response.status == 200:
+                        return None
+            if time.monotonic() > deadline:
+                return f"was not ready within {self.options.startup_timeout:g} s"
+            await asyncio.sleep(self.options.ready_poll)

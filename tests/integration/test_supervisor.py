@@ -1,0 +1,132 @@
+"""The supervisor runs real processes: the fake llama-server, or programs that fail."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+
+import psutil
+
+from corral.supervisor.instance import SupervisedInstance, SupervisorOptions
+from tests.integration.fleet import wait_for
+
+FAST = SupervisorOptions(
+    startup_timeout=10.0,
+    backoff_initial=0.05,
+    backoff_max=0.2,
+    max_failures=3,
+    failure_window=60.0,
+    stop_grace=1.0,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def fake_args(port: int, *flags: str) -> list[str]:
+    return [
+        sys.executable, "-m", "corral.testing.fake_llama_server", "--port", str(port), *flags,
+    ]  # fmt: skip
+
+
+def supervised(
+    args: list[str], port: int, options: SupervisorOptions = FAST
+) -> tuple[SupervisedInstance, list[str]]:
+    states: list[str] = []
+    instance = SupervisedInstance(
+        args,
+        f"http://127.0.0.1:{port}/health",
+        name="test",
+        options=options,
+        on_change=lambda sup: states.append(sup.state),
+    )
+    return instance, states
+
+
+async def test_instance_is_ready_only_once_health_answers_200() -> None:
+    port = free_port()
+    instance, states = supervised(fake_args(port, "--load-delay", "0.5"), port)
+    instance.start()
+    try:
+        assert await asyncio.wait_for(instance.wait_ready(), 15)
+        assert states[:2] == ["starting", "ready"]
+    finally:
+        await instance.stop()
+    assert instance.state == "stopped"
+
+
+async def test_a_crashing_server_is_restarted_then_marked_failed_with_its_log() -> None:
+    crash = [sys.executable, "-c", "import sys; print('model file is corrupt'); sys.exit(3)"]
+    instance, states = supervised(crash, free_port())
+    instance.start()
+    assert not await asyncio.wait_for(instance.wait_ready(), 15)
+    assert instance.state == "failed"
+    assert instance.last_exit_code == 3
+    assert "exited with code 3 before it was ready" in instance.last_error
+    assert "model file is corrupt" in instance.last_error
+    assert instance.restarts == FAST.max_failures - 1
+    assert states[-1] == "failed"
+    await instance.stop()
+
+
+async def test_a_server_that_never_gets_ready_times_out_and_is_killed() -> None:
+    port = free_port()
+    options = SupervisorOptions(startup_timeout=0.5, max_failures=1, stop_grace=1.0)
+    instance, _ = supervised(fake_args(port, "--load-delay", "60"), port, options)
+    instance.start()
+    assert not await asyncio.wait_for(instance.wait_ready(), 15)
+    assert "was not ready within 0.5 s" in instance.last_error
+    assert instance.child is not None and not instance.child.running()
+
+
+async def test_an_unexpected_exit_restarts_the_server() -> None:
+    port = free_port()
+    instance, states = supervised(fake_args(port), port)
+    instance.start()
+    try:
+        assert await asyncio.wait_for(instance.wait_ready(), 15)
+        assert instance.child is not None and instance.child.pid is not None
+        first_pid = instance.child.pid
+        psutil.Process(first_pid).kill()
+        await wait_for(
+            lambda: instance.state == "ready" and instance.child is not None
+            and instance.child.pid != first_pid,
+            "a restarted, ready server",
+        )  # fmt: skip
+        assert instance.restarts == 1
+        assert instance.last_exit_code == -9
+        assert states == ["starting", "ready", "starting", "ready"]
+    finally:
+        await instance.stop()
+
+
+async def test_manual_restart_clears_failed() -> None:
+    port = free_port()
+    marker = [sys.executable, "-c", "import sys; sys.exit(1)"]
+    instance, _ = supervised(marker, port)
+    instance.start()
+    assert not await asyncio.wait_for(instance.wait_ready(), 15)
+    assert instance.state == "failed"
+    instance.args = fake_args(port)  # e.g. the operator fixed the model path
+    await instance.restart()
+    try:
+        assert await asyncio.wait_for(instance.wait_ready(), 15)
+    finally:
+        await instance.stop()
+
+
+async def test_stop_kills_a_server_that_ignores_sigterm() -> None:
+    port = free_port()
+    instance, _ = supervised(fake_args(port, "--fault", "ignore-sigterm"), port)
+    instance.start()
+    assert await asyncio.wait_for(instance.wait_ready(), 15)
+    assert instance.child is not None and instance.child.pid is not None
+    pid = instance.child.pid
+    await asyncio.wait_for(instance.stop(), 15)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert instance.last_exit_code == -9
