@@ -65,6 +65,7 @@ class LocalServe:
         self.instance: SupervisedInstance | None = None
         self.agent: Agent | None = None
         self._agent_task: asyncio.Task[None] | None = None
+        self._restart_task: asyncio.Task[None] | None = None
 
     def _child_args(self, port: int) -> list[str]:
         return [
@@ -90,6 +91,7 @@ class LocalServe:
                 cluster_token=self.options.cluster_token,
                 name="local",
                 poll_interval=0.1,
+                on_command=self._command,
             )
         )
         agent = self.agent
@@ -103,6 +105,14 @@ class LocalServe:
         self.instance.start()
         self._agent_task = asyncio.create_task(agent.run(), name="local-agent")
         return addresses
+
+    async def _command(self, command: str) -> tuple[bool, str]:
+        """A balancer's command for our instance (the balancer drained it first)."""
+        if command != "restart" or self.instance is None:
+            return False, f"unknown command {command!r}"
+        instance = self.instance
+        self._restart_task = asyncio.create_task(instance.restart(), name="restart")
+        return True, "restart started"
 
     async def stop(self) -> None:
         """Drain the balancer, then stop the agent and llama-server."""

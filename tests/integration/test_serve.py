@@ -178,3 +178,50 @@ async def test_serve_sigterm_stops_llama_server_and_exits_zero(
     assert await asyncio.wait_for(serve.process.wait(), 20) == 0, serve.log()
     _, alive = psutil.wait_procs([child], timeout=10)
     assert alive == []
+
+
+async def test_restart_through_the_api_drains_first_and_loses_no_request(
+    tmp_path: Path, http: aiohttp.ClientSession, cleanup: list[Serve]
+) -> None:
+    serve = await start_serve(
+        tmp_path, "--buffered-request-timeout", "30",
+        fake_flags=("--token-delay", "0.05", "--tokens", "10", "--parallel", "3"),
+    )  # fmt: skip
+    cleanup.append(serve)
+    await wait_for(lambda: healthy(http, serve), "serve to be healthy")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with http.get(serve.management + "/api/v1/instances", headers=auth) as response:
+        (instance,) = (await response.json())["instances"]
+    (before,) = serve.llama_servers()
+    running = [asyncio.create_task(chat(http, serve)) for _ in range(3)]
+
+    async def in_flight() -> bool:
+        async with http.get(serve.management + "/api/v1/instances", headers=auth) as response:
+            return bool((await response.json())["instances"][0]["in_flight"] == 3)
+
+    await wait_for(in_flight, "three requests in flight")
+    url = f"{serve.management}/api/v1/instances/{instance['id']}/restart"
+    async with http.post(url) as response:
+        assert response.status == 401
+    async with http.post(url, headers=auth) as response:
+        assert response.status == 202, await response.text()
+        assert (await response.json())["drained"] is True
+    arriving = [asyncio.create_task(chat(http, serve)) for _ in range(3)]
+    results = await asyncio.gather(*running, *arriving)
+    assert [status for status, _ in results] == [200] * 6
+    (after,) = serve.llama_servers()
+    assert after.pid != before.pid
+
+
+async def test_restart_of_an_unknown_instance_is_404(
+    tmp_path: Path, http: aiohttp.ClientSession, cleanup: list[Serve]
+) -> None:
+    serve = await start_serve(tmp_path)
+    cleanup.append(serve)
+    await wait_for(lambda: healthy(http, serve), "serve to be healthy")
+    async with http.post(
+        serve.management + "/api/v1/instances/nope/0/restart",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["type"] == "not_found_error"

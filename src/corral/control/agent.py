@@ -53,7 +53,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -127,6 +127,9 @@ class AgentOptions:
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     metadata_base: str = DEFAULT_METADATA_BASE
+    on_command: Callable[[str], Awaitable[tuple[bool, str]]] | None = None
+    """Runs a balancer's command (e.g. ``restart``) when a supervisor owns the process;
+    returns (ok, detail). None: this agent only watches, and refuses commands."""
 
     def __post_init__(self) -> None:
         if not self.balancers:
@@ -731,6 +734,24 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
 
+    async def _command(self, ws: aiohttp.ClientWebSocketResponse, data: dict[str, Any]) -> None:
+        """Run a balancer's command (``restart``) through the local supervisor hook."""
+        command = str(data.get("command", ""))
+        handler = self.options.on_command
+        if handler is None or data.get("instance") != self.instance_id:
+            ok, detail = False, "this agent does not run that instance's process"
+        else:
+            try:
+                ok, detail = await handler(command)
+            except Exception as exc:  # a failing command must not end the connection
+                log.exception("command failed command=%s", command)
+                ok, detail = False, f"{type(exc).__name__}: {exc}"
+        log.info("command command=%s ok=%s detail=%s", command, ok, detail)
+        with contextlib.suppress(ConnectionResetError):
+            await ws.send_json(
+                {"type": "command_result", "id": data.get("id"), "ok": ok, "detail": detail}
+            )
+
     async def _wait_wake(self, link: BalancerLink, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(link.wake.wait(), seconds)
@@ -753,6 +774,8 @@ class Agent:
                         link.socket_url,
                         data.get("balancer_version"),
                     )
+                elif kind == "command":
+                    await self._command(ws, data)
                 elif kind == "error":
                     log.warning(
                         "balancer reported an error balancer=%s message=%s",

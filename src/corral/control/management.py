@@ -20,6 +20,7 @@ Each instance in a snapshot: ``id``, ``url`` (how the balancer reaches it), ``mo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -37,6 +38,7 @@ from corral.scheduling.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 AGENT_SOCKET_PATH = "/api/v1/agents/socket"
+DEFAULT_DRAIN_TIMEOUT = 30.0
 
 
 class Management:
@@ -57,12 +59,15 @@ class Management:
         self.event_queues: set[asyncio.Queue[dict[str, Any]]] = set()
         self.sockets: set[web.WebSocketResponse] = set()
         self.agent_sockets: dict[str, web.WebSocketResponse] = {}
+        self._pending: dict[Any, asyncio.Future[dict[str, Any]]] = {}
+        self._command_ids = itertools.count(1)
         scheduler.listeners.append(self._broadcast)
         self.app = web.Application(middlewares=[self._auth])
         r = self.app.router
         r.add_get(AGENT_SOCKET_PATH, self.agent_socket)
         r.add_get("/api/v1/agents", self.agents)
         r.add_get("/api/v1/instances", self.instances)
+        r.add_post("/api/v1/instances/{agent}/{local}/restart", self.restart_instance)
         r.add_get("/api/v1/buffer", self.buffer)
         r.add_get("/api/v1/fleet", self.fleet)
         r.add_get("/api/v1/events", self.events)
@@ -93,6 +98,66 @@ class Management:
         return web.json_response(
             {"instances": [i.as_dict() for i in self.scheduler.fleet.instances.values()]}
         )
+
+    async def restart_instance(self, request: web.Request) -> web.Response:
+        """Drain an instance (no new requests; in-flight ones finish, bounded by
+        ``?drain_timeout=`` seconds, default 30), then ask its agent to restart it.
+        Requests that arrive meanwhile wait in the buffer or go to other instances."""
+        instance_id = f"{request.match_info['agent']}/{request.match_info['local']}"
+        instance = self.scheduler.fleet.instances.get(instance_id)
+        if instance is None:
+            return error_response(404, f"no instance {instance_id!r}; see /api/v1/instances")
+        try:
+            drain_timeout = float(request.query.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT))
+        except ValueError:
+            return error_response(400, "drain_timeout must be a number of seconds")
+        ws = self.agent_sockets.get(instance.agent_id)
+        if ws is None or ws.closed:
+            return error_response(409, f"the agent of {instance_id} is not connected")
+        instance.draining = True
+        self.scheduler.emit({"type": "instance", "instance": instance_id, "event": "draining"})
+        drained = True
+        try:
+            async with asyncio.timeout(drain_timeout):
+                while instance.in_flight > 0:
+                    await self.scheduler.wait_release()
+        except TimeoutError:
+            drained = False
+        reply = await self._command(instance.agent_id, instance_id, "restart")
+        if reply is None or not reply.get("ok"):
+            instance.draining = False
+            self.scheduler.wake(instance.names)
+            detail = "no answer from the agent" if reply is None else reply.get("detail")
+            return error_response(409, f"the agent could not restart {instance_id}: {detail}")
+        return web.json_response(
+            {"instance": instance_id, "restarting": True, "drained": drained}, status=202
+        )
+
+    async def _command(
+        self, agent_id: str, instance_id: str, command: str
+    ) -> dict[str, Any] | None:
+        """Send a command over the agent's socket and wait (10 s) for its result."""
+        ws = self.agent_sockets.get(agent_id)
+        if ws is None:
+            return None
+        command_id = next(self._command_ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[command_id] = future
+        try:
+            await ws.send_json(
+                {
+                    "type": "command",
+                    "id": command_id,
+                    "command": command,
+                    "instance": instance_id.split("/", 1)[1],
+                }
+            )
+            async with asyncio.timeout(10):
+                return await future
+        except (TimeoutError, ConnectionResetError):
+            return None
+        finally:
+            self._pending.pop(command_id, None)
 
     async def buffer(self, request: web.Request) -> web.Response:
         depth = {m or "(any)": self.scheduler.buffered(m) for m in self.scheduler.buffers}
@@ -205,6 +270,10 @@ class Management:
                         )
                     except (KeyError, TypeError, ValueError) as exc:
                         await ws.send_json({"type": "error", "message": f"bad snapshot: {exc}"})
+                elif kind == "command_result":
+                    pending = self._pending.get(data.get("id"))
+                    if pending is not None and not pending.done():
+                        pending.set_result(data)
                 elif kind == "deregister":
                     break
         finally:

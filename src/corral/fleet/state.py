@@ -94,6 +94,8 @@ class Instance:
     issues: list[InstanceIssue] = field(default_factory=list)
     last_report: float = 0.0
     stale: bool = False
+    draining: bool = False
+    """Set by this balancer before a restart: no new requests, in-flight ones finish."""
     breaker: Breaker = field(default_factory=Breaker)
     served: int = 0
     started_at: float = field(default_factory=time.time)
@@ -115,6 +117,7 @@ class Instance:
         """Ready, reported recently, no open issue, and not set aside by its breaker."""
         return (
             self.state is InstanceState.READY
+            and not self.draining
             and not self.stale
             and not self.issues
             and self.total_slots > 0
@@ -136,6 +139,7 @@ class Instance:
             "state": self.state.value,
             "usable": self.usable(time.monotonic()),
             "stale": self.stale,
+            "draining": self.draining,
             "slots_total": self.total_slots,
             "slots_busy": self.busy_slots,
             "slots_free": self.free_slots,

@@ -111,6 +111,7 @@ class Scheduler:
         self.buffers: dict[str, deque[Waiter]] = {}
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.accepting = True
+        self._released = asyncio.Event()
 
     # -- model resolution -------------------------------------------------------------
 
@@ -222,6 +223,14 @@ class Scheduler:
         lease.waited = self.clock() - waiter.enqueued_at
         return lease
 
+    async def wait_release(self) -> None:
+        """Return after the next slot release (used to wait for a drain)."""
+        await self._released.wait()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Tell every listener (event streams, dashboards) about a fleet event."""
+        self._emit(event)
+
     def release(self, lease: Lease, outcome: str = "ok") -> None:
         """Give a slot back. ``outcome``: ``ok``, ``client_gone`` or ``upstream_failed``."""
         if lease.released:
@@ -236,6 +245,8 @@ class Scheduler:
             instance.breaker.record_success()
         elif lease.probe:
             instance.breaker.probing = False  # the probe told nothing: another may go
+        released, self._released = self._released, asyncio.Event()
+        released.set()
         self.wake(instance.names)
 
     # -- waking -----------------------------------------------------------------------
@@ -306,6 +317,8 @@ class Scheduler:
             before = (instance.state, instance.total_slots, len(instance.issues), instance.stale)
             instance.aliases = [str(a) for a in data.get("aliases", []) if a != model]
             instance.state = InstanceState(data.get("state", "ready"))
+            if instance.draining and instance.state is not InstanceState.READY:
+                instance.draining = False  # the restart began; the state keeps it out
             if before[0] is not InstanceState.READY and instance.state is InstanceState.READY:
                 instance.breaker = Breaker()  # a (re)started server gets a clean slate
             instance.n_ctx = int(data.get("n_ctx") or 0)
