@@ -106,12 +106,24 @@ async def chat(http: aiohttp.ClientSession, serve: Serve) -> tuple[int, Any]:
         return response.status, await response.json(content_type=None)
 
 
+async def ready_serve(
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    cleanup: list[Serve],
+    *extra: str,
+    fake_flags: tuple[str, ...] = (),
+) -> Serve:
+    """Start ``corral serve`` (cleaned up after the test) and wait until it is healthy."""
+    serve = await start_serve(tmp_path, *extra, fake_flags=fake_flags)
+    cleanup.append(serve)
+    await wait_for(lambda: healthy(http, serve), "serve to be healthy")
+    return serve
+
+
 async def test_serve_answers_chat_for_the_model_named_after_its_file(
     tmp_path: Path, http: aiohttp.ClientSession, cleanup: list[Serve]
 ) -> None:
-    serve = await start_serve(tmp_path, "--", "--parallel", "3")
-    cleanup.append(serve)
-    await wait_for(lambda: healthy(http, serve), "serve to be healthy")
+    serve = await ready_serve(tmp_path, http, cleanup, "--", "--parallel", "3")
     status, body = await chat(http, serve)
     assert status == 200 and body["model"] == "tiny"
     async with http.get(serve.base + "/health") as response:
@@ -121,9 +133,7 @@ async def test_serve_answers_chat_for_the_model_named_after_its_file(
 async def test_serve_restarts_a_crashed_llama_server_while_requests_wait(
     tmp_path: Path, http: aiohttp.ClientSession, cleanup: list[Serve]
 ) -> None:
-    serve = await start_serve(tmp_path, "--buffered-request-timeout", "30")
-    cleanup.append(serve)
-    await wait_for(lambda: healthy(http, serve), "serve to be healthy")
+    serve = await ready_serve(tmp_path, http, cleanup, "--buffered-request-timeout", "30")
     (first,) = serve.llama_servers()
     first.kill()
     await wait_for(lambda: not first.is_running() or first.status() == "zombie", "the crash")
@@ -157,9 +167,7 @@ async def test_serve_refuses_llama_server_args_it_owns(tmp_path: Path) -> None:
 async def test_serve_killed_with_sigkill_leaves_no_llama_server_behind(
     tmp_path: Path, http: aiohttp.ClientSession, cleanup: list[Serve]
 ) -> None:
-    serve = await start_serve(tmp_path)
-    cleanup.append(serve)
-    await wait_for(lambda: healthy(http, serve), "serve to be healthy")
+    serve = await ready_serve(tmp_path, http, cleanup)
     (child,) = serve.llama_servers()
     serve.process.send_signal(signal.SIGKILL)
     await serve.process.wait()
@@ -170,9 +178,7 @@ async def test_serve_killed_with_sigkill_leaves_no_llama_server_behind(
 async def test_serve_sigterm_stops_llama_server_and_exits_zero(
     tmp_path: Path, http: aiohttp.ClientSession, cleanup: list[Serve]
 ) -> None:
-    serve = await start_serve(tmp_path)
-    cleanup.append(serve)
-    await wait_for(lambda: healthy(http, serve), "serve to be healthy")
+    serve = await ready_serve(tmp_path, http, cleanup)
     (child,) = serve.llama_servers()
     serve.process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(serve.process.wait(), 20) == 0, serve.log()
@@ -183,8 +189,8 @@ async def test_serve_sigterm_stops_llama_server_and_exits_zero(
 async def test_restart_through_the_api_drains_first_and_loses_no_request(
     tmp_path: Path, http: aiohttp.ClientSession, cleanup: list[Serve]
 ) -> None:
-    serve = await start_serve(
-        tmp_path, "--buffered-request-timeout", "30",
+    serve = await ready_serve(
+        tmp_path, http, cleanup, "--buffered-request-timeout", "30",
         fake_flags=("--token-delay", "0.05", "--tokens", "10", "--parallel", "3"),
     )  # fmt: skip
     cleanup.append(serve)
@@ -217,8 +223,6 @@ async def test_restart_of_an_unknown_instance_is_404(
     tmp_path: Path, http: aiohttp.ClientSession, cleanup: list[Serve]
 ) -> None:
     serve = await start_serve(tmp_path)
-    cleanup.append(serve)
-    await wait_for(lambda: healthy(http, serve), "serve to be healthy")
     async with http.post(
         serve.management + "/api/v1/instances/nope/0/restart",
         headers={"Authorization": f"Bearer {TOKEN}"},
