@@ -209,6 +209,7 @@ def _balancer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "expose_slots": True if args.expose_slots else None,
         "statsd_addr": args.statsd_addr,
         "statsd_prefix": args.statsd_prefix,
+        "log_dir": getattr(args, "log_dir", None),
     }
 
 
@@ -289,10 +290,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
             "external_llama_server": args.external_llama_server,
             "agent_name": args.name,
             "cluster_token_file": args.cluster_token_file,
+            "log_dir": args.log_dir,
         },
     )
-    if not settings.local_llama_server:
-        _err("an agent watches a llama-server: give --local-llama-server URL")
+    if bool(settings.local_llama_server) == bool(args.model):
+        _err(
+            "an agent either watches a running llama-server (--local-llama-server URL) "
+            "or starts and owns one (--model FILE.gguf [-- llama-server args]); give one"
+        )
         return 2
     if not settings.balancers:
         _err("an agent reports to balancers: give --balancer HOST:PORT (repeatable)")
@@ -302,6 +307,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except (TokenError, OSError) as exc:
         _err(str(exc))
         return 2
+    if args.model:
+        return _agent_with_model(args, settings, cluster_token)
+    assert settings.local_llama_server is not None
     api_key = settings.llama_server_api_key
     options = AgentOptions(
         local_llama_server=settings.local_llama_server,
@@ -326,6 +334,54 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return _run_service(serve)
 
 
+def _llama_args(raw: list[str]) -> list[str]:
+    return raw[1:] if raw[:1] == ["--"] else list(raw)
+
+
+def _agent_with_model(args: argparse.Namespace, settings: Settings, cluster_token: str) -> int:
+    """``corral agent --model M``: start, supervise and report one llama-server."""
+    import socket
+
+    from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
+    from corral.supervisor.instance import SupervisorOptions
+    from corral.supervisor.managed import ManagedInstance, ManagedOptions, check_reserved
+    from corral.supervisor.process import free_port
+
+    model = Path(args.model)
+    if not model.is_file():
+        _err(f"model file {model} does not exist")
+        return 2
+    extra = _llama_args(args.llama_args)
+    try:
+        check_reserved(extra)
+        binary = find_llama_server(args.llama_server or settings.llama_server).path
+    except (ValueError, LlamaServerNotFound) as exc:
+        _err(str(exc))
+        return 2
+
+    async def serve(stop: asyncio.Event) -> int:
+        managed = ManagedInstance(
+            ManagedOptions(
+                binary=binary,
+                model=model,
+                port=free_port(settings.ports()),
+                balancers=list(settings.balancers),
+                cluster_token=cluster_token,
+                llama_args=extra,
+                agent_name=settings.agent_name or socket.gethostname(),
+                poll_interval=0.25,
+                supervisor=SupervisorOptions(startup_timeout=settings.startup_timeout),
+                log_dir=settings.log_dir,
+            )
+        )
+        await managed.start()
+        await stop.wait()
+        await managed.stop()
+        return 0
+
+    return _run_service(serve)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import secrets
 
@@ -345,15 +401,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (LlamaServerNotFound, TokenError, OSError) as exc:
         _err(str(exc))
         return 2
-    extra = list(args.llama_args)
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
+    extra = _llama_args(args.llama_args)
     options = ServeOptions(
         model=model,
         binary=binary,
         llama_args=extra,
         management_token=management_token,
         cluster_token=cluster_token,
+        log_dir=settings.log_dir,
     )
 
     try:
@@ -454,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_balancer_flags(serve)
     serve.add_argument("--model", required=True, help="GGUF file to serve")
     serve.add_argument("--llama-server", type=Path, default=None, help="llama-server binary")
+    serve.add_argument("--log-dir", type=Path, default=None, help="rotating llama-server logs")
     serve.add_argument(
         "llama_args",
         nargs=argparse.REMAINDER,
@@ -479,6 +535,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--name", default=None, help="name shown by balancers (host name)")
     agent.add_argument("--cluster-token-file", type=Path, default=None)
+    agent.add_argument(
+        "--model", default=None, help="start and own a llama-server for this GGUF file"
+    )
+    agent.add_argument("--llama-server", type=Path, default=None, help="llama-server binary")
+    agent.add_argument("--log-dir", type=Path, default=None, help="rotating llama-server logs")
+    agent.add_argument(
+        "llama_args",
+        nargs=argparse.REMAINDER,
+        help="with --model, after --: llama-server arguments (e.g. -- -np 4 -c 8192)",
+    )
     agent.set_defaults(func=cmd_agent)
 
     # models

@@ -146,6 +146,9 @@ class Settings(BaseModel):
     port_range: str = Field(
         default="5800-5999", description="Loopback ports for spawned llama-servers."
     )
+    log_dir: Path | None = Field(
+        default=None, description="Folder for rotating llama-server log files (memory only)."
+    )
     startup_timeout: float = Field(
         default=120.0, gt=0, description="Seconds a llama-server may take to become ready."
     )

@@ -127,9 +127,10 @@ class AgentOptions:
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     metadata_base: str = DEFAULT_METADATA_BASE
-    on_command: Callable[[str], Awaitable[tuple[bool, str]]] | None = None
-    """Runs a balancer's command (e.g. ``restart``) when a supervisor owns the process;
-    returns (ok, detail). None: this agent only watches, and refuses commands."""
+    on_command: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
+    """Runs a balancer's command (``restart``, ``reconfigure``, ``logs``) when a
+    supervisor owns the process; gets the command and its message, returns a dict with
+    ``ok`` and ``detail`` (and any data). None: this agent only watches and refuses."""
 
     def __post_init__(self) -> None:
         if not self.balancers:
@@ -446,6 +447,7 @@ class Agent:
         self._stopping = asyncio.Event()
         self._first_reading = asyncio.Event()
         self.supervisor: dict[str, Any] | None = None
+        self._poll_now = asyncio.Event()
         """What a local supervisor reports about the process, if one runs it."""
 
     # -------------------------------------------------------------- lifecycle
@@ -505,6 +507,7 @@ class Agent:
     async def stop(self) -> None:
         """Ask :meth:`run` to deregister from every balancer and return."""
         self._stopping.set()
+        self._poll_now.set()
         for link in self.links:
             link.wake.set()
 
@@ -581,7 +584,11 @@ class Agent:
             else:
                 self._update(instance)
             elapsed = time.monotonic() - started
-            await self._sleep_unless_stopping(max(0.0, self.options.poll_interval - elapsed))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._poll_now.wait(), max(0.0, self.options.poll_interval - elapsed)
+                )
+            self._poll_now.clear()
 
     def _update(self, instance: dict[str, Any]) -> None:
         previous = self.instance
@@ -621,6 +628,7 @@ class Agent:
         reported instance and report at once. A supervisor that says ``failed`` or
         ``starting`` overrides what ``/health`` alone would suggest."""
         self.supervisor = supervisor
+        self._poll_now.set()  # read the server at once: it may have just become ready
         for link in self.links:
             link.wake.set()
 
@@ -735,22 +743,27 @@ class Agent:
                 await reader
 
     async def _command(self, ws: aiohttp.ClientWebSocketResponse, data: dict[str, Any]) -> None:
-        """Run a balancer's command (``restart``) through the local supervisor hook."""
+        """Run a balancer's command through the local supervisor's handler and answer
+        ``{"type": "command_result", "id", "ok", "detail", ...}``."""
         command = str(data.get("command", ""))
         handler = self.options.on_command
+        result: dict[str, Any]
         if handler is None or data.get("instance") != self.instance_id:
-            ok, detail = False, "this agent does not run that instance's process"
+            result = {"ok": False, "detail": "this agent does not run that instance's process"}
         else:
             try:
-                ok, detail = await handler(command)
+                result = await handler(command, data)
             except Exception as exc:  # a failing command must not end the connection
                 log.exception("command failed command=%s", command)
-                ok, detail = False, f"{type(exc).__name__}: {exc}"
-        log.info("command command=%s ok=%s detail=%s", command, ok, detail)
+                result = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
+        log.info(
+            "command command=%s ok=%s detail=%s",
+            command,
+            result.get("ok"),
+            result.get("detail", ""),
+        )
         with contextlib.suppress(ConnectionResetError):
-            await ws.send_json(
-                {"type": "command_result", "id": data.get("id"), "ok": ok, "detail": detail}
-            )
+            await ws.send_json({**result, "type": "command_result", "id": data.get("id")})
 
     async def _wait_wake(self, link: BalancerLink, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -30,6 +30,7 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from corral import __version__
+from corral.control.admin import InstanceAdmin
 from corral.gateway.auth import key_matches, presented_key
 from corral.gateway.errors import error_response
 from corral.observe.metrics import BalancerMetrics
@@ -38,7 +39,6 @@ from corral.scheduling.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 AGENT_SOCKET_PATH = "/api/v1/agents/socket"
-DEFAULT_DRAIN_TIMEOUT = 30.0
 
 
 class Management:
@@ -67,7 +67,7 @@ class Management:
         r.add_get(AGENT_SOCKET_PATH, self.agent_socket)
         r.add_get("/api/v1/agents", self.agents)
         r.add_get("/api/v1/instances", self.instances)
-        r.add_post("/api/v1/instances/{agent}/{local}/restart", self.restart_instance)
+        InstanceAdmin(self).add_routes(r)
         r.add_get("/api/v1/buffer", self.buffer)
         r.add_get("/api/v1/fleet", self.fleet)
         r.add_get("/api/v1/events", self.events)
@@ -99,44 +99,15 @@ class Management:
             {"instances": [i.as_dict() for i in self.scheduler.fleet.instances.values()]}
         )
 
-    async def restart_instance(self, request: web.Request) -> web.Response:
-        """Drain an instance (no new requests; in-flight ones finish, bounded by
-        ``?drain_timeout=`` seconds, default 30), then ask its agent to restart it.
-        Requests that arrive meanwhile wait in the buffer or go to other instances."""
-        instance_id = f"{request.match_info['agent']}/{request.match_info['local']}"
-        instance = self.scheduler.fleet.instances.get(instance_id)
-        if instance is None:
-            return error_response(404, f"no instance {instance_id!r}; see /api/v1/instances")
-        try:
-            drain_timeout = float(request.query.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT))
-        except ValueError:
-            return error_response(400, "drain_timeout must be a number of seconds")
-        ws = self.agent_sockets.get(instance.agent_id)
-        if ws is None or ws.closed:
-            return error_response(409, f"the agent of {instance_id} is not connected")
-        instance.draining = True
-        self.scheduler.emit({"type": "instance", "instance": instance_id, "event": "draining"})
-        drained = True
-        try:
-            async with asyncio.timeout(drain_timeout):
-                while instance.in_flight > 0:
-                    await self.scheduler.wait_release()
-        except TimeoutError:
-            drained = False
-        reply = await self._command(instance.agent_id, instance_id, "restart")
-        if reply is None or not reply.get("ok"):
-            instance.draining = False
-            self.scheduler.wake(instance.names)
-            detail = "no answer from the agent" if reply is None else reply.get("detail")
-            return error_response(409, f"the agent could not restart {instance_id}: {detail}")
-        return web.json_response(
-            {"instance": instance_id, "restarting": True, "drained": drained}, status=202
-        )
-
-    async def _command(
-        self, agent_id: str, instance_id: str, command: str
+    async def command(
+        self,
+        agent_id: str,
+        instance_id: str,
+        command: str,
+        payload: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
-        """Send a command over the agent's socket and wait (10 s) for its result."""
+        """Send a command over the agent's socket and wait (10 s) for its result;
+        None when the agent is not connected or does not answer."""
         ws = self.agent_sockets.get(agent_id)
         if ws is None:
             return None
@@ -150,6 +121,7 @@ class Management:
                     "id": command_id,
                     "command": command,
                     "instance": instance_id.split("/", 1)[1],
+                    **(payload or {}),
                 }
             )
             async with asyncio.timeout(10):

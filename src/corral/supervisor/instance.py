@@ -22,10 +22,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 
-from corral.supervisor.process import ChildProcess
+from corral.supervisor.process import ChildProcess, LogRing
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class SupervisedInstance:
         name: str = "llama-server",
         options: SupervisorOptions | None = None,
         on_change: Callable[[SupervisedInstance], None] | None = None,
+        log_path: Path | None = None,
     ) -> None:
         self.args = list(args)
         self.health_url = health_url
@@ -67,6 +69,9 @@ class SupervisedInstance:
         self.on_change = on_change
         self.state = "stopped"
         self.child: ChildProcess | None = None
+        self.output = LogRing()
+        """Output of every run of the process, across restarts."""
+        self.log_path = log_path
         self.restarts = 0
         self.last_exit_code: int | None = None
         self.last_error = ""
@@ -144,7 +149,10 @@ class SupervisedInstance:
             connector=aiohttp.TCPConnector(force_close=True),
         ) as session:
             while not self._stopping:
-                self.child = ChildProcess(self.args, name=self.name)
+                self.output.append(f"[corral] starting: {' '.join(self.args)}")
+                self.child = ChildProcess(
+                    self.args, name=self.name, output=self.output, log_path=self.log_path
+                )
                 self._set("starting")
                 await self.child.start()
                 launched = time.monotonic()

@@ -19,6 +19,8 @@ import os
 import signal
 import socket
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,26 @@ def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the child
         pass
 
 
+#: Rotated log files kept beside the current one (``NAME.log.1`` ... ``NAME.log.N``).
+LOG_FILES_KEPT = 5
+#: A log file is rotated at start when it is larger than this.
+LOG_ROTATE_BYTES = 16 * 1024 * 1024
+
+
+def _rotate(path: Path) -> None:
+    """Shift ``path`` to ``path.1`` (and older ones up) when it has grown too large."""
+    try:
+        if path.stat().st_size < LOG_ROTATE_BYTES:
+            return
+    except FileNotFoundError:
+        return
+    for index in range(LOG_FILES_KEPT - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{index}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{index + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
+
+
 def free_port(ports: range, host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
     """The first port in ``ports`` that nothing listens on (and not in ``taken``)."""
     for port in ports:
@@ -49,6 +71,27 @@ def free_port(ports: range, host: str = "127.0.0.1", taken: set[int] | None = No
     raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
+class LogRing:
+    """The last ``size`` output lines, with a cursor: the count of lines ever added."""
+
+    def __init__(self, size: int = DEFAULT_LOG_LINES) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=size)
+        self.count = 0
+
+    def append(self, line: str) -> None:
+        self.lines.append(line)
+        self.count += 1
+
+    def tail(self, n: int) -> list[str]:
+        return list(self.lines)[-n:] if n > 0 else []
+
+    def since(self, cursor: int) -> tuple[list[str], int]:
+        """Lines added after ``cursor`` that are still kept, and the next cursor."""
+        first_kept = self.count - len(self.lines)
+        start = max(cursor, first_kept) - first_kept
+        return list(self.lines)[start:], self.count
+
+
 class ChildProcess:
     """A supervised child process with its recent output."""
 
@@ -59,11 +102,16 @@ class ChildProcess:
         env: Mapping[str, str] | None = None,
         name: str = "child",
         log_lines: int = DEFAULT_LOG_LINES,
+        log_path: Path | None = None,
+        output: LogRing | None = None,
     ) -> None:
         self.args = [str(a) for a in args]
         self.env = dict(env) if env is not None else None
         self.name = name
-        self.lines: collections.deque[str] = collections.deque(maxlen=log_lines)
+        self.output = output if output is not None else LogRing(log_lines)
+        """Recent output lines; a supervisor passes one ring to every restart."""
+        self.log_path = log_path
+        self.log_file: BinaryIO | None = None
         self.process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -80,6 +128,11 @@ class ChildProcess:
 
     async def start(self) -> None:
         env = {**os.environ, **self.env} if self.env is not None else None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            _rotate(self.log_path)
+            # local log file: opening and appending are short, bounded disk operations
+            self.log_file = open(self.log_path, "ab")  # noqa: ASYNC230
         self.process = await asyncio.create_subprocess_exec(
             *self.args,
             stdin=asyncio.subprocess.DEVNULL,
@@ -102,10 +155,13 @@ class ChildProcess:
                 line = await stream.read(64 * 1024)
             if not line:
                 return
-            self.lines.append(line.decode("utf-8", errors="replace").rstrip("\n"))
+            self.output.append(line.decode("utf-8", errors="replace").rstrip("\n"))
+            if self.log_file is not None:
+                self.log_file.write(line)
+                self.log_file.flush()
 
     def tail(self, n: int = 20) -> list[str]:
-        return list(self.lines)[-n:]
+        return self.output.tail(n)
 
     async def wait(self) -> int:
         assert self.process is not None
@@ -113,6 +169,9 @@ class ChildProcess:
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
         return code
 
     def _signal_group(self, sig: signal.Signals) -> None:

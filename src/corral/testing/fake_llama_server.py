@@ -1610,7 +1610,13 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[FakeOptions, str, int]:
 async def _serve(options: FakeOptions, host: str, port: int) -> None:
     app = build_app(options)
     server = app[SERVER_KEY]
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    # one line per request, like llama-server's "log_server_r: request: ..." lines
+    runner = web.AppRunner(
+        app,
+        access_log=logging.getLogger("fake.access"),
+        access_log_format="request: %r %a %s",
+        shutdown_timeout=1.0,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

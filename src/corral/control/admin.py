@@ -1,0 +1,251 @@
+"""Admin actions on instances, through the management API (token-protected).
+
+Every action that stops a server drains it first: the balancer stops placing new
+requests on it, in-flight ones finish (bounded by ``?drain_timeout=``, 30 s), and only
+then does the instance's agent restart it. Requests that arrive meanwhile wait in
+the buffer or go to other instances of the model. Commands travel over the agent's
+WebSocket, so the same calls work for ``corral serve`` and for remote agents.
+
+Routes (``AGENT/ID`` is the instance id shown by ``/api/v1/instances``):
+
+- ``POST /api/v1/instances/AGENT/ID/restart``: drain, restart.
+- ``POST /api/v1/instances/AGENT/ID/reconfigure`` with ``{"args": [...]}``: check
+  the llama-server arguments (see :mod:`corral.supervisor.flags`), drain, restart
+  with them.
+- ``GET /api/v1/instances/AGENT/ID/logs?lines=N``: the last N log lines (200);
+  ``&follow=1`` streams new lines as server-sent events.
+- ``POST /api/v1/models/MODEL/restart``: a rolling restart, one instance at a time,
+  each back to ready before the next goes down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from corral.fleet.state import Instance, InstanceState
+from corral.gateway.errors import error_response
+from corral.supervisor.flags import FlagError, check_llama_args
+
+if TYPE_CHECKING:
+    from corral.control.management import Management
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_READY_TIMEOUT = 300.0
+DEFAULT_LOG_LINES = 200
+MAX_LOG_LINES = 5000
+LOG_FOLLOW_INTERVAL = 0.5
+
+
+class AdminError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _seconds(request: web.Request, name: str, default: float) -> float:
+    try:
+        value = float(request.query.get(name, default))
+    except ValueError:
+        raise AdminError(400, f"{name} must be a number of seconds") from None
+    if value < 0:
+        raise AdminError(400, f"{name} must not be negative")
+    return value
+
+
+class InstanceAdmin:
+    """Restart, reconfigure and read logs of instances; see the module doc."""
+
+    def __init__(self, management: Management) -> None:
+        self.management = management
+        self.scheduler = management.scheduler
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        base = "/api/v1/instances/{agent}/{local}"
+        router.add_post(base + "/restart", self.restart)
+        router.add_post(base + "/reconfigure", self.reconfigure)
+        router.add_get(base + "/logs", self.logs)
+        router.add_post("/api/v1/models/{model}/restart", self.rolling_restart)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _instance(self, request: web.Request) -> Instance:
+        instance_id = f"{request.match_info['agent']}/{request.match_info['local']}"
+        instance = self.scheduler.fleet.instances.get(instance_id)
+        if instance is None:
+            raise AdminError(404, f"no instance {instance_id!r}; see /api/v1/instances")
+        return instance
+
+    async def _drain(self, instance: Instance, limit_s: float) -> bool:
+        """Stop new work on ``instance`` and wait for its in-flight requests."""
+        instance.draining = True
+        self.scheduler.emit({"type": "instance", "instance": instance.id, "event": "draining"})
+        try:
+            async with asyncio.timeout(limit_s):
+                while instance.in_flight > 0:
+                    await self.scheduler.wait_release()
+        except TimeoutError:
+            log.warning("drain timed out instance=%s in_flight=%d", instance.id, instance.in_flight)
+            return False
+        return True
+
+    async def _drain_and_command(
+        self, instance: Instance, drain_timeout: float, command: str, payload: dict[str, Any]
+    ) -> bool:
+        ws = self.management.agent_sockets.get(instance.agent_id)
+        if ws is None or ws.closed:
+            raise AdminError(409, f"the agent of {instance.id} is not connected")
+        drained = await self._drain(instance, drain_timeout)
+        reply = await self.management.command(instance.agent_id, instance.id, command, payload)
+        if reply is None or not reply.get("ok"):
+            instance.draining = False
+            self.scheduler.wake(instance.names)
+            detail = "no answer from the agent" if reply is None else reply.get("detail")
+            raise AdminError(409, f"the agent could not {command} {instance.id}: {detail}")
+        return drained
+
+    async def _wait_ready(self, instance_id: str, limit_s: float) -> bool:
+        """Wait until the instance is ready and usable again (False after ``limit_s``)."""
+        try:
+            async with asyncio.timeout(limit_s):
+                while True:
+                    instance = self.scheduler.fleet.instances.get(instance_id)
+                    if (
+                        instance is not None
+                        and not instance.draining
+                        and instance.state is InstanceState.READY
+                        and instance.usable(self.scheduler.clock())
+                    ):
+                        return True
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            return False
+
+    @staticmethod
+    def _error(exc: AdminError) -> web.Response:
+        return error_response(exc.status, exc.message)
+
+    # -- routes -------------------------------------------------------------------------
+
+    async def restart(self, request: web.Request) -> web.Response:
+        try:
+            instance = self._instance(request)
+            timeout = _seconds(request, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)
+            drained = await self._drain_and_command(instance, timeout, "restart", {})
+        except AdminError as exc:
+            return self._error(exc)
+        return web.json_response(
+            {"instance": instance.id, "restarting": True, "drained": drained}, status=202
+        )
+
+    async def reconfigure(self, request: web.Request) -> web.Response:
+        try:
+            instance = self._instance(request)
+            timeout = _seconds(request, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)
+            try:
+                body = await request.json()
+            except (ValueError, UnicodeDecodeError):
+                raise AdminError(
+                    400, 'the body must be JSON: {"args": ["--flag", "value"]}'
+                ) from None
+            if not isinstance(body, dict) or not isinstance(body.get("args"), list):
+                raise AdminError(400, 'the body must be {"args": [...]}: a list of strings')
+            try:
+                args = check_llama_args(body["args"])
+            except FlagError as exc:
+                raise AdminError(400, f"refused llama-server arguments: {exc}") from None
+            drained = await self._drain_and_command(
+                instance, timeout, "reconfigure", {"args": args}
+            )
+        except AdminError as exc:
+            return self._error(exc)
+        return web.json_response(
+            {"instance": instance.id, "restarting": True, "drained": drained, "args": args},
+            status=202,
+        )
+
+    async def rolling_restart(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        try:
+            drain_timeout = _seconds(request, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)
+            ready_timeout = _seconds(request, "ready_timeout", DEFAULT_READY_TIMEOUT)
+            pool = sorted(self.scheduler.fleet.pool(model), key=lambda i: i.id)
+            if not pool:
+                raise AdminError(404, f"no instance serves model {model!r}")
+            results = []
+            for instance in pool:
+                drained = await self._drain_and_command(instance, drain_timeout, "restart", {})
+                await self._wait_down(instance.id)
+                ready = await self._wait_ready(instance.id, ready_timeout)
+                results.append({"instance": instance.id, "drained": drained, "ready": ready})
+                if not ready:
+                    raise AdminError(
+                        504,
+                        f"{instance.id} was not ready again within {ready_timeout:g} s; "
+                        f"the rolling restart stopped there: {json.dumps(results)}",
+                    )
+        except AdminError as exc:
+            return self._error(exc)
+        return web.json_response({"model": model, "restarted": results})
+
+    async def _wait_down(self, instance_id: str, limit_s: float = 10.0) -> None:
+        """Wait until the agent reports the instance not ready (the restart began)."""
+        try:
+            async with asyncio.timeout(limit_s):
+                while True:
+                    instance = self.scheduler.fleet.instances.get(instance_id)
+                    if instance is None or not instance.draining:
+                        return
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            return
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        try:
+            instance = self._instance(request)
+            try:
+                lines = min(int(request.query.get("lines", DEFAULT_LOG_LINES)), MAX_LOG_LINES)
+            except ValueError:
+                raise AdminError(400, "lines must be a whole number") from None
+            reply = await self.management.command(
+                instance.agent_id, instance.id, "logs", {"lines": lines}
+            )
+            if reply is None or not reply.get("ok"):
+                detail = "no answer from the agent" if reply is None else reply.get("detail")
+                raise AdminError(409, f"cannot read the logs of {instance.id}: {detail}")
+        except AdminError as exc:
+            return self._error(exc)
+        if request.query.get("follow") not in ("1", "true", "yes"):
+            return web.json_response(
+                {"instance": instance.id, "lines": reply["lines"], "cursor": reply["cursor"]}
+            )
+        return await self._follow(request, instance, reply)
+
+    async def _follow(
+        self, request: web.Request, instance: Instance, first: dict[str, Any]
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        reply: dict[str, Any] | None = first
+        try:
+            while reply is not None and reply.get("ok"):
+                for line in reply["lines"]:
+                    await response.write(b"data: " + json.dumps(line).encode() + b"\n\n")
+                cursor = reply["cursor"]
+                await asyncio.sleep(LOG_FOLLOW_INTERVAL)
+                reply = await self.management.command(
+                    instance.agent_id, instance.id, "logs", {"since": cursor}
+                )
+            await response.write(b"event: end\ndata: {}\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        return response

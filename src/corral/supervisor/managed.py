@@ -1,0 +1,140 @@
+"""A llama-server corral owns: a supervised process plus the agent that reports it.
+
+Used by ``corral serve`` (reporting to the balancer in the same process) and by
+``corral agent --model`` (reporting to remote balancers). The agent carries the
+balancers' commands to the supervisor: ``restart``, ``reconfigure`` (new extra
+llama-server arguments; the balancer has drained the instance first) and ``logs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from corral.control.agent import Agent, AgentOptions
+from corral.supervisor.flags import FlagError, check_llama_args
+from corral.supervisor.instance import SupervisedInstance, SupervisorOptions
+
+log = logging.getLogger(__name__)
+
+#: llama-server arguments corral sets itself; the command line may not repeat them.
+RESERVED_ARGS = frozenset({"--host", "--port", "-m", "--model", "--alias", "-a"})
+
+
+def check_reserved(llama_args: list[str]) -> None:
+    """Refuse command-line llama-server arguments corral must own."""
+    reserved = sorted(a for a in llama_args if a.split("=")[0] in RESERVED_ARGS)
+    if reserved:
+        raise ValueError(
+            f"corral sets {', '.join(reserved)} itself; remove them from the llama-server arguments"
+        )
+
+
+@dataclass
+class ManagedOptions:
+    binary: Path
+    model: Path
+    port: int
+    balancers: list[str]
+    cluster_token: str
+    llama_args: list[str] = field(default_factory=list)
+    model_id: str | None = None
+    """Name clients use; the model file's stem by default."""
+    agent_name: str = "local"
+    poll_interval: float = 0.5
+    supervisor: SupervisorOptions = field(default_factory=SupervisorOptions)
+    log_dir: Path | None = None
+    """Where to keep rotating log files (NAME.log, NAME.log.1, ...); None: memory only."""
+
+
+class ManagedInstance:
+    """Start, supervise and report one llama-server; see the module doc."""
+
+    def __init__(self, options: ManagedOptions) -> None:
+        check_reserved(options.llama_args)
+        self.options = options
+        self.model_id = options.model_id or options.model.stem
+        self.llama_args = list(options.llama_args)
+        url = f"http://127.0.0.1:{options.port}"
+        self.agent = Agent(
+            AgentOptions(
+                local_llama_server=url,
+                balancers=list(options.balancers),
+                cluster_token=options.cluster_token,
+                name=options.agent_name,
+                poll_interval=options.poll_interval,
+                on_command=self.command,
+            )
+        )
+        self.supervisor = SupervisedInstance(
+            self._args(),
+            url + "/health",
+            name=f"llama-server:{self.model_id}",
+            options=options.supervisor,
+            on_change=lambda sup: self.agent.set_supervisor_state(sup.as_dict()),
+            log_path=(
+                options.log_dir / f"{self.model_id}-{options.port}.log"
+                if options.log_dir is not None
+                else None
+            ),
+        )
+        self._agent_task: asyncio.Task[None] | None = None
+        self._restart_task: asyncio.Task[None] | None = None
+
+    def _args(self) -> list[str]:
+        return [
+            str(self.options.binary),
+            "--model", str(self.options.model),
+            "--alias", self.model_id,
+            "--host", "127.0.0.1",
+            "--port", str(self.options.port),
+            *self.llama_args,
+        ]  # fmt: skip
+
+    async def start(self) -> None:
+        self.supervisor.start()
+        self._agent_task = asyncio.create_task(self.agent.run(), name=f"agent-{self.model_id}")
+
+    async def stop(self) -> None:
+        """Deregister from the balancers, then stop llama-server (SIGTERM, SIGKILL)."""
+        await self.agent.stop()
+        if self._agent_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._agent_task
+        if self._restart_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._restart_task
+        await self.supervisor.stop()
+
+    # -- commands from balancers --------------------------------------------------------
+
+    async def command(self, command: str, data: dict[str, Any]) -> dict[str, Any]:
+        if command == "restart":
+            self._begin_restart()
+            return {"ok": True, "detail": "restart started"}
+        if command == "reconfigure":
+            try:
+                args = check_llama_args(data.get("args", []))
+            except FlagError as exc:  # checked by the balancer too; never trust the wire
+                return {"ok": False, "detail": f"refused llama-server arguments: {exc}"}
+            log.info("reconfigure model=%s args=%s", self.model_id, args)
+            self.llama_args = args
+            self.supervisor.args = self._args()
+            self._begin_restart()
+            return {"ok": True, "detail": "restarting with new arguments", "args": args}
+        if command == "logs":
+            output = self.supervisor.output
+            if "since" in data:
+                lines, cursor = output.since(int(data["since"]))
+            else:
+                lines, cursor = output.tail(int(data.get("lines", 200))), output.count
+            return {"ok": True, "lines": lines, "cursor": cursor}
+        return {"ok": False, "detail": f"unknown command {command!r}"}
+
+    def _begin_restart(self) -> None:
+        # answer the balancer at once; the restart (SIGTERM, wait, start) runs on
+        self._restart_task = asyncio.create_task(self.supervisor.restart(), name="restart")
