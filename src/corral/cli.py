@@ -293,10 +293,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
             "log_dir": args.log_dir,
         },
     )
-    if bool(settings.local_llama_server) == bool(args.model):
+    owns = bool(args.model) or (bool(settings.models) and not settings.local_llama_server)
+    if bool(settings.local_llama_server) == owns:
         _err(
             "an agent either watches a running llama-server (--local-llama-server URL) "
-            "or starts and owns one (--model FILE.gguf [-- llama-server args]); give one"
+            "or starts and owns llama-servers (--model FILE.gguf [-- llama-server args], "
+            "or a `models` table in --config); give one"
         )
         return 2
     if not settings.balancers:
@@ -307,8 +309,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except (TokenError, OSError) as exc:
         _err(str(exc))
         return 2
-    if args.model:
-        return _agent_with_model(args, settings, cluster_token)
+    if owns:
+        return _agent_owning(args, settings, cluster_token)
     assert settings.local_llama_server is not None
     api_key = settings.llama_server_api_key
     options = AgentOptions(
@@ -338,8 +340,9 @@ def _llama_args(raw: list[str]) -> list[str]:
     return raw[1:] if raw[:1] == ["--"] else list(raw)
 
 
-def _agent_with_model(args: argparse.Namespace, settings: Settings, cluster_token: str) -> int:
-    """``corral agent --model M``: start, supervise and report one llama-server."""
+def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: str) -> int:
+    """``corral agent --model M`` (one llama-server) or ``--config`` with a ``models``
+    table (one per model): start, supervise and report each."""
     import socket
 
     from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
@@ -347,36 +350,52 @@ def _agent_with_model(args: argparse.Namespace, settings: Settings, cluster_toke
     from corral.supervisor.managed import ManagedInstance, ManagedOptions, check_reserved
     from corral.supervisor.process import free_port
 
-    model = Path(args.model)
-    if not model.is_file():
-        _err(f"model file {model} does not exist")
-        return 2
-    extra = _llama_args(args.llama_args)
+    wanted: list[tuple[str, Path, list[str], list[str]]] = []  # id, file, args, aliases
+    if args.model:
+        model = Path(args.model)
+        wanted.append((model.stem, model, _llama_args(args.llama_args), []))
+    else:
+        for model_id, config in settings.models.items():
+            if config.path is None:
+                _err(f"models.{model_id}.path: an agent needs the GGUF file to start")
+                return 2
+            wanted.append((model_id, config.path, list(config.args), list(config.aliases)))
     try:
-        check_reserved(extra)
         binary = find_llama_server(args.llama_server or settings.llama_server).path
+        for model_id, path, extra, _ in wanted:
+            if not path.is_file():
+                raise ValueError(f"model {model_id}: file {path} does not exist")
+            check_reserved(extra)
     except (ValueError, LlamaServerNotFound) as exc:
         _err(str(exc))
         return 2
 
     async def serve(stop: asyncio.Event) -> int:
-        managed = ManagedInstance(
-            ManagedOptions(
-                binary=binary,
-                model=model,
-                port=free_port(settings.ports()),
-                balancers=list(settings.balancers),
-                cluster_token=cluster_token,
-                llama_args=extra,
-                agent_name=settings.agent_name or socket.gethostname(),
-                poll_interval=0.25,
-                supervisor=SupervisorOptions(startup_timeout=settings.startup_timeout),
-                log_dir=settings.log_dir,
+        taken: set[int] = set()
+        managed: list[ManagedInstance] = []
+        for model_id, path, extra, aliases in wanted:
+            port = free_port(settings.ports(), taken=taken)
+            taken.add(port)
+            instance = ManagedInstance(
+                ManagedOptions(
+                    binary=binary,
+                    model=path,
+                    model_id=model_id,
+                    aliases=aliases,
+                    port=port,
+                    balancers=list(settings.balancers),
+                    cluster_token=cluster_token,
+                    llama_args=extra,
+                    agent_name=settings.agent_name or socket.gethostname(),
+                    poll_interval=0.25,
+                    supervisor=SupervisorOptions(startup_timeout=settings.startup_timeout),
+                    log_dir=settings.log_dir,
+                )
             )
-        )
-        await managed.start()
+            await instance.start()
+            managed.append(instance)
         await stop.wait()
-        await managed.stop()
+        await asyncio.gather(*(instance.stop() for instance in managed))
         return 0
 
     return _run_service(serve)

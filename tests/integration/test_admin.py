@@ -216,3 +216,35 @@ async def test_rolling_restart_keeps_the_model_serving(
     assert set(after) == set(before)
     assert all(after[i] != before[i] for i in before)
     assert set(statuses) == {200}, statuses
+
+
+async def test_agent_starts_every_model_of_its_config_file(
+    procs: Processes, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    balancer = await procs.balancer()
+    for name in ("alpha", "beta"):
+        (tmp_path / f"{name}.gguf").write_bytes(b"GGUF")
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"models:\n"
+        f"  alpha:\n    path: {tmp_path / 'alpha.gguf'}\n    args: [--parallel, '2']\n"
+        f"  beta:\n    path: {tmp_path / 'beta.gguf'}\n    aliases: [b]\n"
+    )
+    binary = fake_binary(tmp_path)
+    await procs._spawn(
+        "agent",
+        [
+            sys.executable, "-m", "corral.cli", "agent", "--config", str(config),
+            "--llama-server", str(binary), "--balancer", balancer.management,
+        ],
+        procs._env(),
+    )  # fmt: skip
+    await wait_for(ready_count(balancer, http)(2), "both configured models")
+    instances = {i["model"]: i for i in (await fleet_of(http, balancer))["instances"]}
+    assert instances["alpha"]["slots_total"] == 2
+    assert "b" in instances["beta"]["aliases"]
+    async with http.post(
+        f"http://{balancer.inference}/v1/chat/completions", json={**CHAT, "model": "b"}
+    ) as response:
+        assert response.status == 200
+        assert (await response.json())["model"] == "beta"

@@ -127,6 +127,8 @@ class AgentOptions:
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     metadata_base: str = DEFAULT_METADATA_BASE
+    extra_aliases: list[str] = field(default_factory=list)
+    """More names to report for the model, besides what ``/props`` says."""
     on_command: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
     """Runs a balancer's command (``restart``, ``reconfigure``, ``logs``) when a
     supervisor owns the process; gets the command and its message, returns a dict with
@@ -633,6 +635,10 @@ class Agent:
             link.wake.set()
 
     def _with_supervisor(self, instance: dict[str, Any]) -> dict[str, Any]:
+        if self.options.extra_aliases:
+            known = set(instance.get("aliases", [])) | {instance.get("model")}
+            added = [a for a in self.options.extra_aliases if a not in known]
+            instance = {**instance, "aliases": [*instance.get("aliases", []), *added]}
         supervisor = self.supervisor
         if not supervisor:
             return instance

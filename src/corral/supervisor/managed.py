@@ -44,6 +44,8 @@ class ManagedOptions:
     llama_args: list[str] = field(default_factory=list)
     model_id: str | None = None
     """Name clients use; the model file's stem by default."""
+    aliases: list[str] = field(default_factory=list)
+    """Other names clients may use for it."""
     agent_name: str = "local"
     poll_interval: float = 0.5
     supervisor: SupervisorOptions = field(default_factory=SupervisorOptions)
@@ -68,6 +70,7 @@ class ManagedInstance:
                 name=options.agent_name,
                 poll_interval=options.poll_interval,
                 on_command=self.command,
+                extra_aliases=list(options.aliases),
             )
         )
         self.supervisor = SupervisedInstance(
