@@ -346,7 +346,6 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
     import socket
 
     from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
-    from corral.supervisor.instance import SupervisorOptions
     from corral.supervisor.managed import ManagedInstance, ManagedOptions, check_reserved
     from corral.supervisor.process import free_port
 
@@ -388,7 +387,7 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
                     llama_args=extra,
                     agent_name=settings.agent_name or socket.gethostname(),
                     poll_interval=0.25,
-                    supervisor=SupervisorOptions(startup_timeout=settings.startup_timeout),
+                    supervisor=settings.supervisor_options(),
                     log_dir=settings.log_dir,
                 )
             )

@@ -19,10 +19,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+if TYPE_CHECKING:
+    from corral.supervisor.instance import SupervisorOptions
 
 ENV_PREFIX = "CORRAL_"
 
@@ -146,6 +149,21 @@ class Settings(BaseModel):
     port_range: str = Field(
         default="5800-5999", description="Loopback ports for spawned llama-servers."
     )
+    restart_backoff_initial: float = Field(
+        default=1.0, gt=0, description="Seconds before the first restart of a crashed server."
+    )
+    restart_backoff_max: float = Field(
+        default=60.0, gt=0, description="Longest wait between restarts (the backoff doubles)."
+    )
+    restart_max_failures: int = Field(
+        default=5, ge=1, description="Failures within restart_failure_window that mean failed."
+    )
+    restart_failure_window: float = Field(
+        default=300.0, gt=0, description="Seconds over which restart failures are counted."
+    )
+    stop_grace: float = Field(
+        default=10.0, ge=0, description="Seconds between SIGTERM and SIGKILL when stopping."
+    )
     log_dir: Path | None = Field(
         default=None, description="Folder for rotating llama-server log files (memory only)."
     )
@@ -185,6 +203,19 @@ class Settings(BaseModel):
     def ports(self) -> range:
         low, _, high = self.port_range.partition("-")
         return range(int(low), int(high) + 1)
+
+    def supervisor_options(self) -> SupervisorOptions:
+        """How supervised llama-servers start, restart and stop."""
+        from corral.supervisor.instance import SupervisorOptions
+
+        return SupervisorOptions(
+            startup_timeout=self.startup_timeout,
+            backoff_initial=self.restart_backoff_initial,
+            backoff_max=self.restart_backoff_max,
+            max_failures=self.restart_max_failures,
+            failure_window=self.restart_failure_window,
+            stop_grace=self.stop_grace,
+        )
 
     def resolved_management_token(self) -> str | None:
         """The management token from the setting, else from the token file."""

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from corral.balancer import Balancer, BoundAddresses
 from corral.config import Settings
-from corral.supervisor.instance import SupervisorOptions
 from corral.supervisor.managed import ManagedInstance, ManagedOptions, check_reserved
 from corral.supervisor.process import free_port
 
@@ -68,7 +67,7 @@ class LocalServe:
                 # slot use is known exactly from the balancer's own leases; the poll
                 # only catches other clients' use, and the supervisor wakes it on change
                 poll_interval=0.5,
-                supervisor=SupervisorOptions(startup_timeout=self.settings.startup_timeout),
+                supervisor=self.settings.supervisor_options(),
                 log_dir=self.options.log_dir,
             )
         )

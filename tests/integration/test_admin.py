@@ -248,3 +248,120 @@ async def test_agent_starts_every_model_of_its_config_file(
     ) as response:
         assert response.status == 200
         assert (await response.json())["model"] == "beta"
+
+
+async def test_crash_looping_server_ends_failed_with_its_error_and_requests_fail_fast(
+    procs: Processes, http: aiohttp.ClientSession, model: Path
+) -> None:
+    balancer = await procs.balancer("--buffered-request-timeout", "30")
+    binary = fake_binary(procs.tmp)
+    env = procs._env(
+        CORRAL_RESTART_BACKOFF_INITIAL="0.2",
+        CORRAL_RESTART_MAX_FAILURES="3",
+    )
+    await procs._spawn(
+        "agent",
+        [
+            sys.executable, "-m", "corral.cli", "agent", "--model", str(model),
+            "--llama-server", str(binary), "--balancer", balancer.management,
+            "--", "--no-such-flag",
+        ],
+        env,
+    )  # fmt: skip
+
+    async def failed() -> bool:
+        instances = (await fleet_of(http, balancer))["instances"]
+        return bool(instances and instances[0]["state"] == "failed")
+
+    await wait_for(failed, "the instance to be marked failed")
+    instance = await only_instance(http, balancer)
+    assert instance["model"] == "tiny"
+    supervisor = instance["supervisor"]
+    assert supervisor["restarts"] == 2  # 3 failures: the first start and 2 restarts
+    assert supervisor["last_exit_code"] == 2
+    assert "unrecognized arguments: --no-such-flag" in supervisor["last_error"]
+    # no tight loop: it stays failed and stops restarting
+    await asyncio.sleep(1.0)
+    assert (await only_instance(http, balancer))["supervisor"]["restarts"] == 2
+    async with http.post(
+        f"http://{balancer.inference}/v1/chat/completions", json={**CHAT, "model": "tiny"}
+    ) as response:
+        body = await response.json()
+    assert response.status == 503
+    assert "unrecognized arguments" in body["error"]["message"]
+
+
+async def test_steady_traffic_survives_reconfigures_and_kills(
+    procs: Processes, http: aiohttp.ClientSession, model: Path
+) -> None:
+    """5 reconfigures and 2 SIGKILLs of supervised servers under steady streaming and
+    plain traffic: only requests already streaming on a killed process may fail."""
+    balancer = await procs.balancer("--buffered-request-timeout", "60")
+    env = procs._env(CORRAL_RESTART_BACKOFF_INITIAL="0.1")
+    for _ in range(2):
+        binary = fake_binary(procs.tmp, "--token-delay", "0.01", "--tokens", "8")
+        await procs._spawn(
+            "agent",
+            [
+                sys.executable, "-m", "corral.cli", "agent", "--model", str(model),
+                "--llama-server", str(binary), "--balancer", balancer.management,
+                "--", "--parallel", "2",
+            ],
+            env,
+        )  # fmt: skip
+    await wait_for(ready_count(balancer, http)(2), "two instances")
+    base = f"http://{balancer.inference}/v1/chat/completions"
+    outcomes: collections.Counter[str] = collections.Counter()
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def client(stream: bool) -> None:
+        while not stop.is_set():
+            body = {**CHAT, "model": "tiny", "stream": stream}
+            try:
+                async with http.post(base, json=body) as response:
+                    text = await response.text()
+                if response.status != 200:
+                    outcomes[f"status {response.status}"] += 1
+                    failures.append(text)
+                elif stream and '"error"' in text:
+                    outcomes["stream cut mid-way"] += 1  # allowed only after a kill
+                else:
+                    outcomes["ok"] += 1
+            except aiohttp.ClientError as exc:
+                outcomes[type(exc).__name__] += 1
+
+    clients = [asyncio.create_task(client(stream)) for stream in (True, False, True, False)]
+    ids = sorted(i["id"] for i in (await fleet_of(http, balancer))["instances"])
+
+    last_fleet: list[Any] = []
+
+    async def both_usable() -> bool:
+        instances = (await fleet_of(http, balancer))["instances"]
+        last_fleet[:] = instances
+        return sum(1 for i in instances if i["usable"]) == 2
+
+    for round_ in range(5):
+        mark = outcomes["ok"] + 2
+        await wait_for(lambda m=mark: outcomes["ok"] >= m, "traffic to flow between actions")
+        target = ids[round_ % 2]
+        url = f"http://{balancer.management}/api/v1/instances/{target}/reconfigure"
+        args = ["--parallel", str(2 + round_ % 2)]
+        async with http.post(url, json={"args": args}, headers=AUTH) as response:
+            assert response.status == 202, await response.text()
+        try:
+            await wait_for(both_usable, "both instances back after a reconfigure")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; fleet: {json.dumps(last_fleet, indent=1)}") from None
+        if round_ in (1, 3):
+            instance = next(
+                i for i in (await fleet_of(http, balancer))["instances"] if i["id"] == target
+            )
+            psutil.Process(instance["supervisor"]["pid"]).kill()
+            await wait_for(both_usable, "both instances back after a kill")
+    stop.set()
+    await asyncio.gather(*clients)
+    assert outcomes["ok"] >= 10, outcomes  # traffic really flowed throughout
+    allowed = {"ok", "stream cut mid-way"}
+    assert set(outcomes) <= allowed, (outcomes, failures)
+    assert outcomes["stream cut mid-way"] <= 2 * 2  # at most the streams on 2 killed servers

@@ -155,6 +155,49 @@ def test_many_concurrent_streams_lose_no_request(corral: Corral) -> None:
     assert statuses.count(200) == len(statuses), statuses
 
 
+def _metric(corral: Corral, name: str) -> float:
+    request = urllib.request.Request(
+        corral.management + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_connections_that_carried_a_stream_are_never_reused(corral: Corral) -> None:
+    """llama-server closes a connection after a stream while advertising keep-alive;
+    reusing it fails the next request (corral would have to resend it)."""
+    before = _metric(corral, "corral_upstream_stale_connections_total")
+
+    async def run() -> list[int]:
+        async with aiohttp.ClientSession() as session:
+
+            async def client(c: int) -> list[int]:
+                statuses = []
+                for n in range(20):
+                    body = {
+                        "model": "tiny",
+                        "messages": [{"role": "user", "content": f"{c} {n}"}],
+                        "max_tokens": 2,
+                        "stream": n % 2 == 0,
+                    }
+                    async with session.post(
+                        corral.base + "/v1/chat/completions", json=body
+                    ) as response:
+                        await response.read()
+                        statuses.append(response.status)
+                return statuses
+
+            results = await asyncio.gather(*(client(c) for c in range(4)))
+            return [status for statuses in results for status in statuses]
+
+    assert set(asyncio.run(run())) == {200}
+    assert _metric(corral, "corral_upstream_stale_connections_total") == before
+
+
 def test_sigterm_stops_corral_and_its_llama_server(corral: Corral) -> None:
     children = psutil.Process(corral.process.pid).children(recursive=True)
     assert any("llama-server" in " ".join(c.cmdline()) for c in children)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corral.fleet.state import Instance
+from corral.fleet.state import RELEASE_MEMORY, Instance
 from corral.scheduling.policies import LeastBusy, Placement, RoundRobin
 from corral.scheduling.scheduler import (
     ANY_MODEL,
@@ -128,7 +128,8 @@ def test_report_taken_before_our_dispatch_does_not_free_our_claimed_slot() -> No
 
 
 def test_foreign_busy_slots_from_other_clients_are_respected() -> None:
-    s = Scheduler(LeastBusy())
+    clock = FakeClock()
+    s = Scheduler(LeastBusy(), clock=clock)
     report(s, inst(slots=4, busy=3))  # three slots busy with other balancers' work
     i = instance(s)
     assert i.foreign_busy == 3
@@ -138,8 +139,25 @@ def test_foreign_busy_slots_from_other_clients_are_respected() -> None:
     assert (i.foreign_busy, i.free_slots) == (3, 0)
     s.release(lease)
     assert i.free_slots == 1
-    report(s, inst(slots=4, busy=1))  # the other clients finished
+    clock.advance(RELEASE_MEMORY + 0.1)
+    report(s, inst(slots=4, busy=1))  # the other clients finished, but one
     assert (i.foreign_busy, i.free_slots) == (1, 3)
+
+
+def test_a_report_read_before_our_release_does_not_leave_a_phantom_busy_slot() -> None:
+    clock = FakeClock()
+    s = Scheduler(LeastBusy(), clock=clock)
+    report(s, inst(slots=2))
+    i = instance(s)
+    lease = lease_now(s)
+    clock.advance(0.2)
+    s.release(lease)
+    clock.advance(0.1)
+    report(s, inst(slots=2, busy=1))  # /slots was read while our request still ran
+    assert (i.foreign_busy, i.free_slots) == (0, 2)
+    clock.advance(RELEASE_MEMORY + 0.1)
+    report(s, inst(slots=2, busy=1))  # still busy long after: another client's work
+    assert (i.foreign_busy, i.free_slots) == (1, 1)
 
 
 def test_releasing_a_lease_twice_frees_only_one_slot() -> None:

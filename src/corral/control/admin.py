@@ -85,7 +85,7 @@ class InstanceAdmin:
 
     async def _drain(self, instance: Instance, limit_s: float) -> bool:
         """Stop new work on ``instance`` and wait for its in-flight requests."""
-        instance.draining = True
+        instance.start_draining()
         self.scheduler.emit({"type": "instance", "instance": instance.id, "event": "draining"})
         try:
             async with asyncio.timeout(limit_s):

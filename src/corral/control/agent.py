@@ -101,6 +101,10 @@ MAX_ISSUE_MESSAGE: Final = 300
 _SPLIT_SUFFIX: Final = re.compile(r"-\d{5}-of-\d{5}$")  # model-00001-of-00003.gguf
 
 
+#: Seconds between re-reads of ``/props`` while nothing else suggests it changed.
+PROPS_REFRESH = 2.0
+
+
 # ================================================================== options
 @dataclass
 class AgentOptions:
@@ -127,6 +131,9 @@ class AgentOptions:
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     metadata_base: str = DEFAULT_METADATA_BASE
+    model_name: str | None = None
+    """The model's name when known before llama-server answers (a supervised server),
+    so a server that never starts is still reported under its model."""
     extra_aliases: list[str] = field(default_factory=list)
     """More names to report for the model, besides what ``/props`` says."""
     on_command: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
@@ -449,6 +456,9 @@ class Agent:
         self._stopping = asyncio.Event()
         self._first_reading = asyncio.Event()
         self.supervisor: dict[str, Any] | None = None
+        self._props: Reading | None = None
+        self._props_at = 0.0
+        self._props_health: int | None = None
         self._poll_now = asyncio.Event()
         """What a local supervisor reports about the process, if one runs it."""
 
@@ -563,10 +573,24 @@ class Agent:
         props: Reading | None = None
         slots: Reading | None = None
         if health.status is not None:
-            props, slots = await asyncio.gather(
-                self._get(session, "/props", authorize=True),
-                self._get(session, "/slots", authorize=True),
-            )
+            # /props (model, slot count, context) changes only when the server restarts:
+            # re-read it after any change in health, an error, or every PROPS_REFRESH s
+            now = time.monotonic()
+            cached = self._props
+            if (
+                cached is None
+                or cached.status != 200
+                or health.status != self._props_health
+                or now - self._props_at > PROPS_REFRESH
+            ):
+                props, slots = await asyncio.gather(
+                    self._get(session, "/props", authorize=True),
+                    self._get(session, "/slots", authorize=True),
+                )
+                self._props, self._props_at, self._props_health = props, now, health.status
+            else:
+                props = cached
+                slots = await self._get(session, "/slots", authorize=True)
         return instance_from_readings(
             instance_id=self.instance_id,
             url=self.url,
@@ -630,11 +654,14 @@ class Agent:
         reported instance and report at once. A supervisor that says ``failed`` or
         ``starting`` overrides what ``/health`` alone would suggest."""
         self.supervisor = supervisor
+        self._props = None  # the process may have restarted: read /props again
         self._poll_now.set()  # read the server at once: it may have just become ready
         for link in self.links:
             link.wake.set()
 
     def _with_supervisor(self, instance: dict[str, Any]) -> dict[str, Any]:
+        if not instance.get("model") and self.options.model_name:
+            instance = {**instance, "model": self.options.model_name}
         if self.options.extra_aliases:
             known = set(instance.get("aliases", [])) | {instance.get("model")}
             added = [a for a in self.options.extra_aliases if a not in known]
@@ -643,9 +670,10 @@ class Agent:
         if not supervisor:
             return instance
         merged = {**instance, "supervisor": supervisor}
-        if supervisor.get("state") in ("failed", "starting", "stopped") and (
-            instance.get("state") == "ready" or supervisor.get("state") == "failed"
-        ):
+        # the supervisor knows the process: while it is not ready, its state wins over
+        # what /health alone suggests (a refused connection during a restart is
+        # "starting", not "failed")
+        if supervisor.get("state") in ("failed", "starting", "stopped"):
             merged["state"] = supervisor["state"]
             if supervisor.get("state") == "failed":
                 merged["issues"] = [

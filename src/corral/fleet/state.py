@@ -13,9 +13,14 @@ its slot without waiting for the next report, and nothing is counted twice.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+#: Seconds a slot release keeps explaining a busy slot in agents' reports: about the
+#: time from an agent reading ``/slots`` to the balancer applying it.
+RELEASE_MEMORY = 1.5
 
 
 class InstanceState(StrEnum):
@@ -92,10 +97,13 @@ class Instance:
     in_flight: int = 0
     n_ctx: int = 0
     issues: list[InstanceIssue] = field(default_factory=list)
+    recent_releases: deque[float] = field(default_factory=deque)
     last_report: float = 0.0
     stale: bool = False
     draining: bool = False
     """Set by this balancer before a restart: no new requests, in-flight ones finish."""
+    drain_pid: int | None = None
+    """The supervised process's pid when draining began (a new pid: it restarted)."""
     breaker: Breaker = field(default_factory=Breaker)
     served: int = 0
     started_at: float = field(default_factory=time.time)
@@ -124,10 +132,50 @@ class Instance:
             and self.breaker.allows(now)
         )
 
-    def apply_report(self, total_slots: int, busy: int) -> None:
+    @property
+    def pid(self) -> int | None:
+        """The supervised process's pid, when a supervisor reports one."""
+        pid = (self.extra.get("supervisor") or {}).get("pid")
+        return pid if isinstance(pid, int) else None
+
+    def start_draining(self) -> None:
+        self.draining = True
+        self.drain_pid = self.pid
+
+    @property
+    def given_up(self) -> bool:
+        """Its supervisor stopped restarting it (``failed``): only an operator helps."""
+        return (self.extra.get("supervisor") or {}).get("state") == "failed"
+
+    def failure_reason(self) -> str:
+        supervisor = self.extra.get("supervisor") or {}
+        error = str(supervisor.get("last_error") or "")
+        if not error and self.issues:
+            error = self.issues[-1].message
+        lines = [line for line in error.splitlines() if line.strip()]
+        if not lines:
+            return "no reason reported"
+        if len(lines) == 1:
+            return lines[0]
+        return f"{lines[0].rstrip(':')} ... {lines[-1].strip()}"  # what and the last log line
+
+    def note_release(self, now: float) -> None:
+        """Remember a slot this balancer just gave back (see :meth:`apply_report`)."""
+        self.recent_releases.append(now)
+
+    def apply_report(self, total_slots: int, busy: int, now: float | None = None) -> None:
+        """Take an agent's slot count. Busy slots this balancer can explain are not
+        foreign: its requests in flight, and those it released within the last
+        ``RELEASE_MEMORY`` seconds (a report read before a release may arrive after
+        it; counting those as other clients' work would leave slots idle)."""
         self.total_slots = total_slots
         self.reported_busy = busy
-        self.foreign_busy = max(0, busy - self.in_flight)
+        recent = 0
+        if now is not None:
+            while self.recent_releases and now - self.recent_releases[0] > RELEASE_MEMORY:
+                self.recent_releases.popleft()
+            recent = len(self.recent_releases)
+        self.foreign_busy = max(0, busy - self.in_flight - recent)
 
     def as_dict(self) -> dict[str, Any]:
         return {

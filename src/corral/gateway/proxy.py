@@ -386,6 +386,13 @@ class Gateway:
                         detail = (await response.read())[:200].decode(errors="replace")
                         response.release()
                         raise UpstreamFailed(f"upstream answered {response.status}: {detail}")
+                    if response.content_type == "text/event-stream":
+                        # llama-server closes a connection after a stream while
+                        # advertising keep-alive: never let the pool reuse this one
+                        # (aiohttp would return it to the pool when the body ends)
+                        connection = response.connection
+                        if connection is not None and connection.protocol is not None:
+                            connection.protocol.force_close()
                     first = await response.content.readany()
                     return response, first
             except UpstreamFailed:
@@ -394,7 +401,9 @@ class Gateway:
                 if response is not None:
                     response.close()
                 if attempt == 0 and not isinstance(exc, aiohttp.ClientConnectorError):
-                    continue  # a pooled connection the server had already closed: resend
+                    # a pooled connection the server had already closed: resend
+                    self.metrics.stale_connections.inc()
+                    continue
                 raise UpstreamFailed(f"{type(exc).__name__}: {exc}") from exc
             except aiohttp.ClientError as exc:
                 if response is not None:

@@ -104,6 +104,12 @@ class BalancerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.stale_connections = Counter(
+            "corral_upstream_stale_connections",
+            "Requests resent at once because a pooled upstream connection was already "
+            "closed by the server (should stay near zero).",
+            registry=self.registry,
+        )
         self.retries = Counter(
             "corral_upstream_retries",
             "Requests resent to another instance after an upstream failure before the first byte.",

@@ -181,6 +181,14 @@ class Scheduler:
             lease = self.try_lease(model, placement, exclude)
             if lease is not None:
                 return lease
+        pool = self.fleet.pool(model) if model != ANY_MODEL else []
+        if pool and all(i.given_up for i in pool):
+            # every instance has given up restarting: waiting would only time out
+            reasons = "; ".join(f"{i.id}: {i.failure_reason()}" for i in pool)
+            raise NoCapacity(
+                f"model {model!r} is unavailable: its server failed and is not being "
+                f"restarted ({reasons}); fix it and restart it through the management API"
+            )
         if self.max_buffered == 0:
             raise NoCapacity(
                 f"no free slot for model {model or '(any)'!r} and buffering is off; retry shortly",
@@ -238,6 +246,7 @@ class Scheduler:
         lease.released = True
         instance = lease.instance
         instance.in_flight = max(0, instance.in_flight - 1)
+        instance.note_release(self.clock())
         if outcome == "upstream_failed":
             instance.breaker.record_failure(self.clock())
             self._emit({"type": "breaker", "instance": instance.id, "state": "open"})
@@ -317,8 +326,12 @@ class Scheduler:
             before = (instance.state, instance.total_slots, len(instance.issues), instance.stale)
             instance.aliases = [str(a) for a in data.get("aliases", []) if a != model]
             instance.state = InstanceState(data.get("state", "ready"))
-            if instance.draining and instance.state is not InstanceState.READY:
-                instance.draining = False  # the restart began; the state keeps it out
+            if instance.draining and (
+                instance.state is not InstanceState.READY or instance.pid != instance.drain_pid
+            ):
+                # the restart began (or is already done: a new process): the state
+                # keeps it out until it is ready
+                instance.draining = False
             if before[0] is not InstanceState.READY and instance.state is InstanceState.READY:
                 instance.breaker = Breaker()  # a (re)started server gets a clean slate
             instance.n_ctx = int(data.get("n_ctx") or 0)
@@ -329,7 +342,9 @@ class Scheduler:
                 InstanceIssue(str(i.get("kind", "unknown")), str(i.get("message", "")))
                 for i in data.get("issues", [])
             ]
-            instance.apply_report(int(data.get("total_slots") or 0), int(data.get("busy") or 0))
+            instance.apply_report(
+                int(data.get("total_slots") or 0), int(data.get("busy") or 0), now
+            )
             instance.last_report = now
             instance.stale = False
             self.fleet.upsert_instance(instance)

@@ -71,6 +71,7 @@ class ManagedInstance:
                 poll_interval=options.poll_interval,
                 on_command=self.command,
                 extra_aliases=list(options.aliases),
+                model_name=options.model_id or options.model.stem,
             )
         )
         self.supervisor = SupervisedInstance(

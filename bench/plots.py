@@ -1,0 +1,103 @@
+"""PNG plots for the report (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+if TYPE_CHECKING:
+    from bench.workloads.overhead import Cell, Pair
+
+COLORS = {
+    "direct": "#444444",
+    "corral": "#1f77b4",
+    "router": "#ff7f0e",
+    "litellm": "#d62728",
+    "nginx": "#2ca02c",
+    "passthrough": "#9467bd",
+}
+
+
+def _ecdf(values: list[float]) -> tuple[list[float], list[float]]:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered, [(i + 1) / n for i in range(n)]
+
+
+def overhead_plots(
+    docs_dir: Path,
+    cells: list[Cell],
+    results: dict[str, dict[str, Pair]],
+    labels: dict[str, str],
+) -> list[Path]:
+    """Latency distributions (ECDF per cell) and added latency (bars)."""
+    from bench.workloads.overhead import added
+
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    if not results:
+        return []
+    images = []
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    for ax, cell in zip(axes.flat, cells, strict=False):
+        for name, by_cell in results.items():
+            ok = by_cell[cell.key].front.ok
+            if not ok:
+                continue
+            xs, ys = _ecdf([r.latency * 1000 for r in ok])
+            ax.step(xs, ys, where="post", label=labels[name], color=COLORS.get(name))
+        ax.set_xscale("log")
+        ax.set_title(cell.label)
+        ax.set_ylabel("fraction of requests")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.axhline(0.5, color="grey", lw=0.5, ls=":")
+        ax.axhline(0.99, color="grey", lw=0.5, ls=":")
+    for ax in axes[1]:
+        ax.set_xlabel("latency, ms (log scale)")
+    axes[0][0].legend(loc="lower right", fontsize="small")
+    fig.suptitle("Overhead workload: latency distribution through each system (ECDF)")
+    fig.tight_layout()
+    path = docs_dir / "bench-overhead-latency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    images.append(path)
+
+    proxies = [n for n in results if n != "direct"] or list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    width = 0.8 / max(1, len(proxies))
+    for ax, stat in zip(axes, ("p50", "p99"), strict=True):
+        for i, name in enumerate(proxies):
+            diffs = [getattr(added(results[name][c.key]), stat) for c in cells]
+            values = [d.value * 1000 for d in diffs]
+            errors = [
+                [max(0.0, (d.value - d.low) * 1000) for d in diffs],
+                [max(0.0, (d.high - d.value) * 1000) for d in diffs],
+            ]
+            xs = [j + (i - (len(proxies) - 1) / 2) * width for j in range(len(cells))]
+            ax.bar(
+                xs,
+                values,
+                width,
+                yerr=errors,
+                capsize=2,
+                label=labels[name],
+                color=COLORS.get(name),
+                error_kw={"elinewidth": 0.8},
+            )
+        ax.set_xticks(range(len(cells)), [c.short for c in cells])
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_title(f"added {stat} vs its own llama-server (ms, symlog; 95% CI)")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    path = docs_dir / "bench-overhead-added.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    images.append(path)
+    return images

@@ -1,0 +1,120 @@
+"""corral serve: balancer + agent + its own supervised llama-server, as a user runs it."""
+
+from __future__ import annotations
+
+import collections
+import re
+import secrets
+import shlex
+import sys
+from pathlib import Path
+
+from bench.context import REPO_ROOT, BenchContext, StartupError, http_json, wait_healthy, wait_until
+from bench.procs import ManagedProcess, free_port, run_text
+from bench.stats import percentile
+from bench.systems.base import Endpoint, System
+
+ACCESS_WAIT = re.compile(r"corral\.access .*? buffer_wait=([0-9.]+)")
+UPSTREAM_FAILED = re.compile(r"upstream failed before first byte .*? error=(\w+)")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def corral_command() -> list[str]:
+    """The ``corral`` entry point of the interpreter running the bench."""
+    script = Path(sys.executable).parent / "corral"
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-m", "corral.cli"]
+
+
+class Corral(System):
+    name = "corral"
+    label = "corral serve"
+
+    async def start(self, ctx: BenchContext) -> Endpoint:
+        inference, management = free_port(), free_port()
+        token = secrets.token_urlsafe(24)
+        state_dir = ctx.run_dir / "corral-state"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            *corral_command(),
+            "serve",
+            "--model",
+            str(ctx.model),
+            "--llama-server",
+            str(ctx.llama_server),
+            "--inference-addr",
+            f"127.0.0.1:{inference}",
+            "--management-addr",
+            f"127.0.0.1:{management}",
+            "--",
+            *ctx.llama_args,
+        ]
+        env = {"CORRAL_MANAGEMENT_TOKEN": token, "CORRAL_STATE_DIR": str(state_dir)}
+        proc = self.spawn(ManagedProcess("corral", args, ctx.log_path("corral"), env=env))
+        url = f"http://127.0.0.1:{inference}"
+        await wait_healthy(f"{url}/health", what="corral /health 200", proc=proc, within=90)
+        backend = await self._instance_url(management, token, proc)
+        return Endpoint(url=url, backend_url=backend, model=ctx.model_name)
+
+    async def _instance_url(self, port: int, token: str, proc: ManagedProcess) -> str:
+        """The URL of corral's llama-server, from the management API."""
+        found: list[str] = []
+
+        async def has_instance() -> bool:
+            body = await http_json(
+                f"http://127.0.0.1:{port}/api/v1/instances",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            instances = body.get("instances") if isinstance(body, dict) else None
+            urls = [i.get("url") for i in instances or () if isinstance(i, dict)]
+            found[:] = [u for u in urls if isinstance(u, str)]
+            return bool(found)
+
+        await wait_until(has_instance, what="corral's instance list", within=30, proc=proc)
+        if len(found) != 1:
+            raise StartupError(f"expected one corral instance, got {found}")
+        return found[0].rstrip("/")
+
+    def version(self, ctx: BenchContext) -> str:
+        text = run_text([*corral_command(), "--version"]).removeprefix("corral ").strip()
+        git = ["git", "-C", str(REPO_ROOT)]
+        commit = run_text([*git, "rev-parse", "--short", "HEAD"])
+        dirty = run_text([*git, "status", "--porcelain", "--untracked-files=no", "--", "src"])
+        where = f" (git {commit}{', src/ modified' if dirty else ''})" if commit else ""
+        return f"{text or 'unknown'}{where}"
+
+    def observations(self, ctx: BenchContext) -> list[str]:
+        try:
+            text = ctx.log_path("corral").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return []
+        waits = [float(w) for w in ACCESS_WAIT.findall(text)]
+        waited = sorted(w for w in waits if w > 0.0005)
+        failures = UPSTREAM_FAILED.findall(text)
+        out = []
+        if waited:
+            out.append(
+                f"{_count(len(waited), 'request')} of {len(waits)} waited in corral's buffer "
+                f"for a slot (median {percentile(waited, 50) * 1000:.1f} ms, longest "
+                f"{waited[-1] * 1000:.0f} ms), although no more clients than slots "
+                "(`--parallel 4`) were ever in flight."
+            )
+        if failures:
+            kinds = ", ".join(f"{k} {n}" for k, n in collections.Counter(failures).most_common())
+            out.append(
+                f"{_count(len(failures), 'request')} failed upstream before the first byte "
+                f"({kinds}) and had to be placed again; corral's circuit breaker counts each "
+                "such failure against the instance."
+            )
+        return out
+
+    def setup(self, ctx: BenchContext) -> str:
+        return (
+            f"`corral serve --model {ctx.model.name} --llama-server BIN "
+            f"--inference-addr 127.0.0.1:P --management-addr 127.0.0.1:Q -- "
+            f"{shlex.join(ctx.llama_args)}` (default policy and log level)"
+        )
