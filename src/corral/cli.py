@@ -345,9 +345,10 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
     table (one per model): start, supervise and report each."""
     import socket
 
+    from corral.control.tokens import state_dir
     from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
     from corral.supervisor.managed import ManagedInstance, ManagedOptions, check_reserved
-    from corral.supervisor.process import free_port
+    from corral.supervisor.process import lease_port
 
     wanted: list[tuple[str, Path, list[str], list[str]]] = []  # id, file, args, aliases
     if args.model:
@@ -370,11 +371,12 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
         return 2
 
     async def serve(stop: asyncio.Event) -> int:
-        taken: set[int] = set()
         managed: list[ManagedInstance] = []
+        leases = []
         for model_id, path, extra, aliases in wanted:
-            port = free_port(settings.ports(), taken=taken)
-            taken.add(port)
+            lease = lease_port(settings.ports(), state_dir() / "ports")
+            leases.append(lease)
+            port = lease.port
             instance = ManagedInstance(
                 ManagedOptions(
                     binary=binary,
@@ -395,6 +397,8 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
             managed.append(instance)
         await stop.wait()
         await asyncio.gather(*(instance.stop() for instance in managed))
+        for lease in leases:
+            lease.release()
         return 0
 
     return _run_service(serve)

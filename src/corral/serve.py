@@ -18,8 +18,9 @@ from pathlib import Path
 
 from corral.balancer import Balancer, BoundAddresses
 from corral.config import Settings
+from corral.control.tokens import state_dir
 from corral.supervisor.managed import ManagedInstance, ManagedOptions, check_reserved
-from corral.supervisor.process import free_port
+from corral.supervisor.process import PortLease, lease_port
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class LocalServe:
             cluster_token=options.cluster_token,
         )
         self.instance: ManagedInstance | None = None
+        self.lease: PortLease | None = None
 
     async def start(self) -> BoundAddresses:
         addresses = await self.balancer.start()
@@ -60,7 +62,7 @@ class LocalServe:
             ManagedOptions(
                 binary=self.options.binary,
                 model=self.options.model,
-                port=free_port(self.settings.ports()),
+                port=self._port().port,
                 balancers=[addresses.management],
                 cluster_token=self.options.cluster_token,
                 llama_args=self.options.llama_args,
@@ -74,8 +76,14 @@ class LocalServe:
         await self.instance.start()
         return addresses
 
+    def _port(self) -> PortLease:
+        self.lease = lease_port(self.settings.ports(), state_dir() / "ports")
+        return self.lease
+
     async def stop(self) -> None:
         """Drain the balancer, then stop the agent and llama-server."""
         await self.balancer.stop()
         if self.instance is not None:
             await self.instance.stop()
+        if self.lease is not None:
+            self.lease.release()

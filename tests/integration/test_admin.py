@@ -11,7 +11,6 @@ import asyncio
 import collections
 import json
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import psutil
 import pytest
 
 from tests.integration.fleet import CHAT, wait_for
-from tests.integration.test_fleet_processes import (
+from tests.integration.processes import (
     MANAGEMENT_TOKEN,
     BalancerProc,
     Proc,
@@ -31,21 +30,6 @@ from tests.integration.test_fleet_processes import (
 from tests.integration.test_serve import fake_binary
 
 AUTH = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
-
-
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Processes]:
-    processes = Processes(tmp_path)
-    try:
-        yield processes
-    finally:
-        await processes.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-        yield s
 
 
 async def owning_agent(

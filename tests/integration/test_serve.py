@@ -78,12 +78,6 @@ async def start_serve(tmp_path: Path, *extra: str, fake_flags: tuple[str, ...] =
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-        yield s
-
-
-@pytest.fixture
 async def cleanup() -> AsyncIterator[list[Serve]]:
     started: list[Serve] = []
     yield started

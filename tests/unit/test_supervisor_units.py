@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,26 @@ def test_small_log_files_are_not_rotated(tmp_path: Path) -> None:
     log.write_text("short\n")
     process._rotate(log)
     assert log.read_text() == "short\n"
+
+
+def test_port_leases_never_hand_out_the_same_port_twice(tmp_path: Path) -> None:
+    ports = range(23100, 23110)  # below the ephemeral range, so rarely in use
+    first = process.lease_port(ports, tmp_path)
+    second = process.lease_port(ports, tmp_path)  # nothing listens yet: only the lock
+    assert first.port != second.port
+    first.release()
+    third = process.lease_port(ports, tmp_path)
+    assert third.port == first.port  # a released port is free again
+    second.release()
+    third.release()
+
+
+def test_port_lease_fails_clearly_when_the_range_is_exhausted(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ports = range(port, port + 1)
+    held = process.lease_port(ports, tmp_path)
+    with pytest.raises(RuntimeError, match=f"no free port in {port}-{port}"):
+        process.lease_port(ports, tmp_path)
+    held.release()

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import signal
@@ -55,6 +56,46 @@ def _rotate(path: Path) -> None:
         if older.exists():
             older.replace(path.with_name(f"{path.name}.{index + 1}"))
     path.replace(path.with_name(f"{path.name}.1"))
+
+
+class PortLease:
+    """A loopback port held for one llama-server across its restarts.
+
+    Other corral processes on the host skip it: the lease is an exclusive ``flock`` on
+    ``LOCK_DIR/PORT.lock``, held while this object lives and released by the kernel if
+    the process dies. (A free-port probe alone races: two agents starting together
+    would pick the same port before either server binds it.)
+    """
+
+    def __init__(self, port: int, handle: BinaryIO) -> None:
+        self.port = port
+        self._handle: BinaryIO | None = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing drops the lock
+            self._handle = None
+
+
+def lease_port(ports: range, lock_dir: Path, host: str = "127.0.0.1") -> PortLease:
+    """Lease the first port in ``ports`` that no corral process holds and nothing
+    listens on."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    for port in ports:
+        handle = open(lock_dir / f"{port}.lock", "wb")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                handle.close()
+                continue
+        return PortLease(port, handle)
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
 def free_port(ports: range, host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
