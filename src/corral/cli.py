@@ -458,6 +458,86 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _run_service(serve)
 
 
+def _status_token(settings: Settings) -> str | None:
+    from corral.control.tokens import management_token_file, read_token_file
+
+    return settings.resolved_management_token() or read_token_file(management_token_file())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print what a balancer's management API holds: instances, slots, buffers."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    settings = settings_from(
+        args,
+        {"management_addr": args.management_addr, "management_token_file": args.token_file},
+    )
+    token = _status_token(settings)
+    if not token:
+        _err(
+            "no management token: set CORRAL_MANAGEMENT_TOKEN or --token-file (a local "
+            "balancer writes one to ~/.local/state/corral/management-token)"
+        )
+        return 2
+    url = f"http://{settings.management_addr}/api/v1/fleet"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            fleet = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:300]
+        _err(f"{url} answered {exc.code}: {detail}")
+        return 1
+    except OSError as exc:
+        _err(f"cannot reach the balancer's management API at {url}: {exc}")
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(fleet, indent=2) + "\n")
+        return 0
+    _print_fleet(fleet)
+    return 0
+
+
+def _print_fleet(fleet: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    agents = {a["id"]: a for a in fleet.get("agents", [])}
+    table = Table(title=f"corral {fleet.get('version', '')}: instances", title_justify="left")
+    for column in ("model", "instance", "agent", "state", "slots", "in flight", "served",
+                   "restarts", "problem"):  # fmt: skip
+        table.add_column(column)
+    for instance in sorted(fleet.get("instances", []), key=lambda i: (i["model"], i["id"])):
+        supervisor = instance.get("supervisor") or {}
+        problems = [f"{i['kind']}: {i['message'].splitlines()[0]}" for i in instance["issues"]]
+        if instance.get("draining"):
+            problems.insert(0, "draining")
+        if instance.get("stale"):
+            problems.insert(0, "no recent report")
+        state = instance["state"] if instance["usable"] else f"{instance['state']} (unusable)"
+        table.add_row(
+            instance["model"] or "?",
+            instance["url"],
+            agents.get(instance["agent_id"], {}).get("name", instance["agent_id"][:8]),
+            state,
+            f"{instance['slots_busy']}/{instance['slots_total']}",
+            str(instance["in_flight"]),
+            str(instance["served"]),
+            str(supervisor.get("restarts", "-")),
+            "; ".join(problems)[:60],
+        )
+    console.print(table)
+    buffered = {m: n for m, n in (fleet.get("buffered") or {}).items() if n}
+    waiting = ", ".join(f"{m}: {n}" for m, n in buffered.items()) or "none"
+    console.print(
+        f"models: {', '.join(fleet.get('models', [])) or 'none'}   "
+        f"agents: {len(agents)}   buffered requests: {waiting}"
+    )
+
+
 # -- models ------------------------------------------------------------------------------
 
 
@@ -568,6 +648,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --model, after --: llama-server arguments (e.g. -- -np 4 -c 8192)",
     )
     agent.set_defaults(func=cmd_agent)
+
+    # status
+    status = commands.add_parser("status", help="show a balancer's fleet: instances, slots")
+    status.add_argument("--config", type=Path, default=None, help="YAML settings file")
+    status.add_argument("--management-addr", default=None, help="HOST:PORT (127.0.0.1:8085)")
+    status.add_argument("--token-file", type=Path, default=None, help="management token file")
+    status.add_argument("--json", action="store_true", help="print the raw fleet JSON")
+    status.set_defaults(func=cmd_status)
 
     # models
     models = commands.add_parser("models", help="model files: make a tiny test model")
