@@ -252,7 +252,7 @@ def _add_balancer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy",
         default=None,
-        choices=["least_busy", "round_robin", "random"],
+        choices=["least_busy", "round_robin", "random", "prefix"],
         help="placement policy (least_busy)",
     )
     parser.add_argument(

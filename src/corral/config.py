@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "CORRAL_"
 
-PolicyName = Literal["least_busy", "round_robin", "random"]
+PolicyName = Literal["least_busy", "round_robin", "random", "prefix"]
 
 
 def _parse_addr(value: str) -> tuple[str, int]:

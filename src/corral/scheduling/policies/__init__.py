@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from corral.scheduling.policies.base import Placement, Policy
 from corral.scheduling.policies.least_busy import LeastBusy
+from corral.scheduling.policies.prefix import PrefixPolicy
 from corral.scheduling.policies.random import RandomPolicy
 from corral.scheduling.policies.round_robin import RoundRobin
 
@@ -16,6 +17,7 @@ POLICIES: dict[str, type[Policy]] = {
     "least_busy": LeastBusy,
     "round_robin": RoundRobin,
     "random": RandomPolicy,
+    "prefix": PrefixPolicy,
 }
 
 
@@ -31,6 +33,7 @@ __all__ = [
     "LeastBusy",
     "Placement",
     "Policy",
+    "PrefixPolicy",
     "RandomPolicy",
     "RoundRobin",
     "make_policy",

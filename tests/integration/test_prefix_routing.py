@@ -1,0 +1,58 @@
+"""``--policy prefix`` end to end: conversations stick to the instance holding their cache."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from multidict import CIMultiDictProxy
+
+from tests.integration.fleet import Fleet, start_fleet
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    fleet = await start_fleet(policy="prefix", buffered_request_timeout=5.0)
+    try:
+        yield fleet
+    finally:
+        await fleet.close()
+
+
+def opening(topic: str) -> list[dict[str, Any]]:
+    # Distinct from the first word: llama-server (and the fake) give a new prompt the idle
+    # slot most similar to it, so a shared system prompt would let one conversation take
+    # over another's slot on the same instance (what id_slot pinning would prevent).
+    question = f"Tell me about {topic}. " + " ".join(f"{topic}{i}" for i in range(30))
+    return [
+        {"role": "system", "content": f"{topic} expertise: answer as an expert on {topic}."},
+        {"role": "user", "content": question},
+    ]
+
+
+async def test_each_conversation_stays_on_one_instance_and_hits_its_cache(fleet: Fleet) -> None:
+    await fleet.add_fake(model="tiny", slots=2)
+    await fleet.add_fake(model="tiny", slots=2)
+    topics = ["tea", "rust", "jazz"]  # three on two instances: least_busy would move them
+    messages = {topic: opening(topic) for topic in topics}
+    served: dict[str, set[str]] = {topic: set() for topic in topics}
+    cached: dict[str, list[int]] = {topic: [] for topic in topics}
+    for turn in range(4):
+        for topic in topics:
+            status, data, headers = await fleet.post(
+                "/v1/chat/completions", {"model": "tiny", "messages": messages[topic]}
+            )
+            assert status == 200, data
+            assert isinstance(headers, CIMultiDictProxy)
+            served[topic].add(headers["X-Corral-Instance"])
+            cached[topic].append(data["usage"]["prompt_tokens_details"]["cached_tokens"])
+            answer = data["choices"][0]["message"]["content"]
+            messages[topic] += [
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": f"And more on {topic}, part {turn}, please."},
+            ]
+    assert all(len(instances) == 1 for instances in served.values()), served
+    assert len(set().union(*served.values())) == 2  # the conversations spread too
+    for topic in topics:
+        assert all(n > 0 for n in cached[topic][1:]), (topic, cached[topic])
