@@ -448,3 +448,19 @@ async def test_event_stream_sends_the_fleet_then_changes(fleet: Fleet) -> None:
             while b"event: agent" not in seen:
                 seen += await response.content.readuntil(b"\n\n")
         assert b'"event": "connected"' in seen
+
+
+async def test_cached_and_uncached_prompt_tokens_are_counted_per_instance(fleet: Fleet) -> None:
+    await fleet.add_fake(model="m", slots=1)
+    long_prompt = "the same long system prompt " * 20
+    for stream in (False, True):
+        status, _, _ = await fleet.chat(
+            "m", messages=[{"role": "user", "content": long_prompt}], stream=stream
+        )
+        assert status == 200
+    metric = fleet.balancer.metrics.prompt_tokens
+    instance = fleet.balancer.scheduler.fleet.pool("m")[0].id
+    cached = metric.labels("m", instance, "cached")._value.get()
+    uncached = metric.labels("m", instance, "uncached")._value.get()
+    assert uncached > 0  # the first request paid its prefill
+    assert cached > 0  # the repeat (streamed) was served from the slot's cache

@@ -56,3 +56,20 @@ async def test_each_conversation_stays_on_one_instance_and_hits_its_cache(fleet:
     assert len(set().union(*served.values())) == 2  # the conversations spread too
     for topic in topics:
         assert all(n > 0 for n in cached[topic][1:]), (topic, cached[topic])
+
+
+async def test_a_session_header_keeps_different_prompts_on_one_instance(fleet: Fleet) -> None:
+    await fleet.add_fake(model="tiny", slots=4)
+    await fleet.add_fake(model="tiny", slots=4)
+    served: dict[str, set[str]] = {"a": set(), "b": set()}
+    for turn in range(6):
+        for session in ("a", "a", "b"):  # not alternating: turn-taking can't fake affinity
+            status, _, headers = await fleet.post(
+                "/v1/chat/completions",
+                {"model": "tiny", "messages": [{"role": "user", "content": f"q{turn}{session}"}]},
+                {"X-Session-Id": session},
+            )
+            assert status == 200
+            served[session].add(headers["X-Corral-Instance"])
+    assert len(served["a"]) == 1 and len(served["b"]) == 1
+    assert served["a"] != served["b"]  # and the sessions were still spread

@@ -87,6 +87,63 @@ _request_ids = itertools.count(1)
 _REQUEST_PREFIX = os.urandom(3).hex()
 
 
+class ResponseTail:
+    """The end of a relayed response, kept (bounded) to read what llama-server reports
+    about the prompt: the last SSE event with ``timings``/``usage``, or the JSON body."""
+
+    LIMIT = 64 * 1024
+
+    def __init__(self, is_sse: bool) -> None:
+        self.is_sse = is_sse
+        self.data = bytearray()
+        self.overflow = False
+
+    def add(self, chunk: bytes) -> None:
+        self.data += chunk
+        if len(self.data) > self.LIMIT:
+            if not self.is_sse:
+                self.overflow = True  # a body this big is not a small JSON answer
+            del self.data[: len(self.data) - self.LIMIT]
+
+    def prompt_usage(self) -> tuple[int, int, float | None] | None:
+        """(cached prompt tokens, prompt tokens, prompt seconds), when reported."""
+        if self.overflow:
+            return None
+        payload: Any = None
+        if self.is_sse:
+            for event in reversed(bytes(self.data).split(b"\n\n")):
+                line = event.strip()
+                if line.startswith(b"data: {") and (b'"timings"' in line or b'"usage"' in line):
+                    try:
+                        payload = json.loads(line[6:])
+                    except ValueError:
+                        return None
+                    break
+        else:
+            try:
+                payload = json.loads(bytes(self.data))
+            except ValueError:
+                return None
+        if not isinstance(payload, dict):
+            return None
+        raw_timings, raw_usage = payload.get("timings"), payload.get("usage")
+        timings: dict[str, Any] = raw_timings if isinstance(raw_timings, dict) else {}
+        usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
+        cached = timings.get("cache_n")
+        prompt_n = timings.get("prompt_n")
+        prompt = usage.get("prompt_tokens")
+        if cached is None:
+            details = usage.get("prompt_tokens_details")
+            cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if prompt is None and isinstance(prompt_n, int) and isinstance(cached, int):
+            prompt = prompt_n + cached
+        if not isinstance(cached, int) or not isinstance(prompt, int):
+            return None
+        prompt_ms = timings.get("prompt_ms")
+        seconds = prompt_ms / 1000 if isinstance(prompt_ms, int | float) else None
+        return cached, prompt, seconds
+
+
 class UpstreamFailed(Exception):
     """The upstream failed before any response byte reached the client."""
 
@@ -300,7 +357,10 @@ class Gateway:
                 route,
                 started,
             )
-        placement = Placement(model=model, body=parsed)
+        session = request.headers.get("X-Session-Id")
+        placement = Placement(
+            model=model, body=parsed, headers={"x-session-id": session} if session else {}
+        )
         try:
             return await self._relay(request, body, model, placement, request_id, route, started)
         except SchedulingError as exc:
@@ -483,8 +543,9 @@ class Gateway:
                     continue
                 outcome = "ok"
                 return await self._stream(
-                    request, upstream, first, lease, request_id, model, route, started, waited
-                )
+                    request, upstream, first, lease, request_id, model, route, started, waited,
+                    placement,
+                )  # fmt: skip
             finally:
                 self.scheduler.release(lease, outcome)
 
@@ -499,8 +560,10 @@ class Gateway:
         route: str,
         started: float,
         waited: float,
+        placement: Placement | None = None,
     ) -> web.StreamResponse:
         is_sse = upstream.content_type == "text/event-stream"
+        tail = ResponseTail(is_sse)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for key, value in upstream.headers.items():
             if key.lower() not in RESPONSE_DROP:
@@ -515,6 +578,7 @@ class Gateway:
         try:
             await response.prepare(request)
             if first:
+                tail.add(first)
                 await response.write(first)
             if first or not upstream.content.at_eof():
                 idle = self.options.idle_timeout
@@ -550,6 +614,7 @@ class Gateway:
                         return response
                     if not chunk:
                         break
+                    tail.add(chunk)
                     await response.write(chunk)
             await response.write_eof()
             clean = True
@@ -561,4 +626,36 @@ class Gateway:
         self._record(
             response.status, request_id, model, route, started, lease.instance.id, waited, ttft
         )
+        if response.status == 200:
+            self._learn(tail, lease, placement, time.monotonic() - started)
         return response
+
+    def _learn(
+        self,
+        tail: ResponseTail,
+        lease: Lease,
+        placement: Placement | None,
+        seconds: float,
+    ) -> None:
+        """Count cached and uncached prompt tokens, and tell a cache-aware policy what
+        the server really reused (``timings.cache_n`` / ``usage``)."""
+        usage = tail.prompt_usage()
+        if usage is None:
+            return
+        cached, prompt, prompt_seconds = usage
+        instance = lease.instance
+        self.metrics.prompt_tokens.labels(instance.model, instance.id, "cached").inc(cached)
+        self.metrics.prompt_tokens.labels(instance.model, instance.id, "uncached").inc(
+            max(0, prompt - cached)
+        )
+        record = getattr(self.scheduler.policy, "record_cached", None)
+        if record is not None and placement is not None:
+            record(
+                instance.id,
+                placement.model,
+                placement.body,
+                cached,
+                prompt,
+                prompt_seconds=prompt_seconds,
+                total_seconds=seconds,
+            )

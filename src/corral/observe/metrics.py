@@ -104,6 +104,12 @@ class BalancerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.prompt_tokens = Counter(
+            "corral_prompt_tokens",
+            "Prompt tokens of answered requests, by whether the server had them cached.",
+            ["model", "instance", "cache"],
+            registry=self.registry,
+        )
         self.stale_connections = Counter(
             "corral_upstream_stale_connections",
             "Requests resent at once because a pooled upstream connection was already "

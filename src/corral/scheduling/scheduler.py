@@ -334,6 +334,9 @@ class Scheduler:
                 instance.draining = False
             if before[0] is not InstanceState.READY and instance.state is InstanceState.READY:
                 instance.breaker = Breaker()  # a (re)started server gets a clean slate
+                forget = getattr(self.policy, "forget_instance", None)
+                if forget is not None:
+                    forget(instance.id)  # its KV cache is empty: forget what it held
             instance.n_ctx = int(data.get("n_ctx") or 0)
             supervisor = data.get("supervisor")
             if isinstance(supervisor, dict):

@@ -1,0 +1,55 @@
+"""Reading what llama-server reports about the prompt from the end of a response."""
+
+from __future__ import annotations
+
+import json
+
+from corral.gateway.proxy import ResponseTail
+
+
+def sse(*events: object) -> bytes:
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + (
+        b"data: [DONE]\n\n"
+    )
+
+
+def test_streamed_response_reports_cache_n_from_its_last_timings_event() -> None:
+    tail = ResponseTail(is_sse=True)
+    body = sse(
+        {"choices": [{"delta": {"content": "hi"}}]},
+        {"choices": [], "usage": {"prompt_tokens": 40}, "timings": {"cache_n": 32,
+                                                                    "prompt_n": 8,
+                                                                    "prompt_ms": 4.0}},
+    )  # fmt: skip
+    for start in range(0, len(body), 7):  # arrives in arbitrary pieces
+        tail.add(body[start : start + 7])
+    assert tail.prompt_usage() == (32, 40, 0.004)
+
+
+def test_plain_response_reports_cached_tokens_from_usage() -> None:
+    tail = ResponseTail(is_sse=False)
+    tail.add(
+        json.dumps(
+            {"usage": {"prompt_tokens": 12, "prompt_tokens_details": {"cached_tokens": 10}}}
+        ).encode()
+    )
+    assert tail.prompt_usage() == (10, 12, None)
+
+
+def test_prompt_tokens_are_derived_from_timings_when_usage_is_missing() -> None:
+    tail = ResponseTail(is_sse=False)
+    tail.add(json.dumps({"timings": {"cache_n": 5, "prompt_n": 3}}).encode())
+    assert tail.prompt_usage() == (5, 8, None)
+
+
+def test_responses_without_prompt_figures_report_nothing() -> None:
+    for body, is_sse in ((b'{"data": []}', False), (b"not json", False), (sse({"a": 1}), True)):
+        tail = ResponseTail(is_sse=is_sse)
+        tail.add(body)
+        assert tail.prompt_usage() is None
+
+
+def test_a_large_plain_body_is_not_parsed() -> None:
+    tail = ResponseTail(is_sse=False)
+    tail.add(b"[" + b"0," * (ResponseTail.LIMIT) + b"0]")
+    assert tail.prompt_usage() is None
