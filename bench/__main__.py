@@ -3,6 +3,8 @@
 Everything the run needs is started here on loopback and stopped before it returns:
 a tiny model is generated, each system is started in turn, measured and stopped.
 Logs, configs and the model go to ``bench/out/run/`` (git-ignored), cleared first.
+The report gets a section per workload run; the sections of workloads not run this time
+are carried over from the previous report, each marked with the run it came from.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from bench import procs
 from bench.context import REPO_ROOT, BenchContext
 from bench.machine import Machine
-from bench.report import RunInfo, render
+from bench.report import RunInfo, previous_sections, render
 from bench.systems import ALL_SYSTEMS, make_systems
 from bench.workloads import Section, discover
 
@@ -88,7 +90,9 @@ async def _run(ctx: BenchContext, names: list[str]) -> list[Section]:
     for name in names:
         log.info("workload %s: start", name)
         started = time.monotonic()
-        sections.append(await workloads[name].run(ctx))
+        section = await workloads[name].run(ctx)
+        section.name = section.name or name
+        sections.append(section)
         log.info("workload %s: done in %.0f s", name, time.monotonic() - started)
     return sections
 
@@ -160,8 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         llama_args=ctx.llama_args,
         model_description=_model_description(model),
     )
+    # workloads not run this time keep their sections from the previous report
+    kept = previous_sections(out, {w.name: w.title for w in workloads.values()})
+    ran = {s.name: s for s in sections}
+    entries = [e for n in workloads if (e := ran.get(n) or kept.get(n)) is not None]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(info, sections, out), encoding="utf-8")
+    out.write_text(render(info, entries, out), encoding="utf-8")
     log.info("wrote %s (%.0f s)", os.path.relpath(out), info.wall_seconds)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -9,9 +10,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 
 if TYPE_CHECKING:
     from bench.workloads.overhead import Cell, Pair
+    from bench.workloads.readiness import Trial
 
 COLORS = {
     "direct": "#444444",
@@ -101,3 +104,51 @@ def overhead_plots(
     plt.close(fig)
     images.append(path)
     return images
+
+
+def readiness_plot(docs_dir: Path, trials: list[Trial]) -> list[Path]:
+    """Every trial's ready -> first byte (dots) and ready -> request starts on
+    llama-server's clock (crosses), one column per system and start kind."""
+    from bench.stats import percentile
+
+    names = {"corral": "corral", "router": "router mode"}
+    kinds = {"cold": "cold start", "crash": "after SIGKILL", "retry": "retry after SIGKILL"}
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    columns = [
+        (system, kind)
+        for kind in kinds
+        for system in names
+        if any(t.system == system and t.kind == kind for t in trials)
+    ]
+    if not columns:
+        return []
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for x, (system, kind) in enumerate(columns):
+        picked = [t for t in trials if t.system == system and t.kind == kind]
+        color = COLORS.get(system)
+        for attr, marker in (("gap", "o"), ("server_gap", "x")):
+            values = [v * 1000 for t in picked if not math.isnan(v := getattr(t, attr))]
+            offset = -0.12 if marker == "o" else 0.12
+            xs = [x + offset + (i - (len(values) - 1) / 2) * 0.012 for i in range(len(values))]
+            ax.scatter(xs, values, color=color, marker=marker, s=18, alpha=0.8)
+            if values:
+                middle = percentile(values, 50)
+                ax.hlines(middle, x + offset - 0.1, x + offset + 0.1, color=color, lw=1.5)
+    ax.set_xticks(range(len(columns)), [f"{names[s]}\n{kinds[k]}" for s, k in columns])
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_ylabel("ms")
+    ax.set_title("Readiness workload: each trial, median as a bar")
+    ax.grid(True, axis="y", alpha=0.3)
+    handles = [
+        Line2D([], [], color="grey", marker=m, ls="", label=text)
+        for m, text in (
+            ("o", "ready -> first byte (t1 - t0)"),
+            ("x", "ready -> request starts, on llama-server's clock"),
+        )
+    ]
+    ax.legend(handles=handles, fontsize="small")
+    fig.tight_layout()
+    path = docs_dir / "bench-readiness.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

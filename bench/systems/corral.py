@@ -30,6 +30,35 @@ def corral_command() -> list[str]:
     return [sys.executable, "-m", "corral.cli"]
 
 
+def serve_args(
+    ctx: BenchContext, inference: int, management: int, log_dir: Path | None = None
+) -> list[str]:
+    """``corral serve`` for the bench's model on loopback ports (``--log-dir`` if given)."""
+    logs = ["--log-dir", str(log_dir)] if log_dir is not None else []
+    return [
+        *corral_command(),
+        "serve",
+        "--model",
+        str(ctx.model),
+        "--llama-server",
+        str(ctx.llama_server),
+        "--inference-addr",
+        f"127.0.0.1:{inference}",
+        "--management-addr",
+        f"127.0.0.1:{management}",
+        *logs,
+        "--",
+        *ctx.llama_args,
+    ]
+
+
+def serve_env(ctx: BenchContext, token: str) -> dict[str, str]:
+    """Environment for ``corral serve``: its management token and a state dir of the run's."""
+    state_dir = ctx.run_dir / "corral-state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return {"CORRAL_MANAGEMENT_TOKEN": token, "CORRAL_STATE_DIR": str(state_dir)}
+
+
 class Corral(System):
     name = "corral"
     label = "corral serve"
@@ -37,23 +66,8 @@ class Corral(System):
     async def start(self, ctx: BenchContext) -> Endpoint:
         inference, management = free_port(), free_port()
         token = secrets.token_urlsafe(24)
-        state_dir = ctx.run_dir / "corral-state"
-        state_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            *corral_command(),
-            "serve",
-            "--model",
-            str(ctx.model),
-            "--llama-server",
-            str(ctx.llama_server),
-            "--inference-addr",
-            f"127.0.0.1:{inference}",
-            "--management-addr",
-            f"127.0.0.1:{management}",
-            "--",
-            *ctx.llama_args,
-        ]
-        env = {"CORRAL_MANAGEMENT_TOKEN": token, "CORRAL_STATE_DIR": str(state_dir)}
+        args = serve_args(ctx, inference, management)
+        env = serve_env(ctx, token)
         proc = self.spawn(ManagedProcess("corral", args, ctx.log_path("corral"), env=env))
         url = f"http://127.0.0.1:{inference}"
         await wait_healthy(f"{url}/health", what="corral /health 200", proc=proc, within=90)

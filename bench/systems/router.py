@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,33 +31,42 @@ def _model_entry(body: object, model: str) -> dict[str, Any] | None:
     return None
 
 
+def models_dir(ctx: BenchContext) -> Path:
+    """A folder holding only the bench's model (hard link, else a copy)."""
+    folder = ctx.run_dir / "router-models"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / ctx.model.name
+    if not target.exists():
+        try:
+            target.hardlink_to(ctx.model)
+        except OSError:
+            shutil.copy2(ctx.model, target)
+    return folder
+
+
+def router_args(ctx: BenchContext, port: int) -> list[str]:
+    """llama-server in router mode on ``port``: no model, ``--models-dir``, one loaded."""
+    return [
+        str(ctx.llama_server),
+        "--models-dir",
+        str(models_dir(ctx)),
+        "--models-max",
+        "1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *ctx.llama_args,
+    ]
+
+
 class Router(System):
     name = "router"
     label = "llama-server router mode"
 
     async def start(self, ctx: BenchContext) -> Endpoint:
-        models_dir = ctx.run_dir / "router-models"
-        models_dir.mkdir(parents=True, exist_ok=True)
-        target = models_dir / ctx.model.name
-        if not target.exists():
-            try:
-                target.hardlink_to(ctx.model)
-            except OSError:
-                shutil.copy2(ctx.model, target)
         port = free_port()
-        args = [
-            str(ctx.llama_server),
-            "--models-dir",
-            str(models_dir),
-            "--models-max",
-            "1",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *ctx.llama_args,
-        ]
-        proc = self.spawn(ManagedProcess("router", args, ctx.log_path("router")))
+        proc = self.spawn(ManagedProcess("router", router_args(ctx, port), ctx.log_path("router")))
         url = f"http://127.0.0.1:{port}"
         await wait_healthy(f"{url}/health", what="router /health", proc=proc)
         entry = _model_entry(await http_json(f"{url}/models"), ctx.model_name)

@@ -25,6 +25,8 @@ class Section:
     images: list[Path] = field(default_factory=list)
     #: system name -> why it is missing from this section's numbers
     missing: dict[str, str] = field(default_factory=dict)
+    #: the workload's NAME (set by the runner)
+    name: str = ""
 
 
 @dataclass(frozen=True)
