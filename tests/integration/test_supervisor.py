@@ -130,3 +130,16 @@ async def test_stop_kills_a_server_that_ignores_sigterm() -> None:
     await asyncio.wait_for(instance.stop(), 15)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert instance.last_exit_code == -9
+
+
+async def test_a_readiness_line_in_the_log_triggers_a_health_check_at_once() -> None:
+    port = free_port()
+    slow_polls = SupervisorOptions(startup_timeout=60.0, ready_poll=30.0, stop_grace=1.0)
+    instance, _ = supervised(fake_args(port), port, slow_polls)
+    instance.start()
+    try:
+        # the first /health poll comes before the server listens; without the hint
+        # from its "listening on" line the next one would be 30 s later
+        assert await asyncio.wait_for(instance.wait_ready(), 15)
+    finally:
+        await instance.stop()

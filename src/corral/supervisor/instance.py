@@ -31,6 +31,12 @@ from corral.supervisor.process import ChildProcess, LogRing
 log = logging.getLogger(__name__)
 
 
+#: Lines llama-server logs when it becomes ready ("srv llama_server: model loaded",
+#: then "... listening on ..."): seeing one triggers a /health check at once instead of
+#: waiting for the next poll.
+READY_MARKERS = ("model loaded", "listening on", "server is listening")
+
+
 @dataclass
 class SupervisorOptions:
     """Tunables of one supervised server; the defaults are the documented ones."""
@@ -71,6 +77,8 @@ class SupervisedInstance:
         self.child: ChildProcess | None = None
         self.output = LogRing()
         """Output of every run of the process, across restarts."""
+        self._ready_hint = asyncio.Event()
+        self.output.listeners.append(self._watch_line)
         self.log_path = log_path
         self.restarts = 0
         self.last_exit_code: int | None = None
@@ -80,6 +88,10 @@ class SupervisedInstance:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._settled = asyncio.Event()
+
+    def _watch_line(self, line: str) -> None:
+        if any(marker in line for marker in READY_MARKERS):
+            self._ready_hint.set()
 
     # -- state ----------------------------------------------------------------------------
 
@@ -196,10 +208,13 @@ class SupervisedInstance:
                 code = await self.child.wait()
                 self.last_exit_code = code
                 return f"exited with code {code} before it was ready"
+            self._ready_hint.clear()
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
                 async with session.get(self.health_url) as response:
                     if response.status == 200:
                         return None
             if time.monotonic() > deadline:
                 return f"was not ready within {self.options.startup_timeout:g} s"
-            await asyncio.sleep(self.options.ready_poll)
+            # poll again after ready_poll, or at once when the server logs readiness
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready_hint.wait(), self.options.ready_poll)

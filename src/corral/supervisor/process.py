@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -118,10 +118,14 @@ class LogRing:
     def __init__(self, size: int = DEFAULT_LOG_LINES) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=size)
         self.count = 0
+        self.listeners: list[Callable[[str], None]] = []
+        """Called with every new line (e.g. to notice "model loaded" at once)."""
 
     def append(self, line: str) -> None:
         self.lines.append(line)
         self.count += 1
+        for listener in self.listeners:
+            listener(line)
 
     def tail(self, n: int) -> list[str]:
         return list(self.lines)[-n:] if n > 0 else []
