@@ -541,6 +541,194 @@ def _print_fleet(fleet: dict[str, Any]) -> None:
 # -- models ------------------------------------------------------------------------------
 
 
+def _human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"  # pragma: no cover - the loop always returns
+
+
+def _human_count(count: int | None) -> str:
+    if count is None:
+        return "-"
+    for divisor, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if count >= divisor:
+            return f"{count / divisor:.1f}{suffix}"
+    return str(count)
+
+
+def _loaded_states(addr: str, settings: Settings) -> dict[str, str]:
+    """Model name or alias -> best instance state, from a balancer's GET /api/v1/fleet."""
+    import json
+    import urllib.request
+
+    token = _status_token(settings)
+    if not token:
+        raise OSError("no management token: set CORRAL_MANAGEMENT_TOKEN or --token-file")
+    request = urllib.request.Request(
+        f"http://{addr}/api/v1/fleet", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        fleet = json.loads(response.read())
+    rank = {"ready": 0, "starting": 1, "draining": 2}
+    states: dict[str, str] = {}
+    for instance in fleet.get("instances", []):
+        state = str(instance.get("state", "?"))
+        for name in [instance.get("model"), *(instance.get("aliases") or [])]:
+            if name and rank.get(state, 9) < rank.get(states.get(name, ""), 10):
+                states[name] = state
+    return states
+
+
+def _loaded_state(model: Any, loaded: dict[str, str] | None) -> str | None:
+    """The model's best instance state, "no" when none, ``None`` when nobody was asked."""
+    if loaded is None:
+        return None
+    return next((loaded[n] for n in model.names if n in loaded), "no")
+
+
+def _print_catalog(models: list[Any], loaded: dict[str, str] | None, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in ("id", "size", "quant", "context", "params", "arch", "chat", "mmproj",
+                   "source", "loaded", "aliases"):  # fmt: skip
+        table.add_column(column, overflow="fold")
+    for model in models:
+        table.add_row(
+            model.id,
+            _human_bytes(model.size_bytes) if model.size_bytes else "-",
+            model.quantization or "-",
+            str(model.context_length) if model.context_length else "-",
+            _human_count(model.parameter_count),
+            model.architecture or "-",
+            "yes" if model.has_chat_template else "no",
+            model.mmproj.name if model.mmproj else "-",
+            model.source,
+            _loaded_state(model, loaded) or "-",
+            ", ".join(model.aliases) or "-",
+        )
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def _quiet_catalog_log(args: argparse.Namespace) -> None:
+    """The table and the skipped-file lines are the report; the catalog's own log lines
+    would repeat them, so they show only with --log-level DEBUG."""
+    if args.log_level != "DEBUG":
+        logging.getLogger("corral.catalog").setLevel(logging.ERROR)
+
+
+def _print_problems(problems: list[Any]) -> None:
+    for problem in problems:
+        sys.stderr.write(f"skipped {problem.path}: {problem.reason}\n")
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    """List the models corral would serve: config entries plus GGUF files found."""
+    import json
+
+    from corral.catalog.discovery import Catalog
+
+    _quiet_catalog_log(args)
+    for folder in args.models_dir:
+        if not folder.is_dir():
+            _err(f"--models-dir {folder}: not a folder")
+            return 2
+    settings = settings_from(
+        args, {"models_dirs": args.models_dir or None, "management_token_file": args.token_file}
+    )
+    catalog = Catalog.from_settings(settings)
+    catalog.rescan()
+    loaded: dict[str, str] | None = None
+    if args.management_addr:
+        try:
+            loaded = _loaded_states(args.management_addr, settings)
+        except (OSError, ValueError) as exc:
+            _err(f"cannot ask the balancer at {args.management_addr} what is loaded: {exc}")
+            return 1
+    models = catalog.models
+    if args.json:
+        rows = [{**m.to_dict(), "loaded": _loaded_state(m, loaded)} for m in models]
+        problems = [{"path": str(p.path), "reason": p.reason} for p in catalog.problems]
+        sys.stdout.write(json.dumps({"models": rows, "problems": problems}, indent=2) + "\n")
+        return 0
+    searched = ", ".join(str(d) for d in catalog.dirs)
+    _print_catalog(models, loaded, f"models ({searched})")
+    _print_problems(catalog.problems)
+    return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    """Scan a folder tree; print its models, or add them to a config file's ``models:``."""
+    import os
+    import tempfile
+
+    import yaml
+
+    from corral.catalog.discovery import Catalog
+    from corral.config import ModelConfig
+
+    _quiet_catalog_log(args)
+    folder = Path(args.dir).expanduser().resolve()
+    if not folder.is_dir():
+        _err(f"{args.dir}: not a folder")
+        return 2
+    data: dict[str, Any] = {}
+    existing: dict[str, ModelConfig] = {}
+    target: Path | None = args.write
+    if target is not None and target.exists():
+        try:
+            loaded = yaml.safe_load(target.read_text(encoding="utf-8")) or {}
+            if not isinstance(loaded, dict) or not isinstance(loaded.get("models", {}), dict):
+                raise ValueError("expected a mapping with a `models:` mapping")
+            data = loaded
+            existing = {
+                str(k): ModelConfig.model_validate(v or {})
+                for k, v in (data.get("models") or {}).items()
+            }
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            _err(f"cannot add to {target}: {exc} (see `corral config check {target}`)")
+            return 2
+    catalog = Catalog([folder], existing)
+    catalog.rescan()
+    found = [m for m in catalog.models if m.source == "auto"]
+    _print_catalog(found, None, f"models under {folder}")
+    _print_problems(catalog.problems)
+    if target is None:
+        sys.stderr.write(
+            f"{len(found)} model(s) found; nothing written (add --write FILE to put them "
+            "in a config file's models: table)\n"
+        )
+        return 0
+    if not found:
+        sys.stderr.write(f"no new models; {target} left as it was\n")
+        return 0
+    table = data.setdefault("models", {}) or {}
+    data["models"] = table
+    for model in found:
+        table[model.id] = model.to_model_config().model_dump(mode="json", exclude_defaults=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(data, handle, sort_keys=False, allow_unicode=True)
+        if target.exists():  # keep the file's permissions: a config may hold secrets
+            tmp.chmod(target.stat().st_mode & 0o777)
+        issues = check_file(tmp)
+        if issues:
+            _err(f"not writing {target}, the result would not validate: {issues[0]}")
+            return 1
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    sys.stderr.write(f"added {len(found)} model(s) to {target}\n")
+    return 0
+
+
 def cmd_models_make_tiny(args: argparse.Namespace) -> int:
     from corral.catalog.tiny import make_tiny_model
 
@@ -658,8 +846,46 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     # models
-    models = commands.add_parser("models", help="model files: make a tiny test model")
+    models = commands.add_parser(
+        "models", help="model files: list and import GGUF models, make a tiny test model"
+    )
     models_cmds = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    models_list = models_cmds.add_parser(
+        "list",
+        help="list the models corral would serve: config entries and GGUF files found",
+        description="Config-file models (source manual) plus the GGUF models found "
+        "recursively under --models-dir folders (source auto); without any, the "
+        "models_dirs setting, else llama.cpp's cache and the Hugging Face hub cache. "
+        "Files that yield no model are listed on stderr with the reason.",
+    )
+    models_list.add_argument("--config", type=Path, default=None, help="YAML settings file")
+    models_list.add_argument(
+        "--models-dir", type=Path, action="append", default=[], help="folder to search (repeatable)"
+    )
+    models_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    models_list.add_argument(
+        "--management-addr",
+        default=None,
+        help="balancer HOST:PORT to ask which models are loaded (token: CORRAL_MANAGEMENT_TOKEN)",
+    )
+    models_list.add_argument("--token-file", type=Path, default=None, help="management token file")
+    models_list.set_defaults(func=cmd_models_list)
+    models_import = models_cmds.add_parser(
+        "import",
+        help="scan a folder tree for GGUF models; print them or add them to a config file",
+        description="Scan DIR recursively (split models, mmproj projectors and the Hugging "
+        "Face hub layout handled as by `models list`) and print the models found. corral "
+        "keeps no catalog store of its own: with --write FILE the models are added to the "
+        "`models:` table of that YAML config file (created if missing) as entries with "
+        "absolute paths, so they become manual models. Entries already there are kept; "
+        "files they name are not added twice; new ids avoid theirs. The file is rewritten "
+        "(YAML comments are not kept) and validated before it replaces the old one.",
+    )
+    models_import.add_argument("dir", help="folder to scan recursively")
+    models_import.add_argument(
+        "--write", type=Path, default=None, metavar="FILE", help="add the models to this config"
+    )
+    models_import.set_defaults(func=cmd_models_import)
     tiny = models_cmds.add_parser(
         "make-tiny", help="write a tiny random-weight llama GGUF (for tests and benchmarks)"
     )
