@@ -216,7 +216,7 @@ async def test_restart_through_the_api_drains_first_and_loses_no_request(
 async def test_restart_of_an_unknown_instance_is_404(
     tmp_path: Path, http: aiohttp.ClientSession, cleanup: list[Serve]
 ) -> None:
-    serve = await start_serve(tmp_path)
+    serve = await ready_serve(tmp_path, http, cleanup)
     async with http.post(
         serve.management + "/api/v1/instances/nope/0/restart",
         headers={"Authorization": f"Bearer {TOKEN}"},
