@@ -372,18 +372,16 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
 
     async def serve(stop: asyncio.Event) -> int:
         managed: list[ManagedInstance] = []
-        leases = []
         for model_id, path, extra, aliases in wanted:
             lease = lease_port(settings.ports(), state_dir() / "ports")
-            leases.append(lease)
-            port = lease.port
             instance = ManagedInstance(
                 ManagedOptions(
                     binary=binary,
                     model=path,
                     model_id=model_id,
                     aliases=aliases,
-                    port=port,
+                    port=lease.port,
+                    lease=lease,
                     balancers=list(settings.balancers),
                     cluster_token=cluster_token,
                     llama_args=extra,
@@ -396,9 +394,7 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
             await instance.start()
             managed.append(instance)
         await stop.wait()
-        await asyncio.gather(*(instance.stop() for instance in managed))
-        for lease in leases:
-            lease.release()
+        await asyncio.gather(*(instance.stop() for instance in managed))  # and their leases
         return 0
 
     return _run_service(serve)

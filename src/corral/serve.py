@@ -62,7 +62,8 @@ class LocalServe:
             ManagedOptions(
                 binary=self.options.binary,
                 model=self.options.model,
-                port=self._port().port,
+                port=(lease := self._port()).port,
+                lease=lease,
                 balancers=[addresses.management],
                 cluster_token=self.options.cluster_token,
                 llama_args=self.options.llama_args,
@@ -84,6 +85,6 @@ class LocalServe:
         """Drain the balancer, then stop the agent and llama-server."""
         await self.balancer.stop()
         if self.instance is not None:
-            await self.instance.stop()
-        if self.lease is not None:
+            await self.instance.stop()  # releases its port lease too
+        elif self.lease is not None:
             self.lease.release()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -349,3 +350,47 @@ async def test_steady_traffic_survives_reconfigures_and_kills(
     allowed = {"ok", "stream cut mid-way"}
     assert set(outcomes) <= allowed, (outcomes, failures)
     assert outcomes["stream cut mid-way"] <= 2 * 2  # at most the streams on 2 killed servers
+
+
+async def test_reconfigure_moves_an_instance_to_a_new_port(
+    procs: Processes, http: aiohttp.ClientSession, model: Path
+) -> None:
+    balancer = await procs.balancer("--buffered-request-timeout", "30")
+    await owning_agent(procs, balancer, model, "--parallel", "2")
+    await wait_for(ready_count(balancer, http)(1), "the instance")
+    before = await only_instance(http, balancer)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://{balancer.management}/api/v1/instances/{before['id']}/reconfigure"
+    async with http.post(url, json={"port": port}, headers=AUTH) as response:
+        assert response.status == 202, await response.text()
+
+    async def moved() -> bool:
+        instances = (await fleet_of(http, balancer))["instances"]
+        return bool(
+            instances
+            and instances[0]["url"] == f"http://127.0.0.1:{port}"
+            and instances[0]["usable"]
+        )
+
+    await wait_for(moved, "the instance on its new port")
+    assert await chat(http, balancer) == 200
+    assert (await only_instance(http, balancer))["slots_total"] == 2  # args kept
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"port": "80"}, {"port": 0}, {"port": True}, {"args": "--parallel 4"}, {"nope": 1}],
+)
+async def test_reconfigure_refuses_bad_bodies(
+    procs: Processes, http: aiohttp.ClientSession, model: Path, body: dict[str, Any]
+) -> None:
+    balancer = await procs.balancer()
+    await owning_agent(procs, balancer, model)
+    await wait_for(ready_count(balancer, http)(1), "the instance")
+    instance = await only_instance(http, balancer)
+    url = f"http://{balancer.management}/api/v1/instances/{instance['id']}/reconfigure"
+    async with http.post(url, json=body, headers=AUTH) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == 400

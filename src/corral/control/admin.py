@@ -9,9 +9,9 @@ WebSocket, so the same calls work for ``corral serve`` and for remote agents.
 Routes (``AGENT/ID`` is the instance id shown by ``/api/v1/instances``):
 
 - ``POST /api/v1/instances/AGENT/ID/restart``: drain, restart.
-- ``POST /api/v1/instances/AGENT/ID/reconfigure`` with ``{"args": [...]}``: check
-  the llama-server arguments (see :mod:`corral.supervisor.flags`), drain, restart
-  with them.
+- ``POST /api/v1/instances/AGENT/ID/reconfigure`` with ``{"args": [...]}`` and/or
+  ``{"port": N}``: check the llama-server arguments (see
+  :mod:`corral.supervisor.flags`), drain, restart with them (on the new loopback port).
 - ``GET /api/v1/instances/AGENT/ID/logs?lines=N``: the last N log lines (200);
   ``&follow=1`` streams new lines as server-sent events.
 - ``POST /api/v1/models/MODEL/restart``: a rolling restart, one instance at a time,
@@ -155,19 +155,29 @@ class InstanceAdmin:
                 raise AdminError(
                     400, 'the body must be JSON: {"args": ["--flag", "value"]}'
                 ) from None
-            if not isinstance(body, dict) or not isinstance(body.get("args"), list):
-                raise AdminError(400, 'the body must be {"args": [...]}: a list of strings')
-            try:
-                args = check_llama_args(body["args"])
-            except FlagError as exc:
-                raise AdminError(400, f"refused llama-server arguments: {exc}") from None
-            drained = await self._drain_and_command(
-                instance, timeout, "reconfigure", {"args": args}
-            )
+            usage = 'the body must be {"args": [...], "port": N}, with at least one of them'
+            if not isinstance(body, dict) or not ({"args", "port"} & set(body)):
+                raise AdminError(400, usage)
+            if set(body) - {"args", "port"}:
+                raise AdminError(400, f"unknown keys {sorted(set(body) - {'args', 'port'})}")
+            change: dict[str, Any] = {}
+            if "args" in body:
+                if not isinstance(body["args"], list):
+                    raise AdminError(400, "args must be a list of strings")
+                try:
+                    change["args"] = check_llama_args(body["args"])
+                except FlagError as exc:
+                    raise AdminError(400, f"refused llama-server arguments: {exc}") from None
+            if "port" in body:
+                port = body["port"]
+                if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+                    raise AdminError(400, "port must be a whole number from 1 to 65535")
+                change["port"] = port
+            drained = await self._drain_and_command(instance, timeout, "reconfigure", change)
         except AdminError as exc:
             return self._error(exc)
         return web.json_response(
-            {"instance": instance.id, "restarting": True, "drained": drained, "args": args},
+            {"instance": instance.id, "restarting": True, "drained": drained, **change},
             status=202,
         )
 

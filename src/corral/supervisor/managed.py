@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from corral.control.agent import Agent, AgentOptions
+from corral.control.tokens import state_dir
 from corral.supervisor.flags import FlagError, check_llama_args
 from corral.supervisor.instance import SupervisedInstance, SupervisorOptions
+from corral.supervisor.process import PortLease, lease_port
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class ManagedOptions:
     supervisor: SupervisorOptions = field(default_factory=SupervisorOptions)
     log_dir: Path | None = None
     """Where to keep rotating log files (NAME.log, NAME.log.1, ...); None: memory only."""
+    lease: PortLease | None = None
+    """The lease on ``port``, released when the instance moves or stops."""
 
 
 class ManagedInstance:
@@ -113,6 +117,9 @@ class ManagedInstance:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._restart_task
         await self.supervisor.stop()
+        if self.options.lease is not None:
+            self.options.lease.release()
+            self.options.lease = None
 
     # -- commands from balancers --------------------------------------------------------
 
@@ -121,15 +128,21 @@ class ManagedInstance:
             self._begin_restart()
             return {"ok": True, "detail": "restart started"}
         if command == "reconfigure":
-            try:
-                args = check_llama_args(data.get("args", []))
-            except FlagError as exc:  # checked by the balancer too; never trust the wire
-                return {"ok": False, "detail": f"refused llama-server arguments: {exc}"}
-            log.info("reconfigure model=%s args=%s", self.model_id, args)
+            args = self.llama_args
+            if "args" in data:
+                try:
+                    args = check_llama_args(data["args"])
+                except FlagError as exc:  # checked by the balancer too: never trust the wire
+                    return {"ok": False, "detail": f"refused llama-server arguments: {exc}"}
+            if "port" in data:
+                error = self._move_to(data["port"])
+                if error:
+                    return {"ok": False, "detail": error}
+            log.info("reconfigure model=%s port=%s args=%s", self.model_id, self.options.port, args)
             self.llama_args = args
             self.supervisor.args = self._args()
             self._begin_restart()
-            return {"ok": True, "detail": "restarting with new arguments", "args": args}
+            return {"ok": True, "detail": "restarting with new settings", "args": args}
         if command == "logs":
             output = self.supervisor.output
             if "since" in data:
@@ -138,6 +151,24 @@ class ManagedInstance:
                 lines, cursor = output.tail(int(data.get("lines", 200))), output.count
             return {"ok": True, "lines": lines, "cursor": cursor}
         return {"ok": False, "detail": f"unknown command {command!r}"}
+
+    def _move_to(self, port: object) -> str | None:
+        """Lease ``port`` for the next start; an error message if it can't be had."""
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            return "port must be a whole number from 1 to 65535"
+        if port == self.options.port:
+            return None
+        try:
+            lease = lease_port(range(port, port + 1), state_dir() / "ports")
+        except RuntimeError:
+            return f"port {port} is in use or held by another corral process"
+        if self.options.lease is not None:
+            self.options.lease.release()
+        self.options.lease, self.options.port = lease, port
+        url = f"http://127.0.0.1:{port}"
+        self.agent.local_url = self.agent.url = url
+        self.supervisor.health_url = url + "/health"
+        return None
 
     def _begin_restart(self) -> None:
         # answer the balancer at once; the restart (SIGTERM, wait, start) runs on
