@@ -7,6 +7,7 @@ import socket
 import sys
 
 import psutil
+import pytest
 
 from corral.supervisor.instance import SupervisedInstance, SupervisorOptions
 from tests.integration.fleet import wait_for
@@ -143,3 +144,30 @@ async def test_a_readiness_line_in_the_log_triggers_a_health_check_at_once() -> 
         assert await asyncio.wait_for(instance.wait_ready(), 15)
     finally:
         await instance.stop()
+
+
+@pytest.mark.parametrize("use_setpriv", [True, False])
+async def test_a_child_dies_with_its_corral_even_on_sigkill(use_setpriv: bool) -> None:
+    """Both ways of setting the parent-death signal: setpriv, and the preexec fallback."""
+    script = (
+        "import asyncio, sys\n"
+        "from corral.supervisor import process\n"
+        f"if not {use_setpriv}: process._SETPRIV = None\n"
+        "async def main():\n"
+        "    child = process.ChildProcess(['sleep', '60'])\n"
+        "    await child.start()\n"
+        "    print(child.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+    )
+    assert parent.stdout is not None
+    child_pid = int(await asyncio.wait_for(parent.stdout.readline(), 15))
+    child = psutil.Process(child_pid)
+    assert child.name() == "sleep"
+    parent.kill()
+    await parent.wait()
+    _, alive = psutil.wait_procs([child], timeout=10)
+    assert alive == [], "the child outlived its parent"
