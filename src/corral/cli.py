@@ -144,20 +144,30 @@ def _run_service(main_coro: Callable[[asyncio.Event], Awaitable[int]]) -> int:
         return asyncio.run(runner())
 
 
+def _require_loopback(settings: Settings, what: str, how: str) -> None:
+    """Generated secrets are only for a loopback management address."""
+    from corral.control.tokens import TokenError, is_loopback
+
+    host, _ = settings.management_host_port()
+    if not is_loopback(host):
+        raise TokenError(
+            f"the management address {settings.management_addr} is not loopback, so "
+            f"{what}: set {how}"
+        )
+
+
 def _management_token(settings: Settings) -> str:
-    from corral.control.tokens import TokenError, generated_token, is_loopback
+    from corral.control.tokens import generated_token
     from corral.control.tokens import management_token_file as default_file
 
     token = settings.resolved_management_token()
     if token:
         return token
-    host, _ = settings.management_host_port()
-    if not is_loopback(host):
-        raise TokenError(
-            f"the management address {settings.management_addr} is not loopback, so a "
-            "management token is required: set CORRAL_MANAGEMENT_TOKEN or "
-            "--management-token-file"
-        )
+    _require_loopback(
+        settings,
+        "a management token is required",
+        "CORRAL_MANAGEMENT_TOKEN or --management-token-file",
+    )
     path = default_file()
     token, created = generated_token(path)
     sys.stderr.write(
@@ -175,15 +185,9 @@ def _cluster_token(settings: Settings, *, create: bool) -> str:
         return token
     path = default_file()
     if create:
-        host, _ = settings.management_host_port()
-        from corral.control.tokens import is_loopback
-
-        if not is_loopback(host):
-            raise TokenError(
-                f"the management address {settings.management_addr} is not loopback, so "
-                "agents need a cluster token: set CORRAL_CLUSTER_TOKEN or "
-                "--cluster-token-file"
-            )
+        _require_loopback(
+            settings, "agents need a cluster token", "CORRAL_CLUSTER_TOKEN or --cluster-token-file"
+        )
         token, created = generated_token(path)
         if created:
             sys.stderr.write(f"cluster token generated for agents: {path}\n")

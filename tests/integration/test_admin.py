@@ -57,6 +57,20 @@ async def only_instance(http: aiohttp.ClientSession, balancer: BalancerProc) -> 
     return dict(instance)
 
 
+async def one_instance(
+    procs: Processes,
+    http: aiohttp.ClientSession,
+    model: Path,
+    *balancer_flags: str,
+    llama_args: tuple[str, ...] = (),
+) -> tuple[BalancerProc, dict[str, Any]]:
+    """A balancer with one agent-owned, ready instance, and that instance's view."""
+    balancer = await procs.balancer(*balancer_flags)
+    await owning_agent(procs, balancer, model, *llama_args)
+    await wait_for(ready_count(balancer, http)(1), "the instance")
+    return balancer, await only_instance(http, balancer)
+
+
 async def chat(http: aiohttp.ClientSession, balancer: BalancerProc) -> int:
     async with http.post(
         f"http://{balancer.inference}/v1/chat/completions", json={**CHAT, "model": "tiny"}
@@ -85,10 +99,9 @@ async def test_agent_with_model_starts_and_reports_its_own_llama_server(
 async def test_reconfigure_restarts_with_new_arguments_and_loses_no_request(
     procs: Processes, http: aiohttp.ClientSession, model: Path
 ) -> None:
-    balancer = await procs.balancer("--buffered-request-timeout", "30")
-    await owning_agent(procs, balancer, model, "--parallel", "1")
-    await wait_for(ready_count(balancer, http)(1), "the instance")
-    instance = await only_instance(http, balancer)
+    balancer, instance = await one_instance(
+        procs, http, model, "--buffered-request-timeout", "30", llama_args=("--parallel", "1")
+    )
     url = f"http://{balancer.management}/api/v1/instances/{instance['id']}/reconfigure"
     running = [asyncio.create_task(chat(http, balancer)) for _ in range(4)]
     async with http.post(url, json={"args": ["--parallel", "4"]}, headers=AUTH) as response:
@@ -117,10 +130,7 @@ async def test_reconfigure_restarts_with_new_arguments_and_loses_no_request(
 async def test_reconfigure_refuses_hostile_arguments(
     procs: Processes, http: aiohttp.ClientSession, model: Path, args: list[Any]
 ) -> None:
-    balancer = await procs.balancer()
-    await owning_agent(procs, balancer, model)
-    await wait_for(ready_count(balancer, http)(1), "the instance")
-    instance = await only_instance(http, balancer)
+    balancer, instance = await one_instance(procs, http, model)
     url = f"http://{balancer.management}/api/v1/instances/{instance['id']}/reconfigure"
     async with http.post(url, json={"args": args}, headers=AUTH) as response:
         body = await response.json()
@@ -132,10 +142,7 @@ async def test_reconfigure_refuses_hostile_arguments(
 async def test_admin_routes_need_the_management_token(
     procs: Processes, http: aiohttp.ClientSession, model: Path
 ) -> None:
-    balancer = await procs.balancer()
-    await owning_agent(procs, balancer, model)
-    await wait_for(ready_count(balancer, http)(1), "the instance")
-    instance = await only_instance(http, balancer)
+    balancer, instance = await one_instance(procs, http, model)
     base = f"http://{balancer.management}/api/v1"
     for method, path in (
         ("POST", f"/instances/{instance['id']}/restart"),
@@ -151,10 +158,7 @@ async def test_admin_routes_need_the_management_token(
 async def test_logs_return_the_tail_and_follow_new_lines(
     procs: Processes, http: aiohttp.ClientSession, model: Path
 ) -> None:
-    balancer = await procs.balancer()
-    await owning_agent(procs, balancer, model)
-    await wait_for(ready_count(balancer, http)(1), "the instance")
-    instance = await only_instance(http, balancer)
+    balancer, instance = await one_instance(procs, http, model)
     url = f"http://{balancer.management}/api/v1/instances/{instance['id']}/logs"
     async with http.get(url + "?lines=50", headers=AUTH) as response:
         assert response.status == 200
@@ -355,10 +359,9 @@ async def test_steady_traffic_survives_reconfigures_and_kills(
 async def test_reconfigure_moves_an_instance_to_a_new_port(
     procs: Processes, http: aiohttp.ClientSession, model: Path
 ) -> None:
-    balancer = await procs.balancer("--buffered-request-timeout", "30")
-    await owning_agent(procs, balancer, model, "--parallel", "2")
-    await wait_for(ready_count(balancer, http)(1), "the instance")
-    before = await only_instance(http, balancer)
+    balancer, before = await one_instance(
+        procs, http, model, "--buffered-request-timeout", "30", llama_args=("--parallel", "2")
+    )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -386,10 +389,7 @@ async def test_reconfigure_moves_an_instance_to_a_new_port(
 async def test_reconfigure_refuses_bad_bodies(
     procs: Processes, http: aiohttp.ClientSession, model: Path, body: dict[str, Any]
 ) -> None:
-    balancer = await procs.balancer()
-    await owning_agent(procs, balancer, model)
-    await wait_for(ready_count(balancer, http)(1), "the instance")
-    instance = await only_instance(http, balancer)
+    balancer, instance = await one_instance(procs, http, model)
     url = f"http://{balancer.management}/api/v1/instances/{instance['id']}/reconfigure"
     async with http.post(url, json=body, headers=AUTH) as response:
         assert response.status == 400

@@ -117,20 +117,6 @@ def lease_port(ports: range, lock_dir: Path, host: str = "127.0.0.1") -> PortLea
     raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
-def free_port(ports: range, host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
-    """The first port in ``ports`` that nothing listens on (and not in ``taken``)."""
-    for port in ports:
-        if taken and port in taken:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
-
-
 class LogRing:
     """The last ``size`` output lines, with a cursor: the count of lines ever added."""
 
