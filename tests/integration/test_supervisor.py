@@ -166,7 +166,8 @@ async def test_a_child_dies_with_its_corral_even_on_sigkill(use_setpriv: bool) -
     assert parent.stdout is not None
     child_pid = int(await asyncio.wait_for(parent.stdout.readline(), 15))
     child = psutil.Process(child_pid)
-    assert child.name() == "sleep"
+    # same pid throughout: setpriv execs into the program a moment after the spawn
+    await wait_for(lambda: child.name() == "sleep", "the child to exec into sleep")
     parent.kill()
     await parent.wait()
     _, alive = psutil.wait_procs([child], timeout=10)
