@@ -408,14 +408,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import secrets
 
     from corral.control.tokens import TokenError
-    from corral.serve import LocalServe, ServeOptions
+    from corral.serve import LocalServe, ServeOptions, build_catalog
     from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
 
-    settings = settings_from(args, _balancer_overrides(args))
-    model = Path(args.model)
-    if not model.is_file():
+    overrides = _balancer_overrides(args)
+    overrides["max_instances"] = args.max_instances
+    settings = settings_from(args, overrides)
+    model = Path(args.model) if args.model else None
+    if model is not None and not model.is_file():
         _err(f"model file {model} does not exist")
         return 2
+    for folder in args.models_dir:
+        if not folder.is_dir():
+            _err(f"--models-dir {folder}: not a folder")
+            return 2
     try:
         binary = find_llama_server(args.llama_server or settings.llama_server).path
         management_token = _management_token(settings)
@@ -424,31 +430,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 2
     extra = _llama_args(args.llama_args)
+    if extra and model is None:
+        _err("llama-server arguments after -- apply to --model; give --model, or set "
+             "llama_args (every model) or models.ID.args in --config")  # fmt: skip
+        return 2
     options = ServeOptions(
         model=model,
         binary=binary,
         llama_args=extra,
+        models_dirs=list(args.models_dir),
         management_token=management_token,
         cluster_token=cluster_token,
         log_dir=settings.log_dir,
     )
-
     try:
         LocalServe.check_args(extra)
     except ValueError as exc:
         _err(str(exc))
         return 2
+    if model is None:
+        catalog = build_catalog(settings, options)
+        if catalog.dirs:
+            catalog.rescan()
+        if not catalog.models:
+            tiny = _offer_tiny(catalog)
+            if tiny is not None:
+                options.model = tiny
 
     async def serve(stop: asyncio.Event) -> int:
         local = LocalServe(settings, options)
+        if args.config is not None:
+            local.config_file = Path(args.config)
         try:
             addresses = await local.start()
         except (OSError, RuntimeError) as exc:
             _err(str(exc))
             await local.stop()
             return 1
+        names = ", ".join(local.models) or "no models yet (watching the model folders)"
         sys.stderr.write(
-            f"corral serve: {model.name} at http://{addresses.inference}/v1  "
+            f"corral serve: {names} at http://{addresses.inference}/v1  "
             f"(management http://{addresses.management})\n"
         )
         await stop.wait()
@@ -456,6 +477,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
 
     return _run_service(serve)
+
+
+def _offer_tiny(catalog: Any) -> Path | None:
+    """No model anywhere: offer (on a terminal) to write the tiny test model."""
+    from corral.catalog.tiny import make_tiny_model
+
+    where = ", ".join(str(d) for d in catalog.dirs) or "(no folders)"
+    target = Path.home() / ".cache" / "corral" / "models" / "tiny.gguf"
+    hint = (
+        f"corral serve: no GGUF models found in {where}. Give --model FILE.gguf or "
+        f"--models-dir DIR, or create a tiny test model with `corral models make-tiny "
+        f"{target}`."
+    )
+    if not sys.stdin.isatty():
+        sys.stderr.write(hint + " Serving nothing until a model appears.\n")
+        return None
+    sys.stderr.write(hint + "\n")
+    answer = input(f"Create the tiny test model at {target} and serve it? [Y/n] ").strip()
+    if answer.lower() not in ("", "y", "yes"):
+        return None
+    return make_tiny_model(target) if not target.is_file() else target
 
 
 def _status_token(settings: Settings) -> str | None:
@@ -794,10 +836,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     # serve
     serve = commands.add_parser(
-        "serve", help="balancer and a local llama-server in one process (one machine)"
+        "serve",
+        help="balancer and local llama-servers in one process: every model found, "
+        "loaded on demand (one machine)",
     )
     _add_balancer_flags(serve)
-    serve.add_argument("--model", required=True, help="GGUF file to serve")
+    serve.add_argument("--model", default=None, help="a GGUF file to serve (and load at start)")
+    serve.add_argument(
+        "--models-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="folder searched for GGUF models (repeatable; default: models_dirs, else "
+        "llama.cpp's and the Hugging Face hub's caches)",
+    )
+    serve.add_argument(
+        "--max-instances",
+        type=int,
+        default=None,
+        help="most llama-servers running at once (4); the least recently used is unloaded",
+    )
     serve.add_argument("--llama-server", type=Path, default=None, help="llama-server binary")
     serve.add_argument("--log-dir", type=Path, default=None, help="rotating llama-server logs")
     serve.add_argument(

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 if TYPE_CHECKING:
     from corral.supervisor.instance import SupervisorOptions
@@ -56,6 +63,24 @@ class ModelConfig(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
     unlisted: bool = Field(default=False, description="Hide from /v1/models.")
     preload: bool = Field(default=False, description="Start an instance at startup.")
+    mmproj: Path | None = Field(
+        default=None, description="Multimodal projector GGUF (else one found beside the model)."
+    )
+
+
+class GroupConfig(BaseModel):
+    """How the models of one group share the machine (the ``groups`` table)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exclusive: bool = Field(
+        default=True,
+        description="Members swap with each other (one runs at a time); false: they may "
+        "run together.",
+    )
+    persistent: bool = Field(
+        default=False, description="Members are never evicted to make room for other models."
+    )
 
 
 class Settings(BaseModel):
@@ -144,7 +169,30 @@ class Settings(BaseModel):
         default=None, description="llama-server binary (else LLAMA_SERVER, cache, PATH)."
     )
     max_instances: int | None = Field(
-        default=None, ge=1, description="Most llama-server instances one agent runs."
+        default=None,
+        ge=1,
+        description="Most llama-server instances one agent runs (serve: 4 when unset, "
+        "like llama-server's router mode).",
+    )
+    llama_args: list[str] = Field(
+        default_factory=list, description="Base llama-server arguments for every model."
+    )
+    model_ttl: float | None = Field(
+        default=None,
+        ge=0,
+        description="Default seconds idle before a model is unloaded (models.*.ttl wins); "
+        "unset: never.",
+    )
+    drain_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds an instance may take to finish its requests before an "
+        "eviction or unload gives up (it never kills them).",
+    )
+    memory_check: bool = Field(
+        default=True,
+        description="Refuse or evict before loading a model whose estimated memory "
+        "(file + KV cache) exceeds what is free.",
     )
     port_range: str = Field(
         default="5800-5999", description="Loopback ports for spawned llama-servers."
@@ -175,6 +223,9 @@ class Settings(BaseModel):
     )
     models: dict[str, ModelConfig] = Field(
         default_factory=dict, description="Models by id (file only)."
+    )
+    groups: dict[str, GroupConfig] = Field(
+        default_factory=dict, description="Swap groups by name (file only)."
     )
 
     @field_validator("inference_addr", "management_addr", "statsd_addr")
@@ -313,7 +364,7 @@ def env_var_name(field: str) -> str:
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name in Settings.model_fields:
-        if name == "models":
+        if name in ("models", "groups"):
             continue
         raw = environ.get(env_var_name(name))
         if raw is None:
@@ -339,8 +390,8 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     index = 0
     while index < len(loc) - 1:
         name = loc[index]
-        if model is Settings and name == "models":
-            model = ModelConfig
+        if model is Settings and name in ("models", "groups"):
+            model = ModelConfig if name == "models" else GroupConfig
             index += 2  # skip the model id
             continue
         return None
@@ -414,9 +465,25 @@ def load_settings(
         merged[key] = value
         origin[key] = "(flags)"
     try:
-        return Settings.model_validate(merged)
+        settings = Settings.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_issues_from(exc, origin, lines)) from exc
+    issues = []
+    for model_id, model in settings.models.items():
+        if model.group is not None and model.group not in settings.groups:
+            known = ", ".join(sorted(settings.groups)) or "none defined"
+            issues.append(
+                ConfigIssue(
+                    f"models.{model_id}.group",
+                    f"unknown group {model.group!r} (groups: {known})"
+                    + _suggest(model.group, list(settings.groups)),
+                    origin.get("models", "(config)"),
+                    lines.get(("models", model_id, "group")),
+                )
+            )
+    if issues:
+        raise ConfigError(issues)
+    return settings
 
 
 def check_file(path: Path | str) -> list[ConfigIssue]:

@@ -139,6 +139,9 @@ class GGUFMetadata:
     tensor_count: int
     split_no: int | None
     split_count: int | None
+    kv_bytes_per_token: int | None = None
+    """Bytes of K and V cache one token of context takes at f16 (all layers), from
+    the attention shape in the header; None when the header does not say."""
 
 
 _SCALARS: dict[int, str] = {
@@ -308,6 +311,7 @@ def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFMetadata:
         k.startswith(gguf.Keys.Tokenizer.CHAT_TEMPLATE + ".") for k in values
     )
     return GGUFMetadata(
+        kv_bytes_per_token=_kv_bytes_per_token(values, architecture),
         path=path,
         size_bytes=size,
         version=int(version),
@@ -323,6 +327,32 @@ def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFMetadata:
         split_no=_int(values.get(gguf.Keys.Split.LLM_KV_SPLIT_NO)),
         split_count=_int(values.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT)),
     )
+
+
+def _kv_bytes_per_token(values: Mapping[str, Any], arch: str | None) -> int | None:
+    """f16 K+V bytes per token of context: 2 * layers * kv heads * head size * 2."""
+    if not arch:
+        return None
+
+    def number(key: str) -> int | None:
+        value = values.get(key.format(arch=arch))
+        if isinstance(value, list):  # per-layer values: the largest bounds the cache
+            value = max((v for v in value if isinstance(v, int)), default=None)
+        return _int(value)
+
+    layers = number(gguf.Keys.LLM.BLOCK_COUNT)
+    embd = number(gguf.Keys.LLM.EMBEDDING_LENGTH)
+    heads = number(gguf.Keys.Attention.HEAD_COUNT)
+    kv_heads = number(gguf.Keys.Attention.HEAD_COUNT_KV) or heads
+    key_len = number(gguf.Keys.Attention.KEY_LENGTH)
+    value_len = number(gguf.Keys.Attention.VALUE_LENGTH)
+    if not layers or not kv_heads:
+        return None
+    if not key_len or not value_len:
+        if not embd or not heads:
+            return None
+        key_len = value_len = embd // heads
+    return layers * kv_heads * (key_len + value_len) * 2
 
 
 def _str(value: Any) -> str | None:
@@ -384,6 +414,8 @@ class CatalogModel:
     """``general.name`` from the header."""
     config: ModelConfig | None = field(default=None, compare=False, repr=False)
     """The config entry of a manual model (its args, TTL, group ...)."""
+    kv_bytes_per_token: int | None = None
+    """f16 K+V cache bytes per token of context (memory estimates)."""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -889,6 +921,7 @@ def _assign(
                 aliases=aliases,
                 repo=c.first.repo,
                 name=head.name,
+                kv_bytes_per_token=head.kv_bytes_per_token,
             )
         )
     return sorted(models, key=lambda m: m.id)
@@ -955,6 +988,7 @@ def manual_model(model_id: str, config: ModelConfig) -> tuple[CatalogModel, Scan
             quantization=head.quantization,
             has_chat_template=head.has_chat_template,
             name=head.name,
+            kv_bytes_per_token=head.kv_bytes_per_token,
         ),
         None,
     )
@@ -993,6 +1027,19 @@ class Catalog:
         self._scan_problems: list[ScanProblem] = []
         self._signature: Signature | None = None
         self._cache: MetadataCache = {}
+
+    def set_manual(self, manual: Mapping[str, ModelConfig]) -> list[str]:
+        """Replace the manual models (a config reload); the ids added, removed or whose
+        entry changed. Auto models stay until the next scan."""
+        old = {i: m.config for i, m in self._manual.items()}
+        self._manual, self._manual_problems = {}, []
+        for model_id, config in manual.items():
+            model, problem = manual_model(model_id, config)
+            self._manual[model_id] = model
+            if problem is not None:
+                self._manual_problems.append(problem)
+        ids = set(old) | set(manual)
+        return sorted(i for i in ids if old.get(i) != manual.get(i))
 
     @classmethod
     def from_settings(cls, settings: Settings, dirs: Sequence[Path] | None = None) -> Catalog:

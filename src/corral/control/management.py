@@ -24,17 +24,21 @@ import itertools
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from corral import __version__
 from corral.control.admin import InstanceAdmin
+from corral.control.models_admin import ModelAdmin
 from corral.gateway.auth import key_matches, presented_key
 from corral.gateway.errors import error_response
 from corral.observe.metrics import BalancerMetrics
 from corral.scheduling.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from corral.supervisor.host import ModelHost
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,10 @@ class Management:
         r.add_get("/api/v1/agents", self.agents)
         r.add_get("/api/v1/instances", self.instances)
         InstanceAdmin(self).add_routes(r)
+        self.host: ModelHost | None = None
+        """The local model host (``corral serve``); None for a bare balancer."""
+        self.models_admin = ModelAdmin(lambda: self.host)
+        self.models_admin.add_routes(r)
         r.add_get("/api/v1/buffer", self.buffer)
         r.add_get("/api/v1/fleet", self.fleet)
         r.add_get("/api/v1/events", self.events)

@@ -106,6 +106,8 @@ class Instance:
     """The supervised process's pid when draining began (a new pid: it restarted)."""
     breaker: Breaker = field(default_factory=Breaker)
     served: int = 0
+    last_used: float = 0.0
+    """Scheduler clock when a request last started or ended here (LRU, idle TTL)."""
     started_at: float = field(default_factory=time.time)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -32,6 +32,9 @@ from corral.gateway.errors import error_response, sse_error_event
 from corral.observe.metrics import BalancerMetrics
 from corral.scheduling.policies import Placement
 from corral.scheduling.scheduler import Lease, Scheduler, SchedulingError
+
+if TYPE_CHECKING:
+    from corral.supervisor.host import ModelHost
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("corral.access")
@@ -170,6 +173,8 @@ class Gateway:
         self.metrics = metrics
         self.options = options
         self.session: aiohttp.ClientSession | None = None
+        self.host: ModelHost | None = None
+        """The local model host (``corral serve``): /v1/models lists its catalog too."""
         self.app = web.Application(client_max_size=options.max_body)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/v1/health", self.health)
@@ -247,15 +252,47 @@ class Gateway:
         return web.json_response(body, status=200 if usable else 503)
 
     async def models(self, request: web.Request) -> web.Response:
+        """Every model with its state, in the shape llama-server's router mode uses:
+        ``status.value`` is ``loaded``, ``loading`` or ``unloaded``."""
         denied = self._unauthorized(request)
         if denied is not None:
             return denied
-        data = []
+        data: list[dict[str, Any]] = []
         seen: set[str] = set()
         now = self.scheduler.clock()
+        if self.host is not None:
+            for row in self.host.status():
+                if row["unlisted"]:
+                    continue
+                seen.add(row["id"])
+                pool = self.scheduler.fleet.pool(row["id"])
+                n_ctx = max((i.n_ctx for i in pool), default=0)
+                state = row["state"]
+                if state == "loaded" and not any(i.usable(now) for i in pool):
+                    state = "loading"  # restarting: it will be back
+                data.append(
+                    {
+                        "id": row["id"],
+                        "object": "model",
+                        "created": row["created"],
+                        "owned_by": "corral",
+                        "aliases": row["aliases"],
+                        "status": {
+                            "value": "unloaded" if state == "unloading" else state,
+                            "args": row["args"],
+                            "instances": len(pool),
+                        },
+                        "meta": {
+                            "n_ctx": n_ctx,
+                            "n_ctx_train": row["context_length"],
+                            "size": row["size_bytes"],
+                            "quantization": row["quantization"],
+                        },
+                    }
+                )
         for instance in sorted(self.scheduler.fleet.instances.values(), key=lambda i: i.id):
-            if instance.model in seen:
-                continue
+            if instance.model in seen or (self.host and self.host.resolve(instance.model)):
+                continue  # listed above, or a per-request-flags variant of a listed model
             seen.add(instance.model)
             pool = self.scheduler.fleet.pool(instance.model)
             data.append(

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from corral.fleet.state import Agent, Breaker, Fleet, Instance, InstanceIssue, InstanceState
 from corral.scheduling.policies import Placement, Policy
@@ -69,6 +69,24 @@ class NoCapacity(SchedulingError):
     error_type = "unavailable_error"
 
 
+class Loader(Protocol):
+    """Starts instances on demand (``corral serve``'s model host): the scheduler asks it
+    for models it knows but no instance serves, and lists them."""
+
+    def resolve(self, name: str) -> str | None:
+        """The model id a requested name or alias means, if the loader can serve it."""
+        ...
+
+    def listed(self) -> list[str]:
+        """Model ids clients may ask for (unlisted ones left out)."""
+        ...
+
+    def request(self, model: str) -> bool:
+        """A request for ``model`` is about to wait: start an instance if none is
+        running or coming. True while one is being loaded (the wait may be longer)."""
+        ...
+
+
 @dataclass(eq=False)
 class Lease:
     """One claimed slot: the request may be sent to ``instance`` until released."""
@@ -112,12 +130,27 @@ class Scheduler:
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.accepting = True
         self._released = asyncio.Event()
+        self.loader: Loader | None = None
+        """Starts instances for known models on demand; None: only agents add them."""
+        self.load_allowance = 0.0
+        """Extra seconds a request may wait while its model loads (startup and drain)."""
 
     # -- model resolution -------------------------------------------------------------
 
+    def known_models(self) -> list[str]:
+        """Models served now plus those the loader can start, sorted."""
+        served = set(self.fleet.served_models())
+        if self.loader is not None:
+            served.update(self.loader.listed())
+        return sorted(served)
+
     def resolve_model(self, requested: str | None) -> str:
         """The pool a request goes to, or an error a client can act on."""
-        served = self.fleet.served_models()
+        served = self.known_models()
+        if requested and self.loader is not None:
+            loadable = self.loader.resolve(requested)
+            if loadable is not None:
+                return loadable
         if not requested:
             if len(served) == 1:
                 return served[0]
@@ -132,7 +165,7 @@ class Scheduler:
         if not self.fleet.instances and not self.fleet.known_models:
             return requested  # nothing registered yet: wait for it (scale from zero)
         listed = ", ".join(served) if served else "(none ready right now)"
-        raise UnknownModel(f"model {requested!r} is not served here; served models: {listed}")
+        raise UnknownModel(f"model {requested!r} is not served here; models: {listed}")
 
     # -- leases -----------------------------------------------------------------------
 
@@ -152,6 +185,7 @@ class Scheduler:
             return None
         chosen.in_flight += 1
         chosen.served += 1
+        chosen.last_used = self.clock()
         probe = bool(chosen.breaker.failures)
         if probe:
             chosen.breaker.probing = True  # this request is the half-open probe
@@ -182,6 +216,9 @@ class Scheduler:
             if lease is not None:
                 return lease
         pool = self.fleet.pool(model) if model != ANY_MODEL else []
+        loading = False
+        if self.loader is not None and model != ANY_MODEL:
+            loading = self.loader.request(model)
         if pool and all(i.given_up for i in pool):
             # every instance has given up restarting: waiting would only time out
             reasons = "; ".join(f"{i.id}: {i.failure_reason()}" for i in pool)
@@ -209,6 +246,8 @@ class Scheduler:
         # let this one take it now rather than at the next release or report.
         self.wake((model,))
         wait = self.buffer_timeout if timeout is None else timeout
+        if loading:
+            wait += self.load_allowance
         try:
             async with asyncio.timeout(wait):
                 lease = await waiter.future
@@ -231,6 +270,15 @@ class Scheduler:
         lease.waited = self.clock() - waiter.enqueued_at
         return lease
 
+    def fail_waiters(self, model: str, error: SchedulingError) -> int:
+        """End every request waiting for ``model`` with ``error``; how many there were."""
+        failed = 0
+        for waiter in self.buffers.get(model, ()):
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+                failed += 1
+        return failed
+
     async def wait_release(self) -> None:
         """Return after the next slot release (used to wait for a drain)."""
         await self._released.wait()
@@ -247,6 +295,7 @@ class Scheduler:
         instance = lease.instance
         instance.in_flight = max(0, instance.in_flight - 1)
         instance.note_release(self.clock())
+        instance.last_used = self.clock()
         if outcome == "upstream_failed":
             instance.breaker.record_failure(self.clock())
             self._emit({"type": "breaker", "instance": instance.id, "state": "open"})

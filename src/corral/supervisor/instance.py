@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +67,11 @@ class SupervisedInstance:
         options: SupervisorOptions | None = None,
         on_change: Callable[[SupervisedInstance], None] | None = None,
         log_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.args = list(args)
+        self.env = dict(env) if env else None
+        """Extra environment for the process (on top of corral's own)."""
         self.health_url = health_url
         self.name = name
         self.options = options or SupervisorOptions()
@@ -163,7 +166,11 @@ class SupervisedInstance:
             while not self._stopping:
                 self.output.append(f"[corral] starting: {' '.join(self.args)}")
                 self.child = ChildProcess(
-                    self.args, name=self.name, output=self.output, log_path=self.log_path
+                    self.args,
+                    name=self.name,
+                    output=self.output,
+                    log_path=self.log_path,
+                    env=self.env,
                 )
                 self._set("starting")
                 await self.child.start()

@@ -55,6 +55,8 @@ class ManagedOptions:
     """Where to keep rotating log files (NAME.log, NAME.log.1, ...); None: memory only."""
     lease: PortLease | None = None
     """The lease on ``port``, released when the instance moves or stops."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for llama-server."""
 
 
 class ManagedInstance:
@@ -89,6 +91,7 @@ class ManagedInstance:
                 if options.log_dir is not None
                 else None
             ),
+            env=options.env,
         )
         self._agent_task: asyncio.Task[None] | None = None
         self._restart_task: asyncio.Task[None] | None = None

@@ -1,0 +1,347 @@
+"""Many models in one ``corral serve``: on-demand loading, eviction, groups, TTL, reload.
+
+Each test runs a real :class:`~corral.serve.LocalServe` (balancer, model host, agents
+over loopback WebSockets) whose llama-server binary is the fake, so every start and
+stop is a real process and every request real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from corral.config import Settings, load_settings
+from corral.serve import LocalServe, ServeOptions
+from tests.integration.fleet import wait_for
+from tests.integration.test_serve import fake_binary
+
+TOKEN = "models-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def chat(model: str, stream: bool = False) -> dict[str, Any]:
+    return {
+        "model": model,
+        "stream": stream,
+        "messages": [{"role": "user", "content": f"hello {model}"}],
+    }
+
+
+@asynccontextmanager
+async def serving(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    models: dict[str, dict[str, Any]],
+    **settings: Any,
+) -> AsyncIterator[tuple[LocalServe, str, aiohttp.ClientSession]]:
+    """A LocalServe over fake llama-servers, one ``models`` entry each."""
+    monkeypatch.setenv("CORRAL_STATE_DIR", str(tmp_path))
+    table = {}
+    for model_id, entry in models.items():
+        path = tmp_path / f"{model_id}.gguf"
+        path.write_bytes(b"GGUF")  # the fake never reads it
+        table[model_id] = {"path": str(path), **entry}
+    config = tmp_path / "corral.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "inference_addr": "127.0.0.1:0",
+                "management_addr": "127.0.0.1:0",
+                "models": table,
+                "restart_backoff_initial": 0.1,
+                **settings,
+            }
+        )
+    )
+    local = LocalServe(
+        load_settings(config, environ={}),
+        ServeOptions(
+            binary=fake_binary(tmp_path),
+            management_token=TOKEN,
+            cluster_token="cluster",
+        ),
+    )
+    local.config_file = config
+    addresses = await local.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield local, f"http://{addresses.inference}", http
+    finally:
+        await local.stop()
+
+
+def running(local: LocalServe) -> dict[str, str]:
+    assert local.host is not None
+    return {key: hosted.state for key, hosted in local.host.running.items()}
+
+
+async def settled(local: LocalServe) -> dict[str, str]:
+    """What runs once no load or unload is under way (a request may be answered a
+    moment before the host notes its instance loaded)."""
+    await wait_for(
+        lambda: not {"loading", "unloading"} & set(running(local).values()), "loads to settle"
+    )
+    return running(local)
+
+
+def pid_of(local: LocalServe, key: str) -> int | None:
+    assert local.host is not None
+    child = local.host.running[key].managed.supervisor.child
+    return child.pid if child else None
+
+
+async def complete(http: aiohttp.ClientSession, base: str, model: str) -> tuple[int, Any]:
+    async with http.post(base + "/v1/chat/completions", json=chat(model)) as response:
+        return response.status, await response.json()
+
+
+async def stream_through(
+    http: aiohttp.ClientSession, base: str, model: str, on_first: Callable[[], None] | None = None
+) -> tuple[int, str]:
+    """Stream a chat completion to its end; the status and every byte received."""
+    async with http.post(base + "/v1/chat/completions", json=chat(model, True)) as response:
+        body = b""
+        async for chunk in response.content.iter_any():
+            if not body and on_first is not None:
+                on_first()
+            body += chunk
+        return response.status, body.decode()
+
+
+async def test_one_start_for_many_concurrent_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = {"a": {"args": ["--load-delay", "0.5", "-np", "2"]}}
+    async with serving(tmp_path, monkeypatch, models) as (local, base, http):
+        assert running(local) == {}
+        results = await asyncio.gather(*(complete(http, base, "a") for _ in range(20)))
+        assert [status for status, _ in results] == [200] * 20
+        assert local.host is not None and local.host.swaps == 1
+        assert await settled(local) == {"a": "loaded"}
+
+
+async def test_no_in_flight_request_is_killed_by_eviction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = ["--token-delay", "0.1", "--tokens", "15", "-np", "3"]
+    async with serving(tmp_path, monkeypatch, {"a": {"args": slow}, "b": {}}, max_instances=1) as (
+        local,
+        base,
+        http,
+    ):
+        started = 0
+
+        def first() -> None:
+            nonlocal started
+            started += 1
+
+        streams = [asyncio.create_task(stream_through(http, base, "a", first)) for _ in range(3)]
+        await wait_for(lambda: started == 3, "three streams from a to begin")
+        status, _ = await complete(http, base, "b")  # needs a's place: a drains first
+        finished_b = time.monotonic()
+        assert status == 200
+        results = await asyncio.gather(*streams)
+        for status, body in results:
+            assert status == 200
+            assert '"finish_reason":"stop"' in body.replace(" ", "") and "[DONE]" in body
+            assert "error" not in body
+        assert all(s.done() for s in streams)
+        assert finished_b > 0 and await settled(local) == {"b": "loaded"}
+
+
+async def test_alternating_models_are_served_in_batches_not_a_swap_per_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["-np", "8", "--token-delay", "0.02"]
+    models = {"a": {"args": args}, "b": {"args": args}}
+    async with serving(tmp_path, monkeypatch, models, max_instances=1) as (local, base, http):
+        order = ["a", "b"] * 8  # A, B, A, B ... all at once
+        results = await asyncio.gather(*(complete(http, base, m) for m in order))
+        assert [status for status, _ in results] == [200] * 16
+        assert [body["model"] for _, body in results] == order
+        assert local.host is not None
+        assert local.host.swaps <= 3, f"{local.host.swaps} loads for 16 alternating requests"
+
+
+async def test_max_instances_evicts_the_least_recently_used_idle_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = {"a": {}, "b": {}, "c": {}}
+    async with serving(tmp_path, monkeypatch, models, max_instances=2) as (local, base, http):
+        for model in ("a", "b", "a"):
+            assert (await complete(http, base, model))[0] == 200
+        assert await settled(local) == {"a": "loaded", "b": "loaded"}
+        assert (await complete(http, base, "c"))[0] == 200  # b is least recently used
+        assert await settled(local) == {"a": "loaded", "c": "loaded"}
+
+
+async def test_groups_exclusive_swap_shared_coexist_persistent_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = {
+        "x": {"group": "swap"},
+        "y": {"group": "swap"},
+        "p": {"group": "keep"},
+        "q": {"group": "keep"},
+        "z": {},
+    }
+    groups = {"swap": {"exclusive": True}, "keep": {"exclusive": False, "persistent": True}}
+    async with serving(tmp_path, monkeypatch, models, max_instances=3, groups=groups) as (
+        local,
+        base,
+        http,
+    ):
+        for model in ("p", "q", "x"):
+            assert (await complete(http, base, model))[0] == 200
+        assert await settled(local) == {"p": "loaded", "q": "loaded", "x": "loaded"}  # shared
+        assert (await complete(http, base, "y"))[0] == 200  # swaps with x, room or not
+        assert await settled(local) == {"p": "loaded", "q": "loaded", "y": "loaded"}
+        assert (await complete(http, base, "z"))[0] == 200  # p, q persistent: y goes
+        assert await settled(local) == {"p": "loaded", "q": "loaded", "z": "loaded"}
+
+
+async def test_max_instances_of_persistent_models_refuses_with_a_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = {"p": {"group": "keep"}, "z": {}}
+    groups = {"keep": {"persistent": True}}
+    async with serving(tmp_path, monkeypatch, models, max_instances=1, groups=groups) as (
+        local,
+        base,
+        http,
+    ):
+        assert (await complete(http, base, "p"))[0] == 200
+        status, body = await complete(http, base, "z")
+        assert status == 503
+        assert "max_instances" in body["error"]["message"]
+        assert await settled(local) == {"p": "loaded"}
+
+
+async def test_idle_ttl_unloads_only_after_the_last_request_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = {"a": {"ttl": 1, "args": ["--token-delay", "0.1", "--tokens", "25"]}}
+    async with serving(tmp_path, monkeypatch, models) as (local, base, http):
+        started = time.monotonic()
+        status, body = await stream_through(http, base, "a")  # 2.5 s: longer than the TTL
+        ended = time.monotonic()
+        assert status == 200 and "[DONE]" in body
+        assert ended - started > 2.0 and running(local) == {"a": "loaded"}
+        await wait_for(lambda: running(local) == {}, "the idle model to be unloaded")
+        assert time.monotonic() - ended >= 0.9
+
+
+async def test_unload_drains_in_flight_requests_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = {"a": {"args": ["--token-delay", "0.1", "--tokens", "10"]}}
+    async with serving(tmp_path, monkeypatch, models) as (local, base, http):
+        began = asyncio.Event()
+        stream = asyncio.create_task(stream_through(http, base, "a", began.set))
+        await began.wait()
+        management = f"http://{local.balancer.addresses.management}"
+        async with http.post(management + "/api/v1/models/a/unload", headers=AUTH) as response:
+            assert response.status == 200, await response.text()
+        assert stream.done()  # unload answered only after the stream ended
+        status, body = stream.result()
+        assert status == 200 and "[DONE]" in body and "error" not in body
+        assert running(local) == {}
+
+
+async def test_v1_models_lists_every_model_with_its_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = {"a": {"aliases": ["alpha"]}, "b": {}, "hidden": {"unlisted": True}}
+    async with serving(tmp_path, monkeypatch, models) as (_local, base, http):
+        assert (await complete(http, base, "alpha"))[0] == 200  # by alias
+        async with http.get(base + "/v1/models") as response:
+            listed = {m["id"]: m for m in (await response.json())["data"]}
+        assert set(listed) == {"a", "b"}
+        assert listed["a"]["status"]["value"] == "loaded"
+        assert listed["a"]["aliases"] == ["alpha"]
+        assert listed["b"]["status"]["value"] == "unloaded"
+        assert (await complete(http, base, "hidden"))[0] == 200  # unlisted, still served
+        status, body = await complete(http, base, "nope")
+        assert status == 404
+        assert "a, b" in body["error"]["message"]
+
+
+async def test_load_and_unload_through_the_management_api(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serving(tmp_path, monkeypatch, {"a": {}}) as (local, _base, http):
+        management = f"http://{local.balancer.addresses.management}"
+        async with http.post(management + "/api/v1/models/a/load") as response:
+            assert response.status == 401  # the token is required
+        async with http.post(management + "/api/v1/models/a/load", headers=AUTH) as response:
+            assert response.status == 200 and (await response.json())["state"] == "loaded"
+        async with http.get(management + "/api/v1/models", headers=AUTH) as response:
+            (row,) = (await response.json())["models"]
+            assert row["id"] == "a" and row["state"] == "loaded"
+        async with http.post(management + "/api/v1/models/nope/load", headers=AUTH) as response:
+            assert response.status == 404
+        async with http.post(management + "/api/v1/models/a/unload", headers=AUTH) as response:
+            assert response.status == 200
+        assert running(local) == {}
+
+
+async def test_reload_restarts_only_the_models_whose_settings_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serving(tmp_path, monkeypatch, {"a": {}, "b": {}}) as (local, base, http):
+        for model in ("a", "b"):
+            assert (await complete(http, base, model))[0] == 200
+        pid_a, pid_b = pid_of(local, "a"), pid_of(local, "b")
+        assert local.config_file is not None
+        config = yaml.safe_load(local.config_file.read_text())
+        config["models"]["b"]["args"] = ["-np", "3"]
+        config["models"]["c"] = {"path": config["models"]["a"]["path"]}
+        local.config_file.write_text(yaml.safe_dump(config))
+        management = f"http://{local.balancer.addresses.management}"
+        async with http.post(management + "/api/v1/config/reload", headers=AUTH) as response:
+            result = await response.json()
+            assert response.status == 200, result
+        assert result["changed"] == ["b", "c"] and result["unloaded"] == ["b"]
+        assert pid_of(local, "a") == pid_a and "b" not in running(local)
+        assert (await complete(http, base, "b"))[0] == 200
+        assert pid_of(local, "b") != pid_b
+        instances = local.balancer.scheduler.fleet.pool("b")
+        assert [i.total_slots for i in instances] == [3]  # the new args took effect
+        assert (await complete(http, base, "c"))[0] == 200  # added by the reload
+
+        config["models"]["a"]["group"] = "missing"
+        local.config_file.write_text(yaml.safe_dump(config))
+        async with http.post(management + "/api/v1/config/reload", headers=AUTH) as response:
+            assert response.status == 400
+            assert "unknown group" in (await response.json())["error"]["message"]
+        assert pid_of(local, "a") == pid_a  # a bad file changes nothing
+
+
+async def test_a_model_that_cannot_start_fails_its_waiting_requests_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = {"bad": {"args": ["--no-such-flag"]}}
+    async with serving(
+        tmp_path, monkeypatch, models, restart_max_failures=1, buffered_request_timeout=30
+    ) as (_local, base, http):
+        status, body = await complete(http, base, "bad")
+        assert status == 503
+        assert "failed to start" in body["error"]["message"]
+        assert "--no-such-flag" in json.dumps(body)
+
+
+def test_settings_reject_an_unknown_group(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("groups:\n  swap: {}\nmodels:\n  a: {path: /x.gguf, group: swpa}\n")
+    with pytest.raises(Exception, match=r"c.yaml:4: models.a.group: unknown group 'swpa'"):
+        load_settings(config, environ={})
+    assert Settings().max_instances is None
