@@ -329,14 +329,14 @@ async def test_reload_restarts_only_the_models_whose_settings_changed(
 async def test_a_model_that_cannot_start_fails_its_waiting_requests_with_the_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    models = {"bad": {"args": ["--no-such-flag"]}}
+    models = {"bad": {"args": ["--parallel", "many"]}}
     async with serving(
         tmp_path, monkeypatch, models, restart_max_failures=1, buffered_request_timeout=30
     ) as (_local, base, http):
         status, body = await complete(http, base, "bad")
         assert status == 503
         assert "failed to start" in body["error"]["message"]
-        assert "--no-such-flag" in json.dumps(body)
+        assert "many" in json.dumps(body)
 
 
 def test_settings_reject_an_unknown_group(tmp_path: Path) -> None:
@@ -345,3 +345,32 @@ def test_settings_reject_an_unknown_group(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"c.yaml:4: models.a.group: unknown group 'swpa'"):
         load_settings(config, environ={})
     assert Settings().max_instances is None
+
+
+async def test_per_request_flags_key_their_own_instance_and_bad_ones_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serving(tmp_path, monkeypatch, {"a": {}}, max_instances=2) as (local, base, http):
+        url = base + "/v1/chat/completions"
+        assert (await complete(http, base, "a"))[0] == 200
+        for spelled in ("-np 3 --temp 0.50", "--temp=.5 --parallel 3"):
+            async with http.post(url, json=chat("a"), headers={"X-Corral-Flags": spelled}) as r:
+                assert r.status == 200, await r.text()
+        keys = set(await settled(local))
+        assert len(keys) == 2 and "a" in keys  # plain a, and one shared flagged instance
+        (flagged,) = keys - {"a"}
+        assert local.host is not None
+        assert local.host.running[flagged].flags == ("--parallel", "3", "--temp", "0.5")
+        pool = local.balancer.scheduler.fleet.pool(flagged)
+        assert [i.total_slots for i in pool] == [3]
+        headers = {"X-Agent-Flags": "-c 4096 --slot-save-path /tmp"}
+        async with http.post(url, json=chat("a"), headers=headers) as r:
+            assert r.status == 400
+            message = (await r.json())["error"]["message"]
+            assert "--slot-save-path is not allowed" in message
+        async with http.get(base + "/v1/models") as r:
+            assert [m["id"] for m in (await r.json())["data"]] == ["a"]  # variants unlisted
+        # a third instance (other flags) must fit max_instances=2: the LRU one goes
+        async with http.post(url, json=chat("a"), headers={"X-Corral-Flags": "-c 1024"}) as r:
+            assert r.status == 200
+        assert len(await settled(local)) == 2 and "a" not in running(local)

@@ -32,6 +32,9 @@ from corral.gateway.errors import error_response, sse_error_event
 from corral.observe.metrics import BalancerMetrics
 from corral.scheduling.policies import Placement
 from corral.scheduling.scheduler import Lease, Scheduler, SchedulingError
+from corral.supervisor.request_flags import HEADERS as FLAG_HEADERS
+from corral.supervisor.request_flags import RequestFlagError
+from corral.supervisor.request_flags import normalize as normalize_flags
 
 if TYPE_CHECKING:
     from corral.supervisor.host import ModelHost
@@ -394,6 +397,10 @@ class Gateway:
                 route,
                 started,
             )
+        flags_error = self._apply_flags(request, model)
+        if isinstance(flags_error, web.Response):
+            return self._finish(flags_error, request_id, model, route, started)
+        model = flags_error
         session = request.headers.get("X-Session-Id")
         placement = Placement(
             model=model, body=parsed, headers={"x-session-id": session} if session else {}
@@ -408,6 +415,24 @@ class Gateway:
                 route,
                 started,
             )
+
+    def _apply_flags(self, request: web.Request, model: str) -> str | web.Response:
+        """The pool for ``model`` run with the request's llama-server flags (the
+        ``X-Corral-Flags`` header), or a 400 naming what is wrong with them."""
+        raw = next((request.headers[h] for h in FLAG_HEADERS if h in request.headers), "")
+        if not raw.strip():
+            return model
+        if self.host is None or self.host.resolve(model) is None:
+            return error_response(
+                400,
+                "per-request llama-server flags (X-Corral-Flags) apply to models that "
+                "`corral serve` starts; this model's servers are run by a remote agent",
+            )
+        try:
+            flags = normalize_flags(raw)
+        except RequestFlagError as exc:
+            return error_response(400, str(exc))
+        return self.host.flagged_key(model, flags)
 
     def _finish(
         self,

@@ -1575,7 +1575,11 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[FakeOptions, str, int]:
         help="keep connections open after a stream (llama-server closes them)",
     )
     p.add_argument("--log-level", default="INFO")
-    a = p.parse_args(argv)
+    # real llama-server flags the fake has no use for (sampling, cache ...) are accepted
+    # and ignored, so corral can pass what it passes to the real one
+    a, ignored = p.parse_known_args(argv)
+    if any(not arg.startswith("-") and i == 0 for i, arg in enumerate(ignored)):
+        p.error(f"unexpected argument {ignored[0]!r}")
     if a.slots < 1 or a.tokens < 1 or a.ctx_size < 1 or a.n_embd < 1:
         p.error("--slots, --tokens, --ctx-size and --n-embd must be >= 1")
     if a.load_delay < 0 or a.token_delay < 0:
