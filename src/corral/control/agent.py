@@ -624,9 +624,11 @@ class Agent:
             return
         before = {i["kind"] for i in (previous or {}).get("issues", [])}
         after = {i["kind"] for i in instance["issues"]}
+        starting = (self.supervisor or {}).get("state") == "starting"
         for issue in instance["issues"]:
             if issue["kind"] not in before:
-                log.warning(
+                # a server its supervisor is still starting is expected not to answer
+                (log.debug if starting else log.warning)(
                     "llama-server issue url=%s kind=%s message=%s",
                     self.local_url,
                     issue["kind"],

@@ -1,0 +1,118 @@
+"""Many models under the real llama-server: two tiny GGUFs swap under concurrent load.
+
+``corral serve`` runs as a process over a models folder with ``--max-instances 1``, so
+every switch between the two models is a real swap: drain one llama-server, stop it,
+start the other. Alternating concurrent requests must all succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from openai import OpenAI
+
+from corral.catalog.tiny import make_tiny_model
+from tests.real.test_serve_real import READY_TIMEOUT_S, _free_port
+
+pytestmark = pytest.mark.real
+
+TOKEN = "real-models-token"
+
+
+def _models(management: str) -> dict[str, dict[str, object]]:
+    request = urllib.request.Request(
+        management + "/api/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return {m["id"]: m for m in json.loads(response.read())["models"]}
+
+
+@pytest.fixture(scope="module")
+def swapping(
+    llama_server_bin: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str, Path]]:
+    tmp = tmp_path_factory.mktemp("models-real")
+    folder = tmp / "models"
+    make_tiny_model(folder / "alpha.gguf", seed=1, name="alpha")
+    make_tiny_model(folder / "beta.gguf", seed=2, name="beta")
+    config = tmp / "corral.yaml"
+    config.write_text('llama_args: ["--parallel", "4", "--ctx-size", "2048"]\n')
+    inference, management = _free_port(), _free_port()
+    log_path = tmp / "corral.log"
+    env = {**os.environ, "CORRAL_MANAGEMENT_TOKEN": TOKEN, "CORRAL_STATE_DIR": str(tmp)}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "corral.cli", "serve", "--config", str(config),
+                "--models-dir", str(folder), "--max-instances", "1",
+                "--llama-server", str(llama_server_bin),
+                "--inference-addr", f"127.0.0.1:{inference}",
+                "--management-addr", f"127.0.0.1:{management}",
+            ],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while b"corral serve:" not in log_path.read_bytes():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"corral serve did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}", log_path
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_models_are_listed_unloaded_until_asked_for(swapping: tuple[str, str, Path]) -> None:
+    base, management, _ = swapping
+    client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    listed = sorted(m.id for m in client.models.list())
+    assert listed == ["alpha", "beta"]
+    assert {m["state"] for m in _models(management).values()} <= {"unloaded", "loaded"}
+
+
+def test_two_models_swap_under_concurrent_load_with_no_failed_request(
+    swapping: tuple[str, str, Path],
+) -> None:
+    base, management, log_path = swapping
+
+    async def run() -> list[tuple[str, int, str]]:
+        limit = asyncio.Semaphore(8)
+        async with aiohttp.ClientSession() as http:
+
+            async def one(index: int) -> tuple[str, int, str]:
+                model = ("alpha", "beta")[index % 2]
+                body = {
+                    "model": model,
+                    "max_tokens": 8,
+                    "stream": index % 4 < 2,
+                    "messages": [{"role": "user", "content": f"request {index}"}],
+                }
+                async with limit, http.post(base + "/v1/chat/completions", json=body) as r:
+                    return model, r.status, await r.text()
+
+            return await asyncio.gather(*(one(i) for i in range(48)))
+
+    results = asyncio.run(run())
+    failed = [(m, s, t[:200]) for m, s, t in results if s != 200 or '"error"' in t]
+    assert failed == [], failed
+    loads = log_path.read_text().count("loaded model=")
+    assert loads >= 2, "both models were served, so at least one swap happened"
+    assert loads < 48 // 2, f"{loads} loads for 48 requests: swaps are not batched"
+    deadline = time.monotonic() + 10
+    while True:  # a load queued by the last requests is dropped once nobody waits
+        states = sorted(row["state"] for row in _models(management).values())
+        if states == ["loaded", "unloaded"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert states == ["loaded", "unloaded"]  # max_instances 1
