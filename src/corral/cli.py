@@ -54,6 +54,36 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_config_import_llama_swap(args: argparse.Namespace) -> int:
+    import yaml
+
+    from corral.llama_swap import convert
+
+    try:
+        data = yaml.safe_load(args.file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        _err(f"{args.file}: cannot read: {exc}")
+        return 2
+    if not isinstance(data, dict):
+        _err(f"{args.file}: expected a mapping at the top level")
+        return 2
+    try:
+        converted = convert(data)
+    except (ValueError, TypeError) as exc:
+        _err(f"{args.file}: the converted config is not valid: {exc}")
+        return 1
+    for warning in converted.warnings:
+        sys.stderr.write(f"warning: {warning}\n")
+    text = yaml.safe_dump(converted.config, sort_keys=False)
+    if args.write is not None:
+        args.write.write_text(text, encoding="utf-8")
+        models = len(converted.config.get("models", {}))
+        sys.stderr.write(f"wrote {args.write}: {models} model(s)\n")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 # -- llama-server ------------------------------------------------------------------------
 
 
@@ -810,6 +840,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_cmds.add_parser("check", help="validate a config file, naming bad fields")
     check.add_argument("file", type=Path)
     check.set_defaults(func=cmd_config_check)
+    swap = config_cmds.add_parser(
+        "import-llama-swap",
+        help="convert a llama-swap config into corral's (warns about what has no equivalent)",
+    )
+    swap.add_argument("file", type=Path, help="llama-swap config.yaml")
+    swap.add_argument("--write", type=Path, default=None, help="write here instead of stdout")
+    swap.set_defaults(func=cmd_config_import_llama_swap)
 
     # llama-server
     llama = commands.add_parser("llama-server", help="build and locate llama-server")

@@ -253,7 +253,7 @@ async def test_crash_looping_server_ends_failed_with_its_error_and_requests_fail
         [
             sys.executable, "-m", "corral.cli", "agent", "--model", str(model),
             "--llama-server", str(binary), "--balancer", balancer.management,
-            "--", "--no-such-flag",
+            "--", "--parallel", "many",
         ],
         env,
     )  # fmt: skip
@@ -268,7 +268,7 @@ async def test_crash_looping_server_ends_failed_with_its_error_and_requests_fail
     supervisor = instance["supervisor"]
     assert supervisor["restarts"] == 2  # 3 failures: the first start and 2 restarts
     assert supervisor["last_exit_code"] == 2
-    assert "unrecognized arguments: --no-such-flag" in supervisor["last_error"]
+    assert "invalid int value: 'many'" in supervisor["last_error"]
     # no tight loop: it stays failed and stops restarting
     await asyncio.sleep(1.0)
     assert (await only_instance(http, balancer))["supervisor"]["restarts"] == 2
@@ -277,7 +277,7 @@ async def test_crash_looping_server_ends_failed_with_its_error_and_requests_fail
     ) as response:
         body = await response.json()
     assert response.status == 503
-    assert "unrecognized arguments" in body["error"]["message"]
+    assert "invalid int value" in body["error"]["message"]
 
 
 async def test_steady_traffic_survives_reconfigures_and_kills(

@@ -125,7 +125,7 @@ async def test_one_start_for_many_concurrent_requests(
         assert running(local) == {}
         results = await asyncio.gather(*(complete(http, base, "a") for _ in range(20)))
         assert [status for status, _ in results] == [200] * 20
-        assert local.host is not None and local.host.swaps == 1
+        assert local.host is not None and local.host.loads == 1
         assert await settled(local) == {"a": "loaded"}
 
 
@@ -169,7 +169,7 @@ async def test_alternating_models_are_served_in_batches_not_a_swap_per_request(
         assert [status for status, _ in results] == [200] * 16
         assert [body["model"] for _, body in results] == order
         assert local.host is not None
-        assert local.host.swaps <= 3, f"{local.host.swaps} loads for 16 alternating requests"
+        assert local.host.loads <= 3, f"{local.host.loads} loads for 16 alternating requests"
 
 
 async def test_max_instances_evicts_the_least_recently_used_idle_model(
@@ -374,3 +374,29 @@ async def test_per_request_flags_key_their_own_instance_and_bad_ones_are_refused
         async with http.post(url, json=chat("a"), headers={"X-Corral-Flags": "-c 1024"}) as r:
             assert r.status == 200
         assert len(await settled(local)) == 2 and "a" not in running(local)
+
+
+async def test_memory_admission_evicts_to_fit_or_refuses_with_both_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mib = 1024 * 1024
+    async with serving(tmp_path, monkeypatch, {"a": {}, "b": {}}) as (local, base, http):
+        assert local.host is not None
+        assert (await complete(http, base, "a"))[0] == 200
+        host = local.host
+        need = host.running["a"].estimate  # the same for b: same (empty) file
+
+        def machine(total: int) -> Callable[[], int]:
+            """A machine with ``total`` bytes, less what the running servers take."""
+            return lambda: total - sum(h.estimate for h in host.running.values())
+
+        host.memory = machine(2 * need - 50 * mib)  # b fits only once a is gone
+        assert (await complete(http, base, "b"))[0] == 200
+        assert await settled(local) == {"b": "loaded"}
+        host.memory = machine(need - 10 * mib)  # too small even with nothing running
+        status, body = await complete(http, base, "a")
+        assert status == 503
+        message = body["error"]["message"]
+        assert f"needs about {need / mib:.1f} MiB" in message
+        assert f"{(need - 10 * mib) / mib:.1f} MiB is available" in message
+        assert await settled(local) == {"b": "loaded"}  # refused without evicting b

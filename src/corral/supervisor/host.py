@@ -118,7 +118,8 @@ class ModelHost:
         self.explicit: set[str] = set()
         """Keys loaded by an operator (load API, preload): loaded even if nobody waits."""
         self.last_error: dict[str, str] = {}
-        self.swaps = 0
+        self.loads = 0
+        """llama-servers started (one per load)."""
         self._flags: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -448,6 +449,7 @@ class ModelHost:
             last_used=self.scheduler.clock(),
         )
         self.running[key] = hosted
+        self.loads += 1
         started = time.monotonic()
         log.info("loading model=%s key=%s port=%d", model.id, key, lease.port)
         self.scheduler.emit({"type": "model", "model": key, "event": "loading"})
@@ -470,7 +472,6 @@ class ModelHost:
         if self.running.get(key) is not hosted or hosted.state != "loading":
             return
         hosted.state = "loaded"
-        self.swaps += 1
         log.info("loaded model=%s key=%s in %.2fs", model.id, key, time.monotonic() - started)
         self.scheduler.emit({"type": "model", "model": key, "event": "loaded"})
 
