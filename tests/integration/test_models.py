@@ -400,3 +400,23 @@ async def test_memory_admission_evicts_to_fit_or_refuses_with_both_numbers(
         assert f"needs about {need / mib:.1f} MiB" in message
         assert f"{(need - 10 * mib) / mib:.1f} MiB is available" in message
         assert await settled(local) == {"b": "loaded"}  # refused without evicting b
+
+
+async def test_unload_while_a_model_is_still_loading_stops_it_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = {"a": {"args": ["--load-delay", "1.0"]}}
+    async with serving(tmp_path, monkeypatch, models) as (local, base, http):
+        assert local.host is not None
+        management = f"http://{local.balancer.addresses.management}"
+        async with http.post(management + "/api/v1/models/a/load?wait=0", headers=AUTH) as response:
+            assert response.status == 202
+        await wait_for(lambda: running(local) == {"a": "loading"}, "a to begin loading")
+        async with http.post(management + "/api/v1/models/a/unload", headers=AUTH) as response:
+            assert response.status == 200
+        assert running(local) == {}
+        host = local.host
+        await wait_for(lambda: host.loading is None, "the interrupted load to end")
+        assert host.last_error == {}  # an unload is not a failed start
+        assert (await complete(http, base, "a"))[0] == 200  # and it loads again on demand
+        assert local.host.loads == 2

@@ -148,6 +148,7 @@ class ModelHost:
         if model not in self.pending:
             if self._spec(model) is None:
                 return False
+            self.last_error.pop(model, None)  # a new attempt: the last failure is history
             self.pending.append(model)
             self._wake.set()
         return True
@@ -455,6 +456,8 @@ class ModelHost:
         self.scheduler.emit({"type": "model", "model": key, "event": "loading"})
         await managed.start()
         ready = await managed.supervisor.wait_ready()
+        if self.running.get(key) is not hosted or hosted.state != "loading":
+            return  # unloaded while it started (an operator's unload, a reload)
         if not ready:
             error = managed.supervisor.last_error or "did not start"
             del self.running[key]
