@@ -420,3 +420,20 @@ async def test_unload_while_a_model_is_still_loading_stops_it_cleanly(
         assert host.last_error == {}  # an unload is not a failed start
         assert (await complete(http, base, "a"))[0] == 200  # and it loads again on demand
         assert local.host.loads == 2
+
+
+async def test_a_bare_balancer_answers_model_actions_with_501(tmp_path: Path) -> None:
+    from corral.balancer import Balancer
+
+    settings = Settings(inference_addr="127.0.0.1:0", management_addr="127.0.0.1:0")
+    balancer = Balancer(settings, management_token=TOKEN, cluster_token="cluster")
+    addresses = await balancer.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = f"http://{addresses.management}/api/v1/models/a/load"
+            async with http.post(url, headers=AUTH) as response:
+                assert response.status == 501
+                error = (await response.json())["error"]
+                assert error["code"] == 501 and "corral serve" in error["message"]
+    finally:
+        await balancer.stop()

@@ -19,13 +19,14 @@ instances belong to remote agents) answers 501.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from corral.gateway.errors import error_response
+from corral.gateway.errors import error_body, error_response
 
 if TYPE_CHECKING:
     from corral.supervisor.host import ModelHost
@@ -52,11 +53,12 @@ class ModelAdmin:
     def host(self) -> ModelHost:
         host = self._host()
         if host is None:
+            message = (
+                "this balancer has no model host: models are loaded by `corral serve`; "
+                "remote agents start their own"
+            )
             raise web.HTTPNotImplemented(
-                text='{"error": {"message": "this balancer has no model host: models are '
-                'loaded by `corral serve`; remote agents start their own", "type": '
-                '"not_implemented_error", "code": 501}}',
-                content_type="application/json",
+                text=json.dumps(error_body(501, message)), content_type="application/json"
             )
         return host
 

@@ -40,7 +40,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,7 +80,6 @@ class Hosted:
     url: str
     estimate: int
     state: HostedState = "loading"
-    loaded_at: float = field(default_factory=time.monotonic)
     last_used: float = 0.0
     """Scheduler clock when its load began (requests update the fleet instance's)."""
 
@@ -91,7 +90,6 @@ class HostOptions:
     balancer: str
     """Management address of the balancer the instances report to."""
     cluster_token: str
-    on_load_failed: Callable[[str, str], None] | None = None
 
 
 class ModelHost:
@@ -330,8 +328,6 @@ class ModelHost:
         failed = self.scheduler.fail_waiters(key, NoCapacity(message))
         log.error("load refused key=%s waiting=%d reason=%s", key, failed, message)
         self.scheduler.emit({"type": "model", "model": key, "event": "load_failed"})
-        if self.options.on_load_failed is not None:
-            self.options.on_load_failed(key, message)
 
     async def _load(self, key: str) -> None:
         spec = self._spec(key)
