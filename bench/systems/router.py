@@ -44,12 +44,13 @@ def models_dir(ctx: BenchContext) -> Path:
     return folder
 
 
-def router_args(ctx: BenchContext, port: int) -> list[str]:
-    """llama-server in router mode on ``port``: no model, ``--models-dir``, one loaded."""
+def router_args(ctx: BenchContext, port: int, folder: Path | None = None) -> list[str]:
+    """llama-server in router mode on ``port``: no model, ``--models-dir`` (``folder``,
+    else one holding only the bench's model), one loaded at a time."""
     return [
         str(ctx.llama_server),
         "--models-dir",
-        str(models_dir(ctx)),
+        str(folder or models_dir(ctx)),
         "--models-max",
         "1",
         "--host",

@@ -37,7 +37,8 @@ from bench.loadgen import LoadGenerator, RequestResult, chat_request
 from bench.procs import ManagedProcess, free_port
 from bench.report import md_table
 from bench.stats import percentile
-from bench.systems.corral import corral_command, serve_env
+from bench.systems.corral import Corral, corral_command, serve_env
+from bench.systems.router import Router, router_args
 from bench.workloads import Section
 
 log = logging.getLogger("bench.swapping")
@@ -107,26 +108,8 @@ def _corral(ctx: BenchContext, folder: Path, port: int) -> ManagedProcess:
 
 
 def _router(ctx: BenchContext, folder: Path, port: int) -> ManagedProcess:
-    return ManagedProcess(
-        "router-swap",
-        [
-            str(ctx.llama_server),
-            "--models-dir",
-            str(folder),
-            "--models-max",
-            "1",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *ctx.llama_args,
-        ],
-        ctx.log_path("router-swap"),
-    )
-
-
-def _failed(result: RequestResult) -> bool:
-    return not result.ok
+    args = router_args(ctx, port, folder)
+    return ManagedProcess("router-swap", args, ctx.log_path("router-swap"))
 
 
 def _loads(proc: ManagedProcess, system: str) -> int:
@@ -186,7 +169,7 @@ async def run(ctx: BenchContext) -> Section:
             outcomes[system] = await _measure(ctx, system, folder)
         except StartupError as exc:
             missing[system] = str(exc)
-    labels = {"corral": "corral serve", "router": "llama-server router mode"}
+    labels = {system.name: system.label for system in (Corral, Router)}
     seq_rows = []
     con_rows = []
     for system, outcome in outcomes.items():
@@ -195,7 +178,7 @@ async def run(ctx: BenchContext) -> Section:
             [
                 labels[system],
                 str(len(outcome.sequential)),
-                str(sum(map(_failed, outcome.sequential))),
+                str(sum(not r.ok for r in outcome.sequential)),
                 str(outcome.loads_sequential),
                 _ms(seq, 50),
                 _ms(seq, 95),
@@ -207,7 +190,7 @@ async def run(ctx: BenchContext) -> Section:
             [
                 labels[system],
                 str(len(outcome.concurrent)),
-                str(sum(map(_failed, outcome.concurrent))),
+                str(sum(not r.ok for r in outcome.concurrent)),
                 str(outcome.loads_concurrent),
                 f"{outcome.concurrent_wall:.2f}",
                 _ms(con, 50),

@@ -478,6 +478,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _err(str(exc))
         return 2
+    catalog = None
     if model is None:
         catalog = build_catalog(settings, options)
         if catalog.dirs:
@@ -486,9 +487,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tiny = _offer_tiny(catalog)
             if tiny is not None:
                 options.model = tiny
+                catalog = None  # the catalog has to include it: build it anew
 
     async def serve(stop: asyncio.Event) -> int:
-        local = LocalServe(settings, options)
+        local = LocalServe(settings, options, catalog)
         if args.config is not None:
             local.config_file = Path(args.config)
         try:

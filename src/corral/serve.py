@@ -88,7 +88,9 @@ class LocalServe:
         """Refuse llama-server arguments corral must own (address, model, alias)."""
         check_reserved(llama_args)
 
-    def __init__(self, settings: Settings, options: ServeOptions) -> None:
+    def __init__(
+        self, settings: Settings, options: ServeOptions, catalog: Catalog | None = None
+    ) -> None:
         self.check_args(options.llama_args)
         self.settings = settings
         self.options = options
@@ -97,7 +99,7 @@ class LocalServe:
             management_token=options.management_token,
             cluster_token=options.cluster_token,
         )
-        self.catalog = build_catalog(settings, options)
+        self.catalog = catalog or build_catalog(settings, options)
         self.host: ModelHost | None = None
         self.config_file: Path | None = None
         """The config file ``POST /api/v1/config/reload`` re-reads."""
@@ -138,7 +140,7 @@ class LocalServe:
         return addresses
 
     def _first_scan(self) -> None:
-        if self.catalog.dirs:
+        if self.catalog.dirs and self.catalog.changed():  # a stat pass when just scanned
             self.catalog.rescan()
         for problem in self.catalog.problems:
             log.warning("catalog problem %s", problem)

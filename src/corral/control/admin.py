@@ -83,30 +83,16 @@ class InstanceAdmin:
             raise AdminError(404, f"no instance {instance_id!r}; see /api/v1/instances")
         return instance
 
-    async def _drain(self, instance: Instance, limit_s: float) -> bool:
-        """Stop new work on ``instance`` and wait for its in-flight requests."""
-        instance.start_draining()
-        self.scheduler.emit({"type": "instance", "instance": instance.id, "event": "draining"})
-        try:
-            async with asyncio.timeout(limit_s):
-                while instance.in_flight > 0:
-                    await self.scheduler.wait_release()
-        except TimeoutError:
-            log.warning("drain timed out instance=%s in_flight=%d", instance.id, instance.in_flight)
-            return False
-        return True
-
     async def _drain_and_command(
         self, instance: Instance, drain_timeout: float, command: str, payload: dict[str, Any]
     ) -> bool:
         ws = self.management.agent_sockets.get(instance.agent_id)
         if ws is None or ws.closed:
             raise AdminError(409, f"the agent of {instance.id} is not connected")
-        drained = await self._drain(instance, drain_timeout)
+        drained = await self.scheduler.drain(instance, drain_timeout)
         reply = await self.management.command(instance.agent_id, instance.id, command, payload)
         if reply is None or not reply.get("ok"):
-            instance.draining = False
-            self.scheduler.wake(instance.names)
+            self.scheduler.undrain(instance)
             detail = "no answer from the agent" if reply is None else reply.get("detail")
             raise AdminError(409, f"the agent could not {command} {instance.id}: {detail}")
         return drained

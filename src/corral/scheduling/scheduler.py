@@ -279,6 +279,25 @@ class Scheduler:
                 failed += 1
         return failed
 
+    async def drain(self, instance: Instance, limit_s: float) -> bool:
+        """Stop placing requests on ``instance`` and wait (at most ``limit_s``) until its
+        in-flight ones have finished; False when some were still running."""
+        instance.start_draining()
+        self._emit({"type": "instance", "instance": instance.id, "event": "draining"})
+        try:
+            async with asyncio.timeout(limit_s):
+                while instance.in_flight > 0:
+                    await self.wait_release()
+        except TimeoutError:
+            log.warning("drain timed out instance=%s in_flight=%d", instance.id, instance.in_flight)
+            return False
+        return True
+
+    def undrain(self, instance: Instance) -> None:
+        """Call a drain off: the instance takes requests again (waiters get it at once)."""
+        instance.draining = False
+        self.wake(instance.names)
+
     async def wait_release(self) -> None:
         """Return after the next slot release (used to wait for a drain)."""
         await self._released.wait()

@@ -483,22 +483,13 @@ class ModelHost:
         log.info("unloading key=%s reason=%s", hosted.key, reason)
         self.scheduler.emit({"type": "model", "model": hosted.key, "event": "unloading"})
         instance = self._instance(hosted)
-        if instance is not None:
-            instance.start_draining()
-            deadline = time.monotonic() + self.settings.drain_timeout
-            while instance.in_flight > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.warning(
-                        "drain timed out key=%s in_flight=%d: eviction called off",
-                        hosted.key,
-                        instance.in_flight,
-                    )
-                    instance.draining = False
-                    hosted.state = previous
-                    self.scheduler.wake(instance.names)
-                    return False
-                await self._wait_change(min(left, 0.25))
+        if instance is not None and not await self.scheduler.drain(
+            instance, self.settings.drain_timeout
+        ):
+            log.warning("unload of key=%s called off: requests still in flight", hosted.key)
+            self.scheduler.undrain(instance)
+            hosted.state = previous
+            return False
         await hosted.managed.stop()
         if self.running.get(hosted.key) is hosted:
             del self.running[hosted.key]
