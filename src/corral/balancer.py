@@ -24,6 +24,7 @@ from corral.config import Settings
 from corral.control.management import Management
 from corral.gateway.proxy import Gateway, GatewayOptions
 from corral.observe.metrics import BalancerMetrics
+from corral.observe.recent import RecentTraffic
 from corral.observe.statsd import StatsdPusher
 from corral.scheduling.policies import make_policy
 from corral.scheduling.scheduler import Scheduler
@@ -79,6 +80,9 @@ class Balancer:
             management_token=management_token,
             cluster_token=cluster_token,
         )
+        self.traffic = RecentTraffic()
+        self.gateway.traffic = self.traffic
+        self.management.traffic = self.traffic
         self.statsd = (
             StatsdPusher(self.scheduler, settings.statsd_addr, settings.statsd_prefix)
             if settings.statsd_addr

@@ -270,7 +270,8 @@ def cmd_balancer(args: argparse.Namespace) -> int:
             return 1
         sys.stderr.write(
             f"corral balancer: inference http://{addresses.inference}  "
-            f"management http://{addresses.management}\n"
+            f"management http://{addresses.management}  "
+            f"dashboard http://{addresses.management}/dashboard\n"
         )
         await stop.wait()
         await balancer.stop()
@@ -502,7 +503,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         names = ", ".join(local.models) or "no models yet (watching the model folders)"
         sys.stderr.write(
             f"corral serve: {names} at http://{addresses.inference}/v1  "
-            f"(management http://{addresses.management})\n"
+            f"(management http://{addresses.management}, "
+            f"dashboard http://{addresses.management}/dashboard)\n"
         )
         await stop.wait()
         await local.stop()

@@ -64,7 +64,7 @@ async def start_serve(tmp_path: Path, *extra: str, fake_flags: tuple[str, ...] =
             *extra,
             stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
         )  # fmt: skip
-    pattern = re.compile(r"at http://(\S+)/v1\s+\(management http://(\S+)\)")
+    pattern = re.compile(r"at http://(\S+)/v1\s+\(management http://([^\s,]+),")
 
     def started() -> bool:
         return pattern.search(log_path.read_text(errors="replace")) is not None or (

@@ -31,10 +31,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from corral import __version__
 from corral.control.admin import InstanceAdmin
+from corral.control.dashboard import Dashboard, is_public
 from corral.control.models_admin import ModelAdmin
 from corral.gateway.auth import key_matches, presented_key
 from corral.gateway.errors import error_response
 from corral.observe.metrics import BalancerMetrics
+from corral.observe.recent import RecentTraffic
 from corral.scheduling.scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -80,10 +82,16 @@ class Management:
         r.add_get("/api/v1/fleet", self.fleet)
         r.add_get("/api/v1/events", self.events)
         r.add_get("/metrics", self.prometheus)
+        self.traffic: RecentTraffic | None = None
+        """Recent traffic per model (the balancer's), for the dashboard."""
+        Dashboard(self).add_routes(r)
         self.app.on_shutdown.append(self._close_sockets)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if is_public(request.path):
+            response: web.StreamResponse = await handler(request)
+            return response  # the dashboard's static files: no data in them
         token = self.cluster_token if request.path == AGENT_SOCKET_PATH else self.management_token
         if not key_matches(presented_key(request), [token]):
             what = "cluster token" if request.path == AGENT_SOCKET_PATH else "management token"
@@ -92,7 +100,7 @@ class Management:
                 f"missing or invalid {what}: send `Authorization: Bearer TOKEN`",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        response: web.StreamResponse = await handler(request)
+        response = await handler(request)
         return response
 
     # -- views --------------------------------------------------------------------------

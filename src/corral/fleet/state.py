@@ -199,6 +199,7 @@ class Instance:
             "issues": [i.as_dict() for i in self.issues],
             "breaker": self.breaker.state,
             "served": self.served,
+            "seen_since": self.started_at,
             **({"supervisor": self.extra["supervisor"]} if "supervisor" in self.extra else {}),
         }
 

@@ -30,6 +30,7 @@ from aiohttp import web
 from corral.gateway.auth import key_matches, presented_key
 from corral.gateway.errors import error_response, sse_error_event
 from corral.observe.metrics import BalancerMetrics
+from corral.observe.recent import RecentTraffic
 from corral.scheduling.policies import Placement
 from corral.scheduling.scheduler import Lease, Scheduler, SchedulingError
 from corral.supervisor.request_flags import HEADERS as FLAG_HEADERS
@@ -178,6 +179,8 @@ class Gateway:
         self.session: aiohttp.ClientSession | None = None
         self.host: ModelHost | None = None
         """The local model host (``corral serve``): /v1/models lists its catalog too."""
+        self.traffic: RecentTraffic | None = None
+        """Recent traffic per model for the dashboard, when the balancer keeps it."""
         self.app = web.Application(client_max_size=options.max_body)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/v1/health", self.health)
@@ -463,6 +466,8 @@ class Gateway:
         elapsed = time.monotonic() - started
         self.metrics.requests.labels(model, route, str(status)).inc()
         self.metrics.duration.labels(model, route).observe(elapsed)
+        if self.traffic is not None:
+            self.traffic.record(model, status, elapsed, ttft)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "request_id=%s model=%s route=%s instance=%s status=%d buffer_wait=%.4f "

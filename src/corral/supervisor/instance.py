@@ -88,6 +88,8 @@ class SupervisedInstance:
         self.last_error = ""
         self.failures: deque[float] = deque()
         self.started_at: float | None = None
+        self.ready_since: float | None = None
+        """Wall-clock time the current run became ready (uptime, for people)."""
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._settled = asyncio.Event()
@@ -119,6 +121,7 @@ class SupervisedInstance:
             "restarts": self.restarts,
             "last_exit_code": self.last_exit_code,
             "last_error": self.last_error,
+            "ready_since": self.ready_since if self.state == "ready" else None,
             "log_tail": self.child.tail(20) if self.child else [],
         }
 
@@ -178,6 +181,7 @@ class SupervisedInstance:
                 error = await self._until_ready(session)
                 if error is None:
                     self.started_at = time.monotonic()
+                    self.ready_since = time.time()
                     self._set("ready", "")
                     code = await self.child.wait()
                     if self._stopping:
