@@ -60,6 +60,7 @@ class RequestResult:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None
+    text: str = ""  # the answer's content (multi-turn workloads send it back)
     lateness: float = 0.0  # open loop: how far after its scheduled time it was sent
 
     @property
@@ -139,9 +140,12 @@ def parse_body(result: RequestResult, body: bytes, stream: bool) -> None:
         if not isinstance(obj, dict) or not obj.get("choices"):
             result.error = "no_choices"
             return
+        message = (obj["choices"][0] or {}).get("message") or {}
+        result.text = str(message.get("content") or "")
         _usage_into(result, obj)
         return
     content_events = 0
+    parts: list[str] = []
     for raw in body.split(b"\n"):
         line = raw.strip()
         if not line.startswith(b"data:"):
@@ -163,7 +167,9 @@ def parse_body(result: RequestResult, body: bytes, stream: bool) -> None:
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 content_events += 1
+                parts.append(str(delta["content"]))
         _usage_into(result, obj)
+    result.text = "".join(parts)
     if content_events == 0 and not result.completion_tokens:
         result.error = "empty_stream"
     elif result.completion_tokens is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -428,3 +429,67 @@ def test_through_the_scheduler_a_conversation_sticks_while_others_spread() -> No
             scheduler.release(lease)
     assert all(len(ids) == 1 for ids in homes.values())
     assert set().union(*homes.values()) == {"g/x", "g/y"}
+
+
+def _two_instance_scheduler(policy: PrefixPolicy, **options: Any) -> Scheduler:
+    scheduler = Scheduler(policy, **options)
+    scheduler.register_agent("g", "agent")
+    snapshot = [
+        {"id": name, "url": f"http://{name}", "model": "m", "total_slots": 1, "busy": 0}
+        for name in ("x", "y")
+    ]
+    assert scheduler.apply_snapshot("g", 1, snapshot)
+    return scheduler
+
+
+async def test_a_turn_waits_for_its_busy_cached_instance_rather_than_prefilling_elsewhere() -> None:
+    policy = PrefixPolicy(PrefixSettings(prefill_tokens_per_s=500, request_seconds=1.0))
+    scheduler = _two_instance_scheduler(policy)
+    first = scheduler.try_lease("m", long_chat(1))
+    assert first is not None
+    home = first.instance.id  # x is busy with turn 1; y is free
+    task = asyncio.create_task(scheduler.acquire("m", long_chat(2)))
+    await asyncio.sleep(0)
+    assert not task.done() and scheduler.buffered("m") == 1
+    assert policy.decisions["wait_for_cache"] == 1
+    # an unrelated request is not held up behind it: it takes the free instance at once
+    other = await asyncio.wait_for(scheduler.acquire("m", chat("tea", 1)), 1)
+    assert other.instance.id != home
+    scheduler.release(first)  # the cached instance frees: the waiting turn goes there
+    lease = await asyncio.wait_for(task, 1)
+    assert lease.instance.id == home
+
+
+async def test_the_wait_for_a_cached_instance_is_bounded_then_any_slot_will_do() -> None:
+    policy = PrefixPolicy(
+        PrefixSettings(prefill_tokens_per_s=500, request_seconds=1.0, max_wait_s=0.05)
+    )
+    scheduler = _two_instance_scheduler(policy)
+    first = scheduler.try_lease("m", long_chat(1))
+    assert first is not None
+    lease = await asyncio.wait_for(scheduler.acquire("m", long_chat(2)), 2)
+    assert lease.instance.id != first.instance.id  # waited 50 ms, then took the free one
+    assert policy.decisions["wait_for_cache"] == 1 and policy.decisions["wait_expired"] == 1
+
+
+async def test_no_wait_when_buffering_is_off_or_the_cached_instance_leaves() -> None:
+    policy = PrefixPolicy(PrefixSettings(prefill_tokens_per_s=500, request_seconds=1.0))
+    off = _two_instance_scheduler(policy, max_buffered=0)
+    first = off.try_lease("m", long_chat(1))
+    assert first is not None
+    lease = await asyncio.wait_for(off.acquire("m", long_chat(2)), 1)
+    assert lease.instance.id != first.instance.id
+
+    policy = PrefixPolicy(PrefixSettings(prefill_tokens_per_s=500, request_seconds=1.0))
+    scheduler = _two_instance_scheduler(policy)
+    first = scheduler.try_lease("m", long_chat(1))
+    assert first is not None
+    task = asyncio.create_task(scheduler.acquire("m", long_chat(2)))
+    await asyncio.sleep(0)
+    assert not task.done()
+    gone = first.instance.id.split("/", 1)[1]
+    other = "y" if gone == "x" else "x"
+    snapshot = [{"id": other, "url": f"http://{other}", "model": "m", "total_slots": 1}]
+    assert scheduler.apply_snapshot("g", 2, snapshot)  # its home went away
+    lease = await asyncio.wait_for(task, 1)
+    assert lease.instance.id == f"g/{other}"

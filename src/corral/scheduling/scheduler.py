@@ -22,10 +22,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from corral.fleet.state import Agent, Breaker, Fleet, Instance, InstanceIssue, InstanceState
 from corral.scheduling.policies import Placement, Policy
+
+if TYPE_CHECKING:
+    from corral.scheduling.policies.prefix import WaitAdvice
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,14 @@ class Waiter:
     future: asyncio.Future[Lease]
     enqueued_at: float
     exclude: frozenset[str] = field(default_factory=frozenset)
+    pinned: str | None = None
+    """An instance this request waits for (its prompt is cached there), until
+    ``pinned_until``; then it takes any free slot like every other waiter."""
+    pinned_until: float = 0.0
+
+    def held_for(self, now: float) -> bool:
+        """Still waiting for its pinned instance only."""
+        return self.pinned is not None and now < self.pinned_until
 
 
 class Scheduler:
@@ -180,7 +191,39 @@ class Scheduler:
         self, model: str, placement: Placement, exclude: frozenset[str] = frozenset()
     ) -> Lease | None:
         """Claim a slot now if one is free, else None."""
-        chosen = self.policy.choose(self._candidates(model, exclude), placement)
+        return self._grant(self.policy.choose(self._candidates(model, exclude), placement))
+
+    def _lease_pinned(self, waiter: Waiter) -> Lease | None:
+        """A slot on the instance ``waiter`` waits for, if one is free now."""
+        instance = self.fleet.instances.get(waiter.pinned or "")
+        if instance is None or not instance.usable(self.clock()):
+            waiter.pinned = None  # gone or out of service: wait no longer for it
+            return None
+        if instance.free_slots <= 0:
+            return None
+        return self._grant(self.policy.choose([instance], waiter.placement))
+
+    def _wait_advice(
+        self, model: str, placement: Placement, exclude: frozenset[str]
+    ) -> WaitAdvice | None:
+        """The policy's advice to hold a request for its cached, busy instance (see
+        :meth:`corral.scheduling.policies.prefix.PrefixPolicy.wait_advice`)."""
+        advise = getattr(self.policy, "wait_advice", None)
+        if advise is None or exclude or model == ANY_MODEL or self.max_buffered == 0:
+            return None
+        now = self.clock()
+        pool = [i for i in self.fleet.pool(model) if i.usable(now)]
+        if len(pool) < 2 or not any(i.free_slots > 0 for i in pool):
+            return None  # no choice to make, or it would wait anyway
+        advice: WaitAdvice | None = advise(pool, placement)
+        return advice
+
+    def _count(self, reason: str) -> None:
+        decisions = getattr(self.policy, "decisions", None)
+        if decisions is not None:
+            decisions[reason] += 1
+
+    def _grant(self, chosen: Instance | None) -> Lease | None:
         if chosen is None:
             return None
         chosen.in_flight += 1
@@ -211,7 +254,11 @@ class Scheduler:
         if not self.accepting:
             raise NoCapacity("corral is shutting down; retry on another balancer")
         queue = self.buffers.setdefault(model, deque())
-        if not any(not w.future.done() for w in queue):
+        now = self.clock()
+        advice = self._wait_advice(model, placement, exclude)
+        if advice is not None and self.buffered(model) >= self.max_buffered:
+            advice = None  # no room to wait: place it now like any other
+        if advice is None and not any(not w.future.done() and not w.held_for(now) for w in queue):
             lease = self.try_lease(model, placement, exclude)
             if lease is not None:
                 return lease
@@ -240,6 +287,11 @@ class Scheduler:
             )
         loop = asyncio.get_running_loop()
         waiter = Waiter(model, placement, loop.create_future(), self.clock(), exclude)
+        if advice is not None:
+            waiter.pinned = advice.instance_id
+            waiter.pinned_until = waiter.enqueued_at + advice.max_wait_s
+            loop.call_later(advice.max_wait_s, self.wake, (model,))  # then: any slot
+            self._count("wait_for_cache")
         queue.append(waiter)
         self._emit({"type": "buffer", "model": model, "depth": self.buffered(model)})
         # Waiters ahead may be ones that exclude an instance with a free slot (retries):
@@ -345,9 +397,20 @@ class Scheduler:
             if not queue:
                 continue
             self._prune(queue)
+            now = self.clock()
             for waiter in list(queue):
                 if waiter.future.done():
                     continue
+                if waiter.pinned is not None:
+                    if waiter.held_for(now):
+                        lease = self._lease_pinned(waiter)
+                        if lease is not None:
+                            waiter.future.set_result(lease)
+                        if waiter.pinned is not None:
+                            continue  # it never holds up the waiters behind it
+                    else:
+                        waiter.pinned = None
+                        self._count("wait_expired")
                 lease = self.try_lease(waiter.model, waiter.placement, waiter.exclude)
                 if lease is None:
                     if not waiter.exclude:

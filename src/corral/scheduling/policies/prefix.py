@@ -39,11 +39,15 @@ Among the candidates (usable, with a free slot), with ``load = busy slots / slot
 Whatever was chosen is then recorded as holding the prompt's blocks.
 
 When the best-cached instance has no free slot it is not a candidate: ``choose`` can only
-pick among the others (rules 2-4), and counts the decision as ``cached_full``. Whether
-waiting for it would be cheaper is :meth:`PrefixPolicy.wait_advice`'s answer (prefill
-time of the blocks only it holds, at the learned prefill rate, against its expected
-wait, ``request_seconds / slots``), for a scheduler that can hold a request for one
-instance; the scheduler has no such hook yet.
+pick among the others (rules 2-4), and counts the decision as ``cached_full``. Before
+that, the scheduler asks :meth:`PrefixPolicy.wait_advice` whether waiting for it is
+cheaper: the prefill time of the blocks only it holds, at the learned prefill rate,
+against its expected wait (``request_seconds / slots``). If so, the request waits in
+the buffer for a slot on that instance only (counted ``wait_for_cache``), for at most
+``min(saved prefill time, max_wait_s)``; requests behind it are not held up. When that
+time is over it takes any free slot (``wait_expired``); when the instance leaves or
+becomes unusable it stops waiting at once. With buffering off or the buffer full,
+nothing waits.
 
 Feedback and forgetting
 -----------------------
@@ -336,9 +340,10 @@ class PrefixPolicy:
         ``pool``: the model's usable instances, full or not. Advice comes only when the
         best match worth following is on an instance with no free slot and re-prefilling
         what only it holds would take longer than its expected wait (``request_seconds``,
-        learned per instance, over its slot count). A scheduler hook would hold the
-        request for that instance for at most ``max_wait_s`` and otherwise place it as
-        usual; nothing calls this yet. Pure: records nothing.
+        learned per instance, over its slot count). The scheduler then holds the
+        request for that instance for at most ``max_wait_s`` and otherwise places it as
+        usual (see :meth:`corral.scheduling.scheduler.Scheduler.acquire`). Pure:
+        records nothing.
         """
         blocks = self.blocks(request.model, request.body)
         if not blocks or not pool:

@@ -1,0 +1,503 @@
+"""Workload "multiturn": multi-turn chats over three llama-servers, by placement policy.
+
+The question: does sending each turn to the server that already holds its conversation
+save the prefill, and does it do so without piling load on one server?
+
+Set-up, the same for every system and fresh for each (new llama-server processes, so
+no system inherits another's caches):
+
+- three real llama-servers on one model, each ``--parallel 2 -c 8192 --threads 1
+  --metrics`` (the default ``--cache-ram``, so a server also keeps prompts of
+  finished requests in RAM and restores them when a prompt matches);
+- the model is the bench's tiny llama made wider (``n_embd 256``, 4 layers) so that
+  prefill dominates: about 1,200 prompt tokens take several hundred ms to prefill on
+  one thread, and a turn whose prefix is cached takes a few tens;
+- 32 conversations, each with its own long system prompt (600 words of the model's
+  vocabulary, about 1,200 tokens), 8 turns each; the user's next turn is sent after the
+  previous answer arrived (with the answer in the history), and all conversations run
+  at once with at most 6 requests in flight (the fleet's slots), so turns of different
+  conversations interleave. Streams, ``max_tokens`` 8.
+
+Systems: ``corral balancer`` with three ``corral agent``s, once per policy
+(``prefix``, ``least_busy``, ``round_robin``), and the LiteLLM proxy with the three
+servers as one model group (``simple-shuffle``).
+
+Measured:
+
+- **cached-token fraction**, from the servers themselves: each llama-server's
+  ``llamacpp:prompt_tokens_total`` counts the prompt tokens it had to process, so
+  ``1 - processed / prompt tokens`` (prompt tokens from the responses' usage) is the
+  share served from cache, the same way for every system;
+- the **oracle**: a placement that always finds the previous turn's prompt cached would
+  get, for each turn after the first, the previous turn's prompt tokens cached (the
+  answer's tokens are re-tokenized differently, so they never count). Its fraction is
+  the bound each system is compared against;
+- TTFT and latency p50/p99 (client side), throughput (requests per second of wall
+  time), and per-server load: requests each server answered (its
+  ``llamacpp:tokens_predicted_total`` / ``max_tokens``) and the largest share against
+  the mean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from bench.context import BenchContext, StartupError, http_status, wait_healthy, wait_until
+from bench.loadgen import LoadGenerator, RequestResult, RequestSpec
+from bench.procs import ManagedProcess, free_port
+from bench.report import md_table
+from bench.stats import percentile
+from bench.systems.corral import corral_command
+from bench.systems.litellm import ENV as LITELLM_ENV
+from bench.systems.litellm import LITELLM_REQUIREMENT, _venv_bin, ensure_installed
+from bench.workloads import Section
+
+log = logging.getLogger("bench.multiturn")
+
+NAME = "multiturn"
+TITLE = "Multi-turn chat: cache-aware placement over three llama-servers"
+ORDER = 30
+
+SERVERS = 3
+PARALLEL = 2
+CONTEXT = 8192
+CONVERSATIONS = 32
+TURNS = 8
+CONCURRENCY = SERVERS * PARALLEL
+SYSTEM_WORDS = 600
+USER_WORDS = 12
+MAX_TOKENS = 8
+MODEL_SHAPE = {"n_embd": 256, "n_layer": 4, "n_head": 4, "n_ctx": CONTEXT}
+MODEL_NAME = "chat"
+REQUEST_LIMIT = 300.0
+
+POLICIES = ("prefix", "least_busy", "round_robin")
+METRIC = re.compile(r"^llamacpp:(prompt_tokens_total|tokens_predicted_total)\s+([0-9.e+]+)", re.M)
+
+
+@dataclass
+class Turn:
+    conversation: int
+    turn: int
+    result: RequestResult
+
+
+@dataclass
+class Outcome:
+    label: str
+    turns: list[Turn] = field(default_factory=list)
+    wall: float = 0.0
+    processed: list[float] = field(default_factory=list)  # prompt tokens each server computed
+    answered: list[float] = field(default_factory=list)  # requests each server answered
+
+
+def _model(ctx: BenchContext) -> Path:
+    from corral.catalog.tiny import make_tiny_model
+
+    path = ctx.run_dir / "models" / f"{MODEL_NAME}.gguf"
+    if not path.is_file():
+        make_tiny_model(path, name=MODEL_NAME, seed=7, **MODEL_SHAPE)
+    return path
+
+
+def _vocabulary(model: Path) -> list[str]:
+    """Whole words of the tiny model's vocabulary (prompts made of them tokenize
+    predictably, about two tokens a word)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(model)
+    field_ = reader.fields["tokenizer.ggml.tokens"]
+    words = []
+    for index in field_.data:
+        token = bytes(field_.parts[index]).decode("utf-8", errors="replace")
+        word = token.lstrip("\u2581 ").strip()
+        if word.isalpha() and len(word) > 2:
+            words.append(word)
+    return sorted(set(words)) or ["hello", "world"]
+
+
+def _llama_server(ctx: BenchContext, model: Path, name: str, port: int) -> ManagedProcess:
+    args = [
+        str(ctx.llama_server),
+        "--model",
+        str(model),
+        "--alias",
+        MODEL_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--parallel",
+        str(PARALLEL),
+        "--ctx-size",
+        str(CONTEXT),
+        "--threads",
+        "1",
+        "--threads-batch",
+        "1",
+        "--metrics",
+    ]
+    return ManagedProcess(name, args, ctx.log_path(name))
+
+
+async def _metrics(url: str) -> tuple[float, float]:
+    """(prompt tokens processed, tokens predicted) so far, from llama-server /metrics."""
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(url + "/metrics") as response,
+    ):
+        text = await response.text()
+    found = {name: float(value) for name, value in METRIC.findall(text)}
+    return found.get("prompt_tokens_total", 0.0), found.get("tokens_predicted_total", 0.0)
+
+
+async def _start_corral(
+    ctx: BenchContext, policy: str, backends: list[str], procs: list[ManagedProcess]
+) -> tuple[str, dict[str, str]]:
+    inference, management = free_port(), free_port()
+    state = ctx.run_dir / f"multiturn-state-{policy}"
+    state.mkdir(parents=True, exist_ok=True)
+    env = {
+        "CORRAL_MANAGEMENT_TOKEN": secrets.token_urlsafe(24),
+        "CORRAL_CLUSTER_TOKEN": secrets.token_urlsafe(24),
+        "CORRAL_STATE_DIR": str(state),
+    }
+    name = f"multiturn-corral-{policy}"
+    balancer = ManagedProcess(
+        name,
+        [
+            *corral_command(),
+            "balancer",
+            "--policy",
+            policy,
+            "--inference-addr",
+            f"127.0.0.1:{inference}",
+            "--management-addr",
+            f"127.0.0.1:{management}",
+        ],
+        ctx.log_path(name),
+        env=env,
+    ).start()
+    procs.append(balancer)
+    for index, backend in enumerate(backends):
+        agent = f"{name}-agent{index}"
+        procs.append(
+            ManagedProcess(
+                agent,
+                [
+                    *corral_command(),
+                    "agent",
+                    "--local-llama-server",
+                    backend,
+                    "--balancer",
+                    f"127.0.0.1:{management}",
+                    "--name",
+                    f"server{index}",
+                ],
+                ctx.log_path(agent),
+                env=env,
+            ).start()
+        )
+    url = f"http://127.0.0.1:{inference}"
+    headers = {"Authorization": f"Bearer {env['CORRAL_MANAGEMENT_TOKEN']}"}
+
+    async def all_usable() -> bool:
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(
+                f"http://127.0.0.1:{management}/api/v1/instances", headers=headers
+            ) as response,
+        ):
+            body = await response.json()
+        return sum(1 for i in body.get("instances", []) if i.get("usable")) == SERVERS
+
+    await wait_until(all_usable, what="three usable instances", within=60, proc=balancer)
+    return url, {}
+
+
+async def _start_litellm(
+    ctx: BenchContext, backends: list[str], procs: list[ManagedProcess]
+) -> tuple[str, dict[str, str]]:
+    ensure_installed()
+    master_key = "sk-bench-" + secrets.token_hex(12)
+    config = {
+        "model_list": [
+            {
+                "model_name": MODEL_NAME,
+                "litellm_params": {
+                    "model": f"openai/{MODEL_NAME}",
+                    "api_base": f"{backend}/v1",
+                    "api_key": "none",
+                },
+            }
+            for backend in backends
+        ],
+        "router_settings": {"routing_strategy": "simple-shuffle"},
+        "general_settings": {"master_key": master_key},
+        "litellm_settings": {"set_verbose": False},
+    }
+    path = ctx.run_dir / "multiturn-litellm.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    port = free_port()
+    env = {**LITELLM_ENV, "PATH": f"{_venv_bin('python').parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = ManagedProcess(
+        "multiturn-litellm",
+        [
+            str(_venv_bin("litellm")),
+            "--config",
+            str(path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+        ],
+        ctx.log_path("multiturn-litellm"),
+        env=env,
+    ).start()
+    procs.append(proc)
+    url = f"http://127.0.0.1:{port}"
+
+    async def alive() -> bool:
+        return await http_status(f"{url}/health/liveliness") == 200
+
+    await wait_until(alive, what="LiteLLM /health/liveliness", within=180, proc=proc)
+    return url, {"Authorization": f"Bearer {master_key}"}
+
+
+def _conversation_plan(vocabulary: list[str], count: int) -> list[tuple[str, list[str]]]:
+    """Each conversation's system prompt and user turns (seeded: the same every run)."""
+    plans = []
+    for index in range(count):
+        rng = random.Random(1000 + index)
+        system = f"Conversation {index}. " + " ".join(
+            rng.choice(vocabulary) for _ in range(SYSTEM_WORDS)
+        )
+        users = [
+            f"Turn {turn}: " + " ".join(rng.choice(vocabulary) for _ in range(USER_WORDS))
+            for turn in range(TURNS)
+        ]
+        plans.append((system, users))
+    return plans
+
+
+async def _run_conversations(
+    url: str, headers: dict[str, str], plans: list[tuple[str, list[str]]]
+) -> tuple[list[Turn], float]:
+    turns: list[Turn] = []
+    slots = asyncio.Semaphore(CONCURRENCY)
+    async with LoadGenerator(url, headers=headers, timeout=REQUEST_LIMIT) as gen:
+        epoch = time.perf_counter()
+
+        async def conversation(index: int, system: str, users: list[str]) -> None:
+            rng = random.Random(index)
+            await asyncio.sleep(rng.uniform(0, 2.0))  # arrivals spread over two seconds
+            messages: list[dict[str, str]] = [{"role": "system", "content": system}]
+            for turn, user in enumerate(users):
+                messages.append({"role": "user", "content": user})
+                body = {
+                    "model": MODEL_NAME,
+                    "messages": list(messages),
+                    "max_tokens": MAX_TOKENS,
+                    "temperature": 0,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                async with slots:
+                    result = await gen.send(RequestSpec("/v1/chat/completions", body), epoch)
+                turns.append(Turn(index, turn, result))
+                if not result.ok:
+                    return  # a conversation whose turn failed ends there
+                messages.append({"role": "assistant", "content": result.text})
+                await asyncio.sleep(rng.uniform(0, 0.2))  # the user reads and types
+
+        await asyncio.gather(*(conversation(i, s, u) for i, (s, u) in enumerate(plans)))
+        wall = time.perf_counter() - epoch
+    return turns, wall
+
+
+async def _measure(
+    ctx: BenchContext, system: str, model: Path, plans: list[tuple[str, list[str]]]
+) -> Outcome:
+    procs: list[ManagedProcess] = []
+    label = f"corral `{system}`" if system in POLICIES else "LiteLLM proxy (simple-shuffle)"
+    outcome = Outcome(label)
+    try:
+        backends = []
+        for index in range(SERVERS):
+            port = free_port()
+            proc = _llama_server(ctx, model, f"multiturn-{system}-llama{index}", port).start()
+            procs.append(proc)
+            backends.append(f"http://127.0.0.1:{port}")
+        for backend, proc in zip(backends, procs, strict=True):
+            await wait_healthy(f"{backend}/health", what=f"{proc.name} /health", proc=proc)
+        if system in POLICIES:
+            url, headers = await _start_corral(ctx, system, backends, procs)
+        else:
+            url, headers = await _start_litellm(ctx, backends, procs)
+        before = [await _metrics(b) for b in backends]
+        outcome.turns, outcome.wall = await _run_conversations(url, headers, plans)
+        after = [await _metrics(b) for b in backends]
+        outcome.processed = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
+        outcome.answered = [(a[1] - b[1]) / MAX_TOKENS for a, b in zip(after, before, strict=True)]
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    return outcome
+
+
+@dataclass
+class Figures:
+    requests: int
+    failed: int
+    prompt: int
+    cached_fraction: float
+    oracle_fraction: float
+    reported_fraction: float | None
+    ttft: list[float]
+    latency: list[float]
+    throughput: float
+    spread: float
+    shares: list[float]
+
+
+def _figures(outcome: Outcome) -> Figures:
+    by_turn = {(t.conversation, t.turn): t.result for t in outcome.turns}
+    ok = [t for t in outcome.turns if t.result.ok]
+    prompt = sum(t.result.prompt_tokens or 0 for t in ok)
+    oracle = 0
+    for t in ok:
+        previous = by_turn.get((t.conversation, t.turn - 1))
+        if previous is not None and previous.ok:
+            oracle += min(previous.prompt_tokens or 0, t.result.prompt_tokens or 0)
+    processed = sum(outcome.processed)
+    reported = [t.result.cached_tokens for t in ok]
+    answered = outcome.answered
+    mean = sum(answered) / len(answered) if answered else 0.0
+    return Figures(
+        requests=len(outcome.turns),
+        failed=len(outcome.turns) - len(ok),
+        prompt=prompt,
+        cached_fraction=1 - processed / prompt if prompt else 0.0,
+        oracle_fraction=oracle / prompt if prompt else 0.0,
+        reported_fraction=(
+            sum(r or 0 for r in reported) / prompt if prompt and None not in reported else None
+        ),
+        ttft=[t.result.ttft for t in ok if t.result.ttft is not None],
+        latency=[t.result.latency for t in ok],
+        throughput=len(ok) / outcome.wall if outcome.wall else 0.0,
+        spread=max(answered) / mean if mean else 0.0,
+        shares=answered,
+    )
+
+
+def _ms(values: list[float], q: float) -> str:
+    return f"{percentile(values, q) * 1000:.0f}" if values else "-"
+
+
+async def run(ctx: BenchContext) -> Section:
+    model = _model(ctx)
+    plans = _conversation_plan(_vocabulary(model), ctx.count(CONVERSATIONS, minimum=12))
+    wanted: list[str] = []
+    if not ctx.systems or "corral" in ctx.systems:
+        wanted += POLICIES
+    if not ctx.systems or "litellm" in ctx.systems:
+        wanted.append("litellm")
+    missing: dict[str, str] = {}
+    outcomes: dict[str, Outcome] = {}
+    for system in wanted:
+        log.info("multiturn: measuring %s", system)
+        try:
+            outcomes[system] = await _measure(ctx, system, model, plans)
+        except StartupError as exc:
+            missing[system] = str(exc)
+    figures = {system: _figures(outcome) for system, outcome in outcomes.items()}
+    rows = []
+    for system, f in figures.items():
+        rows.append(
+            [
+                outcomes[system].label,
+                str(f.requests),
+                str(f.failed),
+                f"{f.cached_fraction:.1%}",
+                f"{f.cached_fraction / f.oracle_fraction:.0%}" if f.oracle_fraction else "-",
+                _ms(f.ttft, 50),
+                _ms(f.ttft, 99),
+                _ms(f.latency, 50),
+                _ms(f.latency, 99),
+                f"{f.throughput:.2f}",
+                " / ".join(f"{s:.0f}" for s in f.shares),
+                f"{f.spread:.2f}",
+            ]
+        )
+    table = md_table(
+        [
+            "system",
+            "requests",
+            "failed",
+            "cached tokens",
+            "of oracle",
+            "TTFT p50",
+            "TTFT p99",
+            "p50",
+            "p99",
+            "req/s",
+            "requests per server",
+            "max / mean",
+        ],
+        rows,
+    )
+    oracle = next(iter(figures.values())).oracle_fraction if figures else 0.0
+    targets = ""
+    if "prefix" in figures:
+        p = figures["prefix"]
+        lines = [
+            (
+                "cached tokens ≥ 90% of the oracle's",
+                f"{p.cached_fraction / oracle:.0%}" if oracle else "-",
+                oracle and p.cached_fraction / oracle >= 0.9,
+            ),
+            ("no server's request share above 1.5x the mean", f"{p.spread:.2f}x", p.spread <= 1.5),
+        ]
+        if "least_busy" in figures and p.ttft:
+            lb = figures["least_busy"]
+            ratio = percentile(lb.ttft, 50) / percentile(p.ttft, 50)
+            lines.insert(
+                1, ("TTFT p50 ≥ 3x lower than `least_busy`", f"{ratio:.1f}x lower", ratio >= 3)
+            )
+        targets = "\n\n**Targets (corral `prefix`)**\n\n" + md_table(
+            ["target", "measured", "met"],
+            [[t, m, "yes" if ok else "**no**"] for t, m, ok in lines],
+        )
+    check = ""
+    if "prefix" in figures and figures["prefix"].reported_fraction is not None:
+        check = (
+            f" Cross-check: the cached tokens corral's responses reported "
+            f"(`prompt_tokens_details.cached_tokens`) add up to "
+            f"{figures['prefix'].reported_fraction:.1%} of the prompt tokens under `prefix`."
+        )
+    markdown = (
+        f"{len(plans)} conversations x {TURNS} turns, each with its own ~{SYSTEM_WORDS}-word "
+        f"system prompt, at most {CONCURRENCY} requests in flight, over {SERVERS} "
+        f"llama-servers (`--parallel {PARALLEL} -c {CONTEXT} --threads 1`, a tiny llama "
+        f"with n_embd {MODEL_SHAPE['n_embd']} and {MODEL_SHAPE['n_layer']} layers), streamed, "
+        f"`max_tokens` {MAX_TOKENS}. Fresh servers for every system. Times in ms. "
+        "Cached tokens are measured at the servers (`llamacpp:prompt_tokens_total` is what "
+        "they had to prefill); the oracle, which always finds the previous turn's prompt "
+        f"cached, gets {oracle:.1%}. LiteLLM: {LITELLM_REQUIREMENT}.{check}\n\n" + table + targets
+    )
+    return Section(TITLE, markdown, missing=missing)
