@@ -101,10 +101,13 @@ def test_a_split_model_missing_shards_in_the_listing_is_refused() -> None:
 
 
 def test_mmproj_prefers_bf16_then_f16_then_f32_and_the_nearest_folder() -> None:
-    files = ["Model-Q4_K_M.gguf", "mmproj-F32.gguf", "mmproj-F16.gguf", "mmproj-BF16.gguf"]
-    assert pick(files) == ("Model-Q4_K_M.gguf", "mmproj-BF16.gguf")
-    assert pick(files[:3]) == ("Model-Q4_K_M.gguf", "mmproj-F16.gguf")
-    assert pick(files[:2]) == ("Model-Q4_K_M.gguf", "mmproj-F32.gguf")
+    # names sorted against the preference, so only the precision can decide
+    files = ["Model-Q4_K_M.gguf", "mmproj-a-Q8_0.gguf", "mmproj-b-F32.gguf", "mmproj-c-F16.gguf"]
+    files.append("mmproj-d-BF16.gguf")
+    assert pick(files) == ("Model-Q4_K_M.gguf", "mmproj-d-BF16.gguf")
+    assert pick(files[:4]) == ("Model-Q4_K_M.gguf", "mmproj-c-F16.gguf")
+    assert pick(files[:3]) == ("Model-Q4_K_M.gguf", "mmproj-b-F32.gguf")
+    assert pick(files[:2]) == ("Model-Q4_K_M.gguf", "mmproj-a-Q8_0.gguf")
     assert pick(files, mmproj=False) == ("Model-Q4_K_M.gguf",)
     nested = ["Q4/Model-Q4_K_M.gguf", "Q4/mmproj-F32.gguf", "mmproj-BF16.gguf"]
     nested.append("x/mmproj-BF16.gguf")  # another folder's: never
