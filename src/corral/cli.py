@@ -808,6 +808,8 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     from corral.catalog.pull import PullError, PullPlan, parse_spec, pull
 
     _quiet_catalog_log(args)
+    if args.log_level != "DEBUG":  # a line per HTTP request would bury the progress
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
     try:
         parse_spec(args.spec)
     except ValueError as exc:

@@ -7,6 +7,7 @@ and serves tiny generated GGUF files. Downloads land in a temporary ``HF_HOME``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -14,11 +15,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gguf
 import huggingface_hub.constants
 import pytest
+from huggingface_hub.utils import tqdm
 
+from corral.catalog.pull import pull as pull_model
 from corral.cli import main
 from corral.testing.fake_hf_hub import FakeHub
 from tests.unit.test_catalog import mmproj, tiny, write_gguf
@@ -64,6 +68,9 @@ def hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: FakeHub) -> Pa
     # huggingface_hub reads a stored login from a path fixed at import: keep the
     # developer's own login (if any) out of these tests.
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    # ... and its telemetry (a registry fetched from the import-time endpoint, the real
+    # hub) out of the network; subprocesses send it to the fake hub, which answers 404.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
     return tmp_path / "hf"
 
 
@@ -437,3 +444,25 @@ def test_cli_pulls_a_gated_repo_with_hf_token_and_never_prints_the_token(
     resolves = [r for r in hub.requests if "/resolve/" in r.path]
     assert resolves and all(r.authorized for r in resolves)
     assert all(not r.authorized for r in hub.requests if r.origin == "cdn")
+
+
+def test_progress_bars_count_every_byte_of_each_file_under_its_name(
+    hub: FakeHub, hf_home: Path, files: dict[str, bytes]
+) -> None:
+    names = ("Model-Q4_K_M.gguf", "mmproj-F16.gguf")
+    hub.add(REPO, {n: files[n] for n in names})
+    bars: list[Any] = []
+
+    class Recorder(tqdm):  # huggingface_hub's bar class, silent and remembered
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+            bars.append(self)
+
+    announced: list[tuple[int, str, int | None]] = []
+    result = pull_model(REPO, on_file=lambda *a: announced.append(a), tqdm_class=Recorder)
+
+    assert [p.name for p in result.paths] == list(names)
+    assert announced == [(i, n, len(files[n])) for i, n in enumerate(names)]
+    assert [(b.desc, b.total, b.n) for b in bars] == [
+        (n, len(files[n]), len(files[n])) for n in names
+    ]

@@ -53,6 +53,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import tqdm as hf_tqdm
 
 from corral.catalog.discovery import (
     _PRECISION_IN_NAME,
@@ -388,6 +389,18 @@ def plan_pull(
     return PullPlan(repo, revision, info.sha, selection, sizes, endpoint)
 
 
+def _named_bar(base: Any, name: str) -> Any:
+    """``base`` labelled with the file name: huggingface_hub labels a plain HTTP download
+    with the tail of its (CDN) URL."""
+
+    class NamedBar(base):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["desc"] = name
+            super().__init__(*args, **kwargs)
+
+    return NamedBar
+
+
 def download(
     plan: PullPlan,
     *,
@@ -416,7 +429,7 @@ def download(
                 cache_dir=cache,
                 endpoint=plan.endpoint,
                 token=token or False,
-                tqdm_class=tqdm_class,
+                tqdm_class=_named_bar(tqdm_class or hf_tqdm, PurePosixPath(name).name),
             )
         except (
             HfHubHTTPError,
