@@ -466,3 +466,18 @@ def test_progress_bars_count_every_byte_of_each_file_under_its_name(
     assert [(b.desc, b.total, b.n) for b in bars] == [
         (n, len(files[n]), len(files[n])) for n in names
     ]
+
+
+def test_cli_pull_with_hf_hub_offline_says_so_without_asking_the_hub(
+    tmp_path: Path, hub: FakeHub, files: dict[str, bytes]
+) -> None:
+    hub.add(REPO, {"Model-Q4_K_M.gguf": files["Model-Q4_K_M.gguf"]})
+    env = {**clean_env(tmp_path, hub), "HF_HUB_OFFLINE": "1"}
+
+    pulled = corral(env, "models", "pull", REPO)
+
+    assert pulled.returncode == 1
+    assert pulled.stderr == (
+        "corral: HF_HUB_OFFLINE is set, so the hub is not asked; unset it to pull\n"
+    )
+    assert hub.requests == []
