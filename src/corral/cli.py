@@ -805,6 +805,61 @@ def cmd_models_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    """Download ``ORG/REPO[:QUANT]`` into the hub cache and say what it is served as."""
+    from corral.catalog.pull import PullError, PullPlan, parse_spec, pull
+
+    _quiet_catalog_log(args)
+    if args.log_level != "DEBUG":  # a line per HTTP request would bury the progress
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
+    try:
+        parse_spec(args.spec)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    count = 0
+
+    def on_plan(plan: PullPlan) -> None:
+        nonlocal count
+        count = len(plan.files)
+        size = f", {_human_bytes(plan.size_bytes)}" if plan.size_bytes else ""
+        commit = f" ({plan.commit[:12]})" if plan.commit else ""
+        sys.stderr.write(
+            f"pulling {plan.repo}:{plan.selection.tag} from {plan.endpoint}, revision "
+            f"{plan.revision}{commit}: {count} file(s){size}\n"
+        )
+
+    def on_file(index: int, name: str, size: int | None) -> None:
+        shown = f" ({_human_bytes(size)})" if size is not None else ""
+        sys.stderr.write(f"[{index + 1}/{count}] {name}{shown}\n")
+
+    try:
+        result = pull(
+            args.spec,
+            revision=args.revision,
+            token=args.token,
+            mmproj=not args.no_mmproj,
+            on_plan=on_plan,
+            on_file=on_file,
+        )
+    except PullError as exc:
+        _err(str(exc))
+        return 1
+    if result.model is None:
+        reason = result.problem.reason if result.problem else "a scan of the cache did not find it"
+        _err(f"downloaded {result.path}, but corral cannot serve it: {reason}")
+        return 1
+    model = result.model
+    lines = [f"id: {model.id}"]
+    lines += [f"alias: {alias}" for alias in model.aliases]
+    lines.append(f"path: {model.path}")
+    if model.mmproj:
+        lines.append(f"mmproj: {model.mmproj}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stderr.write(f"`corral serve` finds it in the hub cache; ask for model {model.id}\n")
+    return 0
+
+
 def cmd_models_make_tiny(args: argparse.Namespace) -> int:
     from corral.catalog.tiny import make_tiny_model
 
@@ -946,7 +1001,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # models
     models = commands.add_parser(
-        "models", help="model files: list and import GGUF models, make a tiny test model"
+        "models",
+        help="model files: list, import and pull GGUF models, make a tiny test model",
     )
     models_cmds = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     models_list = models_cmds.add_parser(
@@ -985,6 +1041,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--write", type=Path, default=None, metavar="FILE", help="add the models to this config"
     )
     models_import.set_defaults(func=cmd_models_import)
+    models_pull = models_cmds.add_parser(
+        "pull",
+        help="download a GGUF model from Hugging Face into the hub cache (ORG/REPO[:QUANT])",
+        description="Download the GGUF model ORG/REPO[:QUANT] names, as llama.cpp's -hf "
+        "does: the file whose name carries the quantization tag QUANT (any case; "
+        "default Q4_K_M, else Q8_0, else the first model), every shard of a split model "
+        "and the repo's best mmproj projector (BF16, then F16, then F32). Files go into "
+        "the Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub, else "
+        "~/.cache/huggingface/hub), where `corral serve` and `models list` find them; "
+        "HF_ENDPOINT names a mirror. Prints the model id corral serves it under.",
+    )
+    models_pull.add_argument("spec", metavar="ORG/REPO[:QUANT]", help="e.g. org/model-GGUF:Q8_0")
+    models_pull.add_argument(
+        "--revision", default="main", help="branch, tag or commit to download (main)"
+    )
+    models_pull.add_argument(
+        "--token",
+        default=None,
+        help="Hugging Face token for gated or private repos (default: HF_TOKEN, else the "
+        "token `hf auth login` stored); prefer HF_TOKEN, arguments show in the process list",
+    )
+    models_pull.add_argument(
+        "--no-mmproj", action="store_true", help="skip the repo's mmproj projector"
+    )
+    models_pull.set_defaults(func=cmd_models_pull)
     tiny = models_cmds.add_parser(
         "make-tiny", help="write a tiny random-weight llama GGUF (for tests and benchmarks)"
     )
