@@ -39,9 +39,7 @@ async def scrape_text(management: str, token: str = MANAGEMENT_TOKEN) -> str:
 
     async with (
         aiohttp.ClientSession() as http,
-        http.get(
-            management + "/metrics", headers={"Authorization": f"Bearer {token}"}
-        ) as response,
+        http.get(management + "/metrics", headers={"Authorization": f"Bearer {token}"}) as response,
     ):
         assert response.status == 200
         return await response.text()
@@ -101,7 +99,7 @@ def usage_of_stream(body: str) -> dict[str, int]:
 
 async def test_metrics_count_a_known_workload_exactly(fleet: Fleet) -> None:
     await fleet.add_fake(model="m", slots=2)
-    await fleet.add_fake(model="s", slots=1, token_delay=0.05, tokens=4)
+    await fleet.add_fake(model="s", slots=1, token_delay=0.1, tokens=10)
     assert fleet.http is not None
     instance_m = fleet.balancer.scheduler.fleet.pool("m")[0].id
     totals = {"prompt": 0, "cached": 0, "generated": 0}
@@ -269,3 +267,41 @@ async def test_supervised_starts_restarts_failures_and_swaps_are_counted(
         swap_b = samples[("corral_model_swap_seconds_sum", labels(model="b"))]
         startup_b = samples[("corral_instance_startup_seconds_sum", labels(model="b"))]
         assert swap_b >= startup_b  # the swap holds the start (and a's eviction)
+
+
+async def test_autoscaling_endpoint_and_gauge_follow_busy_slots_and_buffer(fleet: Fleet) -> None:
+    import aiohttp
+
+    await fleet.add_fake(model="s", slots=1, token_delay=0.1, tokens=20)
+    running = asyncio.create_task(fleet.chat("s"))
+    await wait_for(lambda: fleet.balancer.scheduler.fleet.pool("s")[0].in_flight == 1, "s busy")
+    waiting = asyncio.create_task(fleet.chat("s"))
+    await wait_for(lambda: fleet.balancer.scheduler.buffered("s") == 1, "one buffered for s")
+    headers = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+    url = fleet.management + "/api/v1/autoscaling"
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.get(url) as response:
+            assert response.status == 200
+            body = await response.json()
+        async with http.get(url, params={"model": "s", "target": "0.5"}) as response:
+            one = await response.json()
+        for bad in ("0", "1.5", "lots"):
+            async with http.get(url, params={"target": bad}) as response:
+                assert response.status == 400
+                assert "target" in (await response.json())["error"]["message"]
+    gauge = series(
+        samples_of(await scrape_text(fleet.management)), "corral_autoscaling_wanted_instances"
+    )
+    assert (await running)[0] == 200 and (await waiting)[0] == 200
+
+    s = body["models"]["s"]
+    assert {k: s[k] for k in ("instances", "slots_total", "slots_busy", "buffered")} == {
+        "instances": 1,
+        "slots_total": 1,
+        "slots_busy": 1,
+        "buffered": 1,
+    }
+    assert s["wanted_instances"] == 3  # ceil((1 busy + 1 buffered) / (1 slot * 0.8))
+    assert body["target_utilization"] == 0.8 and body["wanted_instances"] == 3
+    assert one["model"] == "s" and one["wanted_instances"] == 4  # ceil(2 / 0.5)
+    assert gauge == {labels(model="s"): 3.0}
