@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet, wait_for
 from tests.integration.test_models import complete, pid_of, serving
+from tests.metrics_docs import documented_metrics
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 CHAT_ROUTE = "/v1/chat/completions"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -60,13 +60,6 @@ def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], floa
 
 def labels(**values: str) -> frozenset[tuple[str, str]]:
     return frozenset(values.items())
-
-
-def documented() -> dict[str, str]:
-    """Metric name -> type, from the table in docs/metrics.md."""
-    rows = re.findall(r"^\|\s*`(corral_[a-z_]+)`\s*\|\s*(\w+)\s*\|", DOCS.read_text(), re.M)
-    assert rows, "docs/metrics.md has no metric table"
-    return dict(rows)
 
 
 def exposed_name(family_name: str, kind: str) -> str:
@@ -175,7 +168,7 @@ async def test_every_exposed_metric_is_documented_and_every_documented_one_expos
         # prometheus_client's ``_created`` timestamps parse as families of their own
         if f.name.startswith("corral_") and not f.name.endswith("_created")
     }
-    docs = documented()
+    docs = documented_metrics()
     assert set(exposed) - set(docs) == set(), "exposed but not in docs/metrics.md"
     assert set(docs) - set(exposed) == set(), "in docs/metrics.md but not exposed"
     assert exposed == docs, "docs/metrics.md names a wrong type"
