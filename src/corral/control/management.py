@@ -14,7 +14,10 @@ Agent protocol (JSON text frames, agent -> balancer):
 
 Each instance in a snapshot: ``id``, ``url`` (how the balancer reaches it), ``model``,
 ``aliases``, ``state``, ``total_slots``, ``busy``, ``n_ctx``, ``issues`` (list of
-``{"kind", "message"}``; any issue makes the instance unusable).
+``{"kind", "message"}``; any issue makes the instance unusable), and ``supervisor``
+when the agent owns the process (``state``, ``pid``, ``restarts``, ``last_error``, ...;
+its cumulative ``launches``, ``restarts``, ``failed_runs``, ``readies`` and recent
+``startup_seconds`` feed the instance lifecycle metrics).
 """
 
 from __future__ import annotations
