@@ -16,10 +16,13 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral import __version__
 from corral.config import ConfigError, Settings, check_file, json_schema, load_settings
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 log = logging.getLogger("corral")
 
@@ -540,8 +543,13 @@ def _status_token(settings: Settings) -> str | None:
     return settings.resolved_management_token() or read_token_file(management_token_file())
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """Print what a balancer's management API holds: instances, slots, buffers."""
+class FleetUnavailable(Exception):
+    """The management API could not be read; the message says why."""
+
+
+def _fleet_source(args: argparse.Namespace) -> Callable[[], dict[str, Any]] | None:
+    """A function reading ``GET /api/v1/fleet`` from the balancer ``args`` name (raises
+    :class:`FleetUnavailable`); None, with the reason on stderr, without a token."""
     import json
     import urllib.error
     import urllib.request
@@ -556,18 +564,37 @@ def cmd_status(args: argparse.Namespace) -> int:
             "no management token: set CORRAL_MANAGEMENT_TOKEN or --token-file (a local "
             "balancer writes one to ~/.local/state/corral/management-token)"
         )
-        return 2
+        return None
     url = f"http://{settings.management_addr}/api/v1/fleet"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+
+    def read() -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                fleet: dict[str, Any] = json.loads(response.read())
+                return fleet
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:300]
+            raise FleetUnavailable(f"{url} answered {exc.code}: {detail}") from None
+        except OSError as exc:
+            raise FleetUnavailable(
+                f"cannot reach the balancer's management API at {url}: {exc}"
+            ) from None
+
+    return read
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print what a balancer's management API holds: instances, slots, buffers."""
+    import json
+
+    read = _fleet_source(args)
+    if read is None:
+        return 2
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            fleet = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")[:300]
-        _err(f"{url} answered {exc.code}: {detail}")
-        return 1
-    except OSError as exc:
-        _err(f"cannot reach the balancer's management API at {url}: {exc}")
+        fleet = read()
+    except FleetUnavailable as exc:
+        _err(str(exc))
         return 1
     if args.json:
         sys.stdout.write(json.dumps(fleet, indent=2) + "\n")
@@ -576,11 +603,56 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """``corral status``'s tables, read again every ``--interval`` seconds until Ctrl-C
+    (or ``--iterations`` refreshes)."""
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+
+    if args.interval <= 0:
+        _err("--interval must be above 0 seconds")
+        return 2
+    read = _fleet_source(args)
+    if read is None:
+        return 2
+    try:
+        fleet = read()  # the first read must work: a wrong address or token is final
+    except FleetUnavailable as exc:
+        _err(str(exc))
+        return 1
+    console = Console(width=160)
+    refreshes = 0
+    try:
+        with Live(_fleet_view(fleet), console=console, auto_refresh=False) as live:
+            while True:
+                refreshes += 1
+                if args.iterations and refreshes >= args.iterations:
+                    break
+                time.sleep(args.interval)
+                try:
+                    fleet = read()
+                    view = _fleet_view(fleet)
+                except FleetUnavailable as exc:  # keep the last view, say what is wrong
+                    view = Group(_fleet_view(fleet), Text(f"stale: {exc}", style="bold red"))
+                live.update(view, refresh=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _print_fleet(fleet: dict[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console(width=160)
+    Console(width=160).print(_fleet_view(fleet))
+
+
+def _fleet_view(fleet: dict[str, Any]) -> RenderableType:
+    """The instances table and the models/agents/buffer line of a fleet snapshot."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     agents = {a["id"]: a for a in fleet.get("agents", [])}
     table = Table(title=f"corral {fleet.get('version', '')}: instances", title_justify="left")
     for column in ("model", "instance", "agent", "state", "slots", "in flight", "served",
@@ -605,13 +677,13 @@ def _print_fleet(fleet: dict[str, Any]) -> None:
             str(supervisor.get("restarts", "-")),
             "; ".join(problems)[:60],
         )
-    console.print(table)
     buffered = {m: n for m, n in (fleet.get("buffered") or {}).items() if n}
     waiting = ", ".join(f"{m}: {n}" for m, n in buffered.items()) or "none"
-    console.print(
+    summary = Text(
         f"models: {', '.join(fleet.get('models', [])) or 'none'}   "
         f"agents: {len(agents)}   buffered requests: {waiting}"
     )
+    return Group(table, summary)
 
 
 # -- models ------------------------------------------------------------------------------
@@ -998,6 +1070,24 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--token-file", type=Path, default=None, help="management token file")
     status.add_argument("--json", action="store_true", help="print the raw fleet JSON")
     status.set_defaults(func=cmd_status)
+    top = commands.add_parser(
+        "top",
+        help="corral status, refreshed live until Ctrl-C",
+        description="The tables of `corral status`, read again from the management API "
+        "every --interval seconds and redrawn in place until Ctrl-C.",
+    )
+    top.add_argument("--config", type=Path, default=None, help="YAML settings file")
+    top.add_argument("--management-addr", default=None, help="HOST:PORT (127.0.0.1:8085)")
+    top.add_argument("--token-file", type=Path, default=None, help="management token file")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (1)")
+    top.add_argument(
+        "--iterations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop after N refreshes (0, the default: run until Ctrl-C)",
+    )
+    top.set_defaults(func=cmd_top)
 
     # models
     models = commands.add_parser(

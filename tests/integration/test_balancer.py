@@ -342,7 +342,15 @@ async def _get(fleet: Fleet, path: str, token: str | None) -> tuple[int, Any]:
 
 
 @pytest.mark.parametrize(
-    "path", ["/api/v1/fleet", "/api/v1/agents", "/api/v1/instances", "/api/v1/buffer", "/metrics"]
+    "path",
+    [
+        "/api/v1/fleet",
+        "/api/v1/agents",
+        "/api/v1/instances",
+        "/api/v1/buffer",
+        "/api/v1/autoscaling",
+        "/metrics",
+    ],
 )
 async def test_every_management_route_requires_the_token(fleet: Fleet, path: str) -> None:
     assert fleet.http is not None

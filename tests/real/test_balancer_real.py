@@ -23,6 +23,8 @@ from openai import OpenAI
 pytestmark = pytest.mark.real
 
 START_S = 60.0
+MANAGEMENT: dict[str, str] = {}
+"""The management address of each front door."""
 
 
 def _free_port() -> int:
@@ -92,6 +94,7 @@ def front_door(
                 return False
 
         _wait("two ready instances", two_ready, procs)
+        MANAGEMENT[base] = f"127.0.0.1:{management}"
         yield base
     finally:
         for proc, _ in procs:
@@ -125,3 +128,39 @@ def test_openai_client_streams_from_both_real_instances(front_door: str) -> None
             text = "".join(line for line in response.iter_lines())
             assert re.search(r'"finish_reason":\s*"length"', text), text
     assert len(instances) == 2
+
+
+def _generated_tokens(front_door: str) -> float:
+    """corral_generated_tokens_total summed over instances."""
+    request = urllib.request.Request(
+        f"http://{MANAGEMENT[front_door]}/metrics", headers={"Authorization": "Bearer m-token"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("corral_generated_tokens_total{")
+    )
+
+
+def test_generated_tokens_are_counted_from_real_responses_streamed_and_not(
+    front_door: str,
+) -> None:
+    client = OpenAI(base_url=front_door + "/v1", api_key="unused", max_retries=0)
+    before = _generated_tokens(front_door)
+    for i in range(3):
+        plain = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"count {i}"}], max_tokens=4
+        )
+        assert plain.usage is not None and plain.usage.completion_tokens == 4
+    for i in range(3):
+        stream = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": f"count stream {i}"}],
+            max_tokens=4,
+            stream=True,
+        )
+        finishes = [c.choices[0].finish_reason for c in stream if c.choices]
+        assert finishes[-1] == "length"  # 4 tokens generated
+    assert _generated_tokens(front_door) - before == 6 * 4

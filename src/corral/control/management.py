@@ -14,7 +14,10 @@ Agent protocol (JSON text frames, agent -> balancer):
 
 Each instance in a snapshot: ``id``, ``url`` (how the balancer reaches it), ``model``,
 ``aliases``, ``state``, ``total_slots``, ``busy``, ``n_ctx``, ``issues`` (list of
-``{"kind", "message"}``; any issue makes the instance unusable).
+``{"kind", "message"}``; any issue makes the instance unusable), and ``supervisor``
+when the agent owns the process (``state``, ``pid``, ``restarts``, ``last_error``, ...;
+its cumulative ``launches``, ``restarts``, ``failed_runs``, ``readies`` and recent
+``startup_seconds`` feed the instance lifecycle metrics).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from corral.control.dashboard import Dashboard, is_public
 from corral.control.models_admin import ModelAdmin
 from corral.gateway.auth import key_matches, presented_key
 from corral.gateway.errors import error_response
+from corral.observe.autoscaling import TARGET_UTILIZATION, fleet_demand, model_demand
 from corral.observe.metrics import BalancerMetrics
 from corral.observe.recent import RecentTraffic
 from corral.scheduling.scheduler import Scheduler
@@ -80,6 +84,7 @@ class Management:
         self.models_admin.add_routes(r)
         r.add_get("/api/v1/buffer", self.buffer)
         r.add_get("/api/v1/fleet", self.fleet)
+        r.add_get("/api/v1/autoscaling", self.autoscaling)
         r.add_get("/api/v1/events", self.events)
         r.add_get("/metrics", self.prometheus)
         self.traffic: RecentTraffic | None = None
@@ -172,6 +177,28 @@ class Management:
             "models": fleet.served_models(),
         }
 
+    async def autoscaling(self, request: web.Request) -> web.Response:
+        """Wanted instances per model (:mod:`corral.observe.autoscaling`); ``?model=``
+        answers for one model at the top level, ``?target=`` sets the utilization."""
+        raw = request.query.get("target", str(TARGET_UTILIZATION))
+        try:
+            target = float(raw)
+        except ValueError:
+            target = -1.0
+        if not 0 < target <= 1:
+            return error_response(400, f"target must be a number in (0, 1], not {raw!r}")
+        model = request.query.get("model")
+        if model is not None:
+            return web.json_response(model_demand(self.scheduler, model, target).as_dict())
+        models = fleet_demand(self.scheduler, target)
+        return web.json_response(
+            {
+                "target_utilization": target,
+                "wanted_instances": sum(m.wanted_instances for m in models),
+                "models": {m.model: m.as_dict() for m in models},
+            }
+        )
+
     async def prometheus(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -253,11 +280,14 @@ class Management:
                     await ws.send_json({"type": "registered", "balancer_version": __version__})
                 elif kind == "snapshot" and agent_id is not None:
                     try:
-                        self.scheduler.apply_snapshot(
+                        applied = self.scheduler.apply_snapshot(
                             agent_id, int(data["seq"]), list(data.get("instances", []))
                         )
                     except (KeyError, TypeError, ValueError) as exc:
                         await ws.send_json({"type": "error", "message": f"bad snapshot: {exc}"})
+                    else:
+                        if applied:
+                            self._count_supervisors(agent_id)
                 elif kind == "command_result":
                     pending = self._pending.get(data.get("id"))
                     if pending is not None and not pending.done():
@@ -271,6 +301,14 @@ class Management:
                 log.info("agent left agent=%s", agent_id)
                 self.scheduler.agent_gone(agent_id)
         return ws
+
+    def _count_supervisors(self, agent_id: str) -> None:
+        fleet = self.scheduler.fleet
+        agent = fleet.agents.get(agent_id)
+        if agent is not None:
+            self.metrics.observe_supervisors(
+                fleet.instances[i] for i in sorted(agent.instance_ids) if i in fleet.instances
+            )
 
     async def _close_sockets(self, app: web.Application) -> None:
         for queue in self.event_queues:

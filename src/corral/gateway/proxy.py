@@ -94,9 +94,25 @@ _request_ids = itertools.count(1)
 _REQUEST_PREFIX = os.urandom(3).hex()
 
 
+@dataclass(frozen=True)
+class TokenUsage:
+    """What a response reports about its tokens; None where it says nothing.
+
+    ``cached`` and ``prompt`` come together or not at all (``timings.cache_n`` /
+    ``usage.prompt_tokens_details.cached_tokens`` and ``usage.prompt_tokens`` or
+    ``timings.prompt_n + cache_n``); ``generated`` is ``usage.completion_tokens``, else
+    llama.cpp's ``timings.predicted_n``.
+    """
+
+    cached: int | None = None
+    prompt: int | None = None
+    prompt_seconds: float | None = None
+    generated: int | None = None
+
+
 class ResponseTail:
     """The end of a relayed response, kept (bounded) to read what llama-server reports
-    about the prompt: the last SSE event with ``timings``/``usage``, or the JSON body."""
+    about its tokens: the last SSE event with ``timings``/``usage``, or the JSON body."""
 
     LIMIT = 64 * 1024
 
@@ -112,8 +128,8 @@ class ResponseTail:
                 self.overflow = True  # a body this big is not a small JSON answer
             del self.data[: len(self.data) - self.LIMIT]
 
-    def prompt_usage(self) -> tuple[int, int, float | None] | None:
-        """(cached prompt tokens, prompt tokens, prompt seconds), when reported."""
+    def _final_payload(self) -> dict[str, Any] | None:
+        """The last SSE event carrying ``timings``/``usage``, or the JSON body."""
         if self.overflow:
             return None
         payload: Any = None
@@ -131,8 +147,13 @@ class ResponseTail:
                 payload = json.loads(bytes(self.data))
             except ValueError:
                 return None
-        if not isinstance(payload, dict):
-            return None
+        return payload if isinstance(payload, dict) else None
+
+    def usage(self) -> TokenUsage:
+        """Prompt, cached and generated tokens as far as the response reports them."""
+        payload = self._final_payload()
+        if payload is None:
+            return TokenUsage()
         raw_timings, raw_usage = payload.get("timings"), payload.get("usage")
         timings: dict[str, Any] = raw_timings if isinstance(raw_timings, dict) else {}
         usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
@@ -144,11 +165,38 @@ class ResponseTail:
             cached = details.get("cached_tokens") if isinstance(details, dict) else None
         if prompt is None and isinstance(prompt_n, int) and isinstance(cached, int):
             prompt = prompt_n + cached
-        if not isinstance(cached, int) or not isinstance(prompt, int):
-            return None
+        generated = usage.get("completion_tokens")
+        if not isinstance(generated, int):
+            generated = timings.get("predicted_n")
         prompt_ms = timings.get("prompt_ms")
+        known = isinstance(cached, int) and isinstance(prompt, int)
         seconds = prompt_ms / 1000 if isinstance(prompt_ms, int | float) else None
-        return cached, prompt, seconds
+        return TokenUsage(
+            cached=cached if known else None,
+            prompt=prompt if known else None,
+            prompt_seconds=seconds if known else None,
+            generated=generated if isinstance(generated, int) else None,
+        )
+
+    def prompt_usage(self) -> tuple[int, int, float | None] | None:
+        """(cached prompt tokens, prompt tokens, prompt seconds), when reported."""
+        usage = self.usage()
+        if usage.cached is None or usage.prompt is None:
+            return None
+        return usage.cached, usage.prompt, usage.prompt_seconds
+
+
+def logfmt(fields: list[tuple[str, object]]) -> str:
+    """``key=value`` pairs; a value that is empty or holds spaces, quotes, ``=`` or
+    control characters is JSON-quoted, so a hostile model name cannot forge fields or
+    lines. None is written ``-``."""
+    parts = []
+    for key, value in fields:
+        text = "-" if value is None else str(value)
+        if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+            text = json.dumps(text)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
 
 
 class UpstreamFailed(Exception):
@@ -396,9 +444,10 @@ class Gateway:
             return self._finish(
                 error_response(exc.status, exc.message, exc.error_type, exc.headers),
                 request_id,
-                requested or "",
+                "",  # never a client's made-up name as a metric label: unbounded series
                 route,
                 started,
+                asked=requested or "",
             )
         flags_error = self._apply_flags(request, model)
         if isinstance(flags_error, web.Response):
@@ -446,10 +495,15 @@ class Gateway:
         started: float,
         instance: str = "",
         waited: float = 0.0,
-        ttft: float | None = None,
+        *,
+        asked: str = "",
     ) -> web.StreamResponse:
+        """Answer with corral's own response (an error, a preflight): no upstream byte.
+        ``asked``: the model name a client sent that resolved to nothing (access log)."""
         response.headers["X-Request-Id"] = request_id
-        self._record(response.status, request_id, model, route, started, instance, waited, ttft)
+        self._record(
+            response.status, request_id, model, route, started, instance, waited, asked=asked
+        )
         return response
 
     def _record(
@@ -461,26 +515,40 @@ class Gateway:
         started: float,
         instance: str,
         waited: float,
-        ttft: float | None,
+        ttft: float | None = None,
+        usage: TokenUsage | None = None,
+        *,
+        asked: str = "",
     ) -> None:
+        """Count one finished response and write its access-log line.
+
+        ``ttft`` is set for responses relayed from an instance (corral's own answers
+        have no first token), so the TTFT histogram shares the response's labels."""
         elapsed = time.monotonic() - started
-        self.metrics.requests.labels(model, route, str(status)).inc()
-        self.metrics.duration.labels(model, route).observe(elapsed)
+        code = str(status)
+        self.metrics.requests.labels(model, route, code).inc()
+        self.metrics.duration.labels(model, route, code).observe(elapsed)
+        if ttft is not None:
+            self.metrics.ttft.labels(model, route, code).observe(ttft)
+        usage = usage or TokenUsage()
         if self.traffic is not None:
             self.traffic.record(model, status, elapsed, ttft)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "request_id=%s model=%s route=%s instance=%s status=%d buffer_wait=%.4f "
-                "ttft=%s duration=%.4f",
-                request_id,
-                model or "-",
-                route,
-                instance or "-",
-                status,
-                waited,
-                f"{ttft:.4f}" if ttft is not None else "-",
-                elapsed,
-            )
+            fields: list[tuple[str, object]] = [
+                ("request_id", request_id),
+                ("model", model or "-"),
+                *((("asked", asked),) if asked else ()),
+                ("route", route),
+                ("instance", instance or "-"),
+                ("status", status),
+                ("buffer_wait", f"{waited:.4f}"),
+                ("ttft", f"{ttft:.4f}" if ttft is not None else "-"),
+                ("duration", f"{elapsed:.4f}"),
+                ("prompt_tokens", usage.prompt),
+                ("cached_tokens", usage.cached),
+                ("generated_tokens", usage.generated),
+            ]
+            access_log.info("%s", logfmt(fields))
 
     def _upstream_headers(self, request: web.Request, request_id: str) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -640,7 +708,6 @@ class Gateway:
         if upstream.content_length is not None and not is_sse:
             response.content_length = upstream.content_length
         ttft = time.monotonic() - started
-        self.metrics.ttft.labels(model, route).observe(ttft)
         clean = False
         try:
             await response.prepare(request)
@@ -690,27 +757,31 @@ class Gateway:
                 upstream.close()  # never pool a connection that carried a stream
             else:
                 upstream.release()
+        usage = tail.usage() if response.status == 200 else TokenUsage()
         self._record(
-            response.status, request_id, model, route, started, lease.instance.id, waited, ttft
-        )
+            response.status, request_id, model, route, started, lease.instance.id, waited, ttft,
+            usage,
+        )  # fmt: skip
         if response.status == 200:
-            self._learn(tail, lease, placement, time.monotonic() - started)
+            self._learn(usage, lease, placement, time.monotonic() - started)
         return response
 
     def _learn(
         self,
-        tail: ResponseTail,
+        usage: TokenUsage,
         lease: Lease,
         placement: Placement | None,
         seconds: float,
     ) -> None:
-        """Count cached and uncached prompt tokens, and tell a cache-aware policy what
-        the server really reused (``timings.cache_n`` / ``usage``)."""
-        usage = tail.prompt_usage()
-        if usage is None:
-            return
-        cached, prompt, prompt_seconds = usage
+        """Count prompt (cached and uncached) and generated tokens, and tell a
+        cache-aware policy what the server really reused (``timings.cache_n`` /
+        ``usage``)."""
         instance = lease.instance
+        if usage.generated is not None:
+            self.metrics.generated_tokens.labels(instance.model, instance.id).inc(usage.generated)
+        if usage.cached is None or usage.prompt is None:
+            return
+        cached, prompt, prompt_seconds = usage.cached, usage.prompt, usage.prompt_seconds
         self.metrics.prompt_tokens.labels(instance.model, instance.id, "cached").inc(cached)
         self.metrics.prompt_tokens.labels(instance.model, instance.id, "uncached").inc(
             max(0, prompt - cached)

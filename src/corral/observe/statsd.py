@@ -5,6 +5,9 @@ Every ``interval`` seconds one UDP datagram carries, in the plain StatsD line fo
 
 - ``PREFIX.slots_idle``, ``PREFIX.slots_processing``, ``PREFIX.requests_buffered``
 - ``PREFIX.model.MODEL.slots_idle`` ... (model names sanitized to ``[A-Za-z0-9_-]``)
+- ``PREFIX.wanted_instances`` and ``PREFIX.model.MODEL.wanted_instances``: the
+  autoscaling signal (:mod:`corral.observe.autoscaling`, default target), for
+  autoscalers fed by StatsD (e.g. the CloudWatch agent)
 
 UDP never blocks the balancer: a lost datagram is a lost sample, nothing more.
 """
@@ -18,6 +21,7 @@ import re
 from collections import defaultdict
 
 from corral.config import _parse_addr
+from corral.observe.autoscaling import ANY_MODEL_NAME, fleet_demand
 from corral.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -36,17 +40,21 @@ def statsd_lines(scheduler: Scheduler, prefix: str) -> list[str]:
         idle[instance.model] += instance.free_slots
         busy[instance.model] += instance.busy_slots
     buffered = {m: scheduler.buffered(m) for m in scheduler.buffers if m}
+    wanted = {d.model: d.wanted_instances for d in fleet_demand(scheduler)}
     lines = [
         f"{prefix}.slots_idle:{sum(idle.values())}|g",
         f"{prefix}.slots_processing:{sum(busy.values())}|g",
         f"{prefix}.requests_buffered:{scheduler.buffered()}|g",
+        f"{prefix}.wanted_instances:{sum(wanted.values())}|g",
     ]
-    for model in sorted(set(idle) | set(busy) | set(buffered)):
+    models = set(idle) | set(busy) | set(buffered) | set(wanted)
+    for model in sorted(models - {ANY_MODEL_NAME}):
         name = _UNSAFE.sub("_", model)
         lines += [
             f"{prefix}.model.{name}.slots_idle:{idle.get(model, 0)}|g",
             f"{prefix}.model.{name}.slots_processing:{busy.get(model, 0)}|g",
             f"{prefix}.model.{name}.requests_buffered:{buffered.get(model, 0)}|g",
+            f"{prefix}.model.{name}.wanted_instances:{wanted.get(model, 0)}|g",
         ]
     return lines
 

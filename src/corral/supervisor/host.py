@@ -340,6 +340,8 @@ class ModelHost:
         if existing is not None and existing.state != "unloading":
             return
         estimate = estimate_bytes(model, self._args(model, flags))
+        began = time.monotonic()  # the swap: making room, then starting
+        evicted = 0
         while True:
             if not self._wanted(key):
                 log.info("load dropped key=%s: nobody is waiting any more", key)
@@ -352,9 +354,9 @@ class ModelHost:
             if not victims:
                 break
             for victim in victims:
-                await self._unload(victim, f"making room for {key}")
+                evicted += await self._unload(victim, f"making room for {key}")
         self.last_error.pop(key, None)
-        await self._start(key, model, flags, estimate)
+        await self._start(key, model, flags, estimate, began, evicted)
 
     def _victims(self, model: CatalogModel, key: str, estimate: int) -> list[Hosted] | None:
         """Instances to unload so ``key`` fits: [] when it fits now, None when it would
@@ -414,8 +416,16 @@ class ModelHost:
             await asyncio.wait_for(self.scheduler.wait_release(), seconds)
 
     async def _start(
-        self, key: str, model: CatalogModel, flags: tuple[str, ...], estimate: int
+        self,
+        key: str,
+        model: CatalogModel,
+        flags: tuple[str, ...],
+        estimate: int,
+        began: float,
+        evicted: int,
     ) -> None:
+        """Start ``key`` and wait until it serves; the ``loaded`` event carries the
+        seconds since ``began`` (the load was taken up) and how many were evicted."""
         assert model.path is not None
         config = self._config(model)
         lease = lease_port(self.settings.ports(), state_dir() / "ports")
@@ -471,8 +481,24 @@ class ModelHost:
         if self.running.get(key) is not hosted or hosted.state != "loading":
             return
         hosted.state = "loaded"
-        log.info("loaded model=%s key=%s in %.2fs", model.id, key, time.monotonic() - started)
-        self.scheduler.emit({"type": "model", "model": key, "event": "loaded"})
+        seconds = time.monotonic() - began
+        log.info(
+            "loaded model=%s key=%s in %.2fs (swap %.2fs, evicted %d)",
+            model.id,
+            key,
+            time.monotonic() - started,
+            seconds,
+            evicted,
+        )
+        self.scheduler.emit(
+            {
+                "type": "model",
+                "model": key,
+                "event": "loaded",
+                "seconds": round(seconds, 6),
+                "evicted": evicted,
+            }
+        )
 
     async def _unload(self, hosted: Hosted, reason: str) -> bool:
         """Drain (bounded), then stop; False (and serving again) if it did not drain."""

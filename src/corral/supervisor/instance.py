@@ -11,6 +11,11 @@ up for ``backoff_reset_after``. ``max_failures`` failures (crashes or failed sta
 within ``failure_window`` seconds mark it ``failed`` for good, with the exit code and
 the last log lines; a manual :meth:`restart` clears that. Every state change calls
 ``on_change`` so whoever reports the instance (the agent) can do so at once.
+
+:meth:`as_dict` carries cumulative counts over the supervisor's life (``launches``,
+``restarts``, ``failed_runs``, ``readies``) and the last startup times, so a balancer
+can count starts, restarts, failures and startup durations from reports that may
+skip states (see :mod:`corral.observe.metrics`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ log = logging.getLogger(__name__)
 #: then "... listening on ..."): seeing one triggers a /health check at once instead of
 #: waiting for the next poll.
 READY_MARKERS = ("model loaded", "listening on", "server is listening")
+
+#: Startup times :meth:`SupervisedInstance.as_dict` reports (the most recent ones).
+STARTUP_TIMES_KEPT = 8
 
 
 @dataclass
@@ -84,6 +92,14 @@ class SupervisedInstance:
         self.output.listeners.append(self._watch_line)
         self.log_path = log_path
         self.restarts = 0
+        self.launches = 0
+        """Processes launched, first start and restarts."""
+        self.failed_runs = 0
+        """Runs that exited unexpectedly or did not become ready."""
+        self.readies = 0
+        """Times a launched process became ready."""
+        self.startup_seconds: deque[float] = deque(maxlen=STARTUP_TIMES_KEPT)
+        """Seconds from launch to ready of the last starts."""
         self.last_exit_code: int | None = None
         self.last_error = ""
         self.failures: deque[float] = deque()
@@ -119,6 +135,10 @@ class SupervisedInstance:
             "state": self.state,
             "pid": self.child.pid if self.child else None,
             "restarts": self.restarts,
+            "launches": self.launches,
+            "failed_runs": self.failed_runs,
+            "readies": self.readies,
+            "startup_seconds": [round(t, 6) for t in self.startup_seconds],
             "last_exit_code": self.last_exit_code,
             "last_error": self.last_error,
             "ready_since": self.ready_since if self.state == "ready" else None,
@@ -175,6 +195,7 @@ class SupervisedInstance:
                     log_path=self.log_path,
                     env=self.env,
                 )
+                self.launches += 1
                 self._set("starting")
                 await self.child.start()
                 launched = time.monotonic()
@@ -182,6 +203,8 @@ class SupervisedInstance:
                 if error is None:
                     self.started_at = time.monotonic()
                     self.ready_since = time.time()
+                    self.readies += 1
+                    self.startup_seconds.append(self.started_at - launched)
                     self._set("ready", "")
                     code = await self.child.wait()
                     if self._stopping:
@@ -194,6 +217,7 @@ class SupervisedInstance:
                     await self.child.stop(self.options.stop_grace)
                 if self._stopping:
                     return
+                self.failed_runs += 1
                 tail = "\n".join(self.child.tail(10))
                 message = f"{self.name} {error}; last log lines:\n{tail}"
                 now = time.monotonic()
