@@ -15,8 +15,9 @@ no system inherits another's caches):
 - 32 conversations, each with its own long system prompt (600 words of the model's
   vocabulary, about 1,200 tokens), 8 turns each; the user's next turn is sent after the
   previous answer arrived (with the answer in the history), and all conversations run
-  at once with at most 6 requests in flight (the fleet's slots), so turns of different
-  conversations interleave. Streams, ``max_tokens`` 8.
+  at once with at most 4 requests in flight (two thirds of the fleet's 6 slots), then
+  again with 6 (every slot), so turns of different conversations interleave. Streams,
+  ``max_tokens`` 8.
 
 Systems: ``corral balancer`` with three ``corral agent``s, once per policy
 (``prefix``, ``least_busy``, ``round_robin``), and the LiteLLM proxy with the three
@@ -74,7 +75,7 @@ PARALLEL = 2
 CONTEXT = 8192
 CONVERSATIONS = 32
 TURNS = 8
-CONCURRENCY = SERVERS * PARALLEL
+LOADS = (4, SERVERS * PARALLEL)  # requests in flight: two thirds of the slots, and all
 SYSTEM_WORDS = 600
 USER_WORDS = 12
 MAX_TOKENS = 8
@@ -296,10 +297,10 @@ def _conversation_plan(vocabulary: list[str], count: int) -> list[tuple[str, lis
 
 
 async def _run_conversations(
-    url: str, headers: dict[str, str], plans: list[tuple[str, list[str]]]
+    url: str, headers: dict[str, str], plans: list[tuple[str, list[str]]], in_flight: int
 ) -> tuple[list[Turn], float]:
     turns: list[Turn] = []
-    slots = asyncio.Semaphore(CONCURRENCY)
+    slots = asyncio.Semaphore(in_flight)
     async with LoadGenerator(url, headers=headers, timeout=REQUEST_LIMIT) as gen:
         epoch = time.perf_counter()
 
@@ -331,7 +332,11 @@ async def _run_conversations(
 
 
 async def _measure(
-    ctx: BenchContext, system: str, model: Path, plans: list[tuple[str, list[str]]]
+    ctx: BenchContext,
+    system: str,
+    model: Path,
+    plans: list[tuple[str, list[str]]],
+    in_flight: int,
 ) -> Outcome:
     procs: list[ManagedProcess] = []
     label = f"corral `{system}`" if system in POLICIES else "LiteLLM proxy (simple-shuffle)"
@@ -340,7 +345,9 @@ async def _measure(
         backends = []
         for index in range(SERVERS):
             port = free_port()
-            proc = _llama_server(ctx, model, f"multiturn-{system}-llama{index}", port).start()
+            proc = _llama_server(
+                ctx, model, f"multiturn-{system}-{in_flight}-llama{index}", port
+            ).start()
             procs.append(proc)
             backends.append(f"http://127.0.0.1:{port}")
         for backend, proc in zip(backends, procs, strict=True):
@@ -350,7 +357,7 @@ async def _measure(
         else:
             url, headers = await _start_litellm(ctx, backends, procs)
         before = [await _metrics(b) for b in backends]
-        outcome.turns, outcome.wall = await _run_conversations(url, headers, plans)
+        outcome.turns, outcome.wall = await _run_conversations(url, headers, plans, in_flight)
         after = [await _metrics(b) for b in backends]
         outcome.processed = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
         outcome.answered = [(a[1] - b[1]) / MAX_TOKENS for a, b in zip(after, before, strict=True)]
@@ -409,23 +416,10 @@ def _ms(values: list[float], q: float) -> str:
     return f"{percentile(values, q) * 1000:.0f}" if values else "-"
 
 
-async def run(ctx: BenchContext) -> Section:
-    model = _model(ctx)
-    plans = _conversation_plan(_vocabulary(model), ctx.count(CONVERSATIONS, minimum=12))
-    wanted: list[str] = []
-    if not ctx.systems or "corral" in ctx.systems:
-        wanted += POLICIES
-    if not ctx.systems or "litellm" in ctx.systems:
-        wanted.append("litellm")
-    missing: dict[str, str] = {}
-    outcomes: dict[str, Outcome] = {}
-    for system in wanted:
-        log.info("multiturn: measuring %s", system)
-        try:
-            outcomes[system] = await _measure(ctx, system, model, plans)
-        except StartupError as exc:
-            missing[system] = str(exc)
-    figures = {system: _figures(outcome) for system, outcome in outcomes.items()}
+def _load_section(
+    in_flight: int, outcomes: dict[str, Outcome], figures: dict[str, Figures]
+) -> tuple[str, float]:
+    """One load level's table and target check; also the oracle's fraction."""
     rows = []
     for system, f in figures.items():
         rows.append(
@@ -469,35 +463,68 @@ async def run(ctx: BenchContext) -> Section:
             (
                 "cached tokens ≥ 90% of the oracle's",
                 f"{p.cached_fraction / oracle:.0%}" if oracle else "-",
-                oracle and p.cached_fraction / oracle >= 0.9,
+                bool(oracle) and p.cached_fraction / oracle >= 0.9,
             ),
             ("no server's request share above 1.5x the mean", f"{p.spread:.2f}x", p.spread <= 1.5),
         ]
-        if "least_busy" in figures and p.ttft:
+        if "least_busy" in figures and p.ttft and figures["least_busy"].ttft:
             lb = figures["least_busy"]
             ratio = percentile(lb.ttft, 50) / percentile(p.ttft, 50)
             lines.insert(
                 1, ("TTFT p50 ≥ 3x lower than `least_busy`", f"{ratio:.1f}x lower", ratio >= 3)
             )
-        targets = "\n\n**Targets (corral `prefix`)**\n\n" + md_table(
+        if "least_busy" in figures and figures["least_busy"].throughput:
+            gain = p.throughput / figures["least_busy"].throughput
+            lines.append(("(no target) throughput against `least_busy`", f"{gain:.2f}x", True))
+        targets = f"\n\nTargets, corral `prefix` at {in_flight} in flight:\n\n" + md_table(
             ["target", "measured", "met"],
             [[t, m, "yes" if ok else "**no**"] for t, m, ok in lines],
         )
     check = ""
     if "prefix" in figures and figures["prefix"].reported_fraction is not None:
         check = (
-            f" Cross-check: the cached tokens corral's responses reported "
-            f"(`prompt_tokens_details.cached_tokens`) add up to "
+            "\n\nCross-check: the cached tokens corral's responses reported "
+            "(`prompt_tokens_details.cached_tokens`) add up to "
             f"{figures['prefix'].reported_fraction:.1%} of the prompt tokens under `prefix`."
         )
+    return f"**{in_flight} requests in flight**\n\n" + table + targets + check, oracle
+
+
+async def run(ctx: BenchContext) -> Section:
+    model = _model(ctx)
+    plans = _conversation_plan(_vocabulary(model), ctx.count(CONVERSATIONS, minimum=12))
+    wanted: list[str] = []
+    if not ctx.systems or "corral" in ctx.systems:
+        wanted += POLICIES
+    if not ctx.systems or "litellm" in ctx.systems:
+        wanted.append("litellm")
+    missing: dict[str, str] = {}
+    parts = []
+    oracle = 0.0
+    for in_flight in LOADS:
+        outcomes: dict[str, Outcome] = {}
+        for system in wanted:
+            if system in missing:
+                continue
+            log.info("multiturn: measuring %s at %d in flight", system, in_flight)
+            try:
+                outcomes[system] = await _measure(ctx, system, model, plans, in_flight)
+            except StartupError as exc:
+                missing[system] = str(exc)
+        figures = {system: _figures(outcome) for system, outcome in outcomes.items()}
+        part, oracle = _load_section(in_flight, outcomes, figures)
+        parts.append(part)
     markdown = (
         f"{len(plans)} conversations x {TURNS} turns, each with its own ~{SYSTEM_WORDS}-word "
-        f"system prompt, at most {CONCURRENCY} requests in flight, over {SERVERS} "
-        f"llama-servers (`--parallel {PARALLEL} -c {CONTEXT} --threads 1`, a tiny llama "
-        f"with n_embd {MODEL_SHAPE['n_embd']} and {MODEL_SHAPE['n_layer']} layers), streamed, "
-        f"`max_tokens` {MAX_TOKENS}. Fresh servers for every system. Times in ms. "
-        "Cached tokens are measured at the servers (`llamacpp:prompt_tokens_total` is what "
-        "they had to prefill); the oracle, which always finds the previous turn's prompt "
-        f"cached, gets {oracle:.1%}. LiteLLM: {LITELLM_REQUIREMENT}.{check}\n\n" + table + targets
+        f"system prompt, over {SERVERS} llama-servers (`--parallel {PARALLEL} -c {CONTEXT} "
+        f"--threads 1`, {SERVERS * PARALLEL} slots in all; a tiny llama with n_embd "
+        f"{MODEL_SHAPE['n_embd']} and {MODEL_SHAPE['n_layer']} layers), streamed, "
+        f"`max_tokens` {MAX_TOKENS}, at two loads: {LOADS[0]} requests in flight (two "
+        f"thirds of the slots) and {LOADS[1]} (every slot). Fresh servers for every system "
+        "and load. Times in ms; TTFT is measured by the client, so it includes any wait in "
+        "a front door's buffer. Cached tokens are measured at the servers "
+        "(`llamacpp:prompt_tokens_total` is what they had to prefill); the oracle, which "
+        f"always finds the previous turn's prompt cached, gets {oracle:.1%}. LiteLLM: "
+        f"{LITELLM_REQUIREMENT}, the three servers as one model group.\n\n" + "\n\n".join(parts)
     )
     return Section(TITLE, markdown, missing=missing)
