@@ -475,10 +475,10 @@ def _load_section(
             )
         if "least_busy" in figures and figures["least_busy"].throughput:
             gain = p.throughput / figures["least_busy"].throughput
-            lines.append(("(no target) throughput against `least_busy`", f"{gain:.2f}x", True))
+            lines.append(("(no target) throughput against `least_busy`", f"{gain:.2f}x", None))
         targets = f"\n\nTargets, corral `prefix` at {in_flight} in flight:\n\n" + md_table(
             ["target", "measured", "met"],
-            [[t, m, "yes" if ok else "**no**"] for t, m, ok in lines],
+            [[t, m, "n/a" if ok is None else "yes" if ok else "**no**"] for t, m, ok in lines],
         )
     check = ""
     if "prefix" in figures and figures["prefix"].reported_fraction is not None:
