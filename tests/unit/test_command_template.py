@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -232,8 +233,13 @@ def test_a_generic_server_is_read_from_its_health_alone() -> None:
 
 
 def test_a_generic_agent_must_be_told_its_model_and_slots() -> None:
-    base = {"local_llama_server": "http://127.0.0.1:1", "balancers": ["h:1"], "cluster_token": "t"}
+    def options(**kwargs: Any) -> AgentOptions:
+        return AgentOptions("http://127.0.0.1:1", ["h:1"], "t", server_kind="generic", **kwargs)
+
     with pytest.raises(ValueError, match="model_name"):
-        AgentOptions(**base, server_kind="generic")  # type: ignore[arg-type]
+        options()
     with pytest.raises(ValueError, match="slots"):
-        AgentOptions(**base, server_kind="generic", model_name="m", slots=0)  # type: ignore[arg-type]
+        options(model_name="m", slots=0)
+    with pytest.raises(ValueError, match="health_path"):
+        options(model_name="m", health_path="health")
+    assert options(model_name="m").slots == 4
