@@ -54,9 +54,12 @@ async def serving(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     models: dict[str, dict[str, Any]],
+    *,
+    llama_server: bool = True,
     **settings: Any,
 ) -> AsyncIterator[tuple[LocalServe, str, aiohttp.ClientSession]]:
-    """A LocalServe whose ``models`` table is exactly ``models``."""
+    """A LocalServe whose ``models`` table is exactly ``models`` (its llama-server the
+    fake, or none found when not ``llama_server``)."""
     monkeypatch.setenv("CORRAL_STATE_DIR", str(tmp_path))
     config = tmp_path / "corral.yaml"
     config.write_text(
@@ -72,7 +75,11 @@ async def serving(
     )
     local = LocalServe(
         load_settings(config, environ={}),
-        ServeOptions(binary=fake_binary(tmp_path), management_token=TOKEN, cluster_token="cluster"),
+        ServeOptions(
+            binary=fake_binary(tmp_path) if llama_server else None,
+            management_token=TOKEN,
+            cluster_token="cluster",
+        ),
     )
     local.config_file = config
     addresses = await local.start()
@@ -280,3 +287,17 @@ async def test_an_idle_command_model_is_unloaded_after_its_ttl(
         pid = pid_of(local, "a")
         await wait_for(lambda: running(local) == {}, "the idle model to be unloaded")
         assert pid is not None and not psutil.pid_exists(pid)  # stopped, not just forgotten
+
+
+async def test_command_models_run_where_no_llama_server_is_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gguf = tmp_path / "b.gguf"
+    gguf.write_bytes(b"GGUF")
+    models = {"a": {"cmd": other_server()}, "b": {"path": str(gguf)}}
+    async with serving(tmp_path, monkeypatch, models, llama_server=False) as (local, base, http):
+        assert (await complete(http, base, "a"))[0] == 200
+        status, body = await complete(http, base, "b")
+        assert status == 503
+        assert "'b' needs llama-server, and none was found" in body["error"]["message"]
+        assert await settled(local) == {"a": "loaded"}

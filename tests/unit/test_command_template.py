@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from corral.catalog.discovery import manual_model
-from corral.cli import main
-from corral.config import ConfigError, ModelConfig, load_settings
+from corral.cli import _needs_llama_server, main
+from corral.config import ConfigError, ModelConfig, Settings, load_settings
 from corral.control.agent import AgentOptions, Reading, generic_instance
 from corral.supervisor.managed import ManagedInstance, ManagedOptions
 from corral.supervisor.template import (
@@ -160,6 +160,17 @@ def test_a_command_model_path_need_not_be_a_file(tmp_path: Path) -> None:
     # the same path for a llama-server model is a missing file: a problem
     _, problem = manual_model("q", ModelConfig(path=Path("Qwen/Qwen2.5-0.5B")))
     assert problem is not None
+
+
+def test_serve_needs_llama_server_unless_every_model_runs_a_command() -> None:
+    command = ModelConfig(cmd=["vllm", "--port", "${port}"])
+    gguf = ModelConfig(path=Path("/m.gguf"))
+    only_commands = Settings(models={"a": command})
+    assert not _needs_llama_server(only_commands, None, [])
+    assert _needs_llama_server(only_commands, Path("/m.gguf"), [])  # --model
+    assert _needs_llama_server(only_commands, None, [Path("/models")])  # --models-dir
+    assert _needs_llama_server(Settings(models={"a": command, "b": gguf}), None, [])
+    assert _needs_llama_server(Settings(), None, [])  # the caches' GGUF models
 
 
 # -- the supervised process and its agent --------------------------------------------------

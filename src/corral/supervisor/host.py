@@ -86,7 +86,8 @@ class Hosted:
 
 @dataclass
 class HostOptions:
-    binary: Path
+    binary: Path | None
+    """llama-server; None: none was found, only command-template models load."""
     balancer: str
     """Management address of the balancer the instances report to."""
     cluster_token: str
@@ -351,6 +352,11 @@ class ModelHost:
         command = self._config(model).cmd is not None
         if model.path is None and not command:
             raise LoadRefused(f"model {model.id!r} has no file (set models.{model.id}.path)")
+        if self.options.binary is None and not command:
+            raise LoadRefused(
+                f"model {model.id!r} needs llama-server, and none was found: install it "
+                "(corral llama-server install), or set llama_server or LLAMA_SERVER"
+            )
         existing = self.running.get(key)
         if existing is not None and existing.state != "unloading":
             return

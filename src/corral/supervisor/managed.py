@@ -44,7 +44,8 @@ def check_reserved(llama_args: list[str]) -> None:
 
 @dataclass
 class ManagedOptions:
-    binary: Path
+    binary: Path | None
+    """llama-server; unused (may be None) with ``command``."""
     model: Path | None
     """The GGUF file; None only with ``command`` (and then ``model_id`` is required)."""
     port: int
@@ -80,6 +81,8 @@ class ManagedInstance:
 
     def __init__(self, options: ManagedOptions) -> None:
         check_reserved(options.llama_args)
+        if options.command is None and options.binary is None:
+            raise ValueError("llama-server's binary is required, except for a command template")
         if options.model is None and (options.command is None or not options.model_id):
             raise ValueError(
                 "a model file is required, except for a command template with a model id"
@@ -134,7 +137,7 @@ class ManagedInstance:
                 "model_id": self.model_id,
             }
             return substitute(self.options.command, values)
-        assert self.options.model is not None
+        assert self.options.model is not None and self.options.binary is not None
         return [
             str(self.options.binary),
             "--model", str(self.options.model),
