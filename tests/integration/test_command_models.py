@@ -23,6 +23,7 @@ import openai
 import psutil
 import pytest
 import yaml
+from yarl import URL
 
 from corral.config import load_settings
 from corral.serve import LocalServe, ServeOptions
@@ -150,6 +151,10 @@ async def test_a_command_model_starts_on_demand_through_its_template_and_answers
             (listed,) = (await response.json())["data"]
         assert listed["id"] == "vllm-like" and listed["status"]["value"] == "loaded"
         assert listed["status"]["args"][-2:] == ["-np", "8"]  # the template as written
+        management = f"http://{local.balancer.addresses.management}"
+        async with http.get(management + "/api/v1/models", headers=AUTH) as response:
+            (row,) = (await response.json())["models"]
+        assert row["server"] == "command" and row["state"] == "loaded"
 
 
 async def test_the_configured_slots_bound_what_the_server_gets_at_once(
@@ -202,6 +207,12 @@ async def test_a_path_outside_the_model_paths_gets_a_404_naming_the_prefixes(
             assert error["type"] == "not_found_error"
             assert "serves only paths starting with /v1/chat/" in error["message"]
             assert f"POST {path} is not one of them" in error["message"]
+        # dot segments go upstream raw: they would leave the prefix, so they are refused
+        for raw in ("/v1/chat/../../props", "/v1/chat/%2e%2e/%2e%2e/slots", "/v1/chat/..%2f"):
+            url = URL(base + raw, encoded=True)
+            async with http.post(url, json=chat("chat-only")) as response:
+                assert response.status == 404, raw
+                assert "serves only paths" in (await response.json())["error"]["message"]
         assert running(local) == {}  # refused before anything was started for it
         assert (await complete(http, base, "chat-only"))[0] == 200
 

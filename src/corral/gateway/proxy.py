@@ -203,6 +203,15 @@ class UpstreamFailed(Exception):
     """The upstream failed before any response byte reached the client."""
 
 
+def _under(path: str, prefixes: list[str]) -> bool:
+    """Whether the (decoded) ``path`` starts with one of ``prefixes``. A dot segment
+    (``/v1/../props``, also percent-encoded) never does: the raw path goes upstream
+    as it came, and a server that resolves it would leave the prefix."""
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return False
+    return any(path.startswith(prefix) for prefix in prefixes)
+
+
 @dataclass
 class GatewayOptions:
     api_keys: list[str]
@@ -478,7 +487,7 @@ class Gateway:
         if config is None or config.cmd is None:
             return None
         program = config.cmd[0].rsplit("/", 1)[-1]
-        if not any(request.path.startswith(prefix) for prefix in config.paths):
+        if not _under(request.path, config.paths):
             return error_response(
                 404,
                 f"model {model!r} is served by {program!r}, which serves only paths starting "
