@@ -394,6 +394,12 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
         wanted.append((model.stem, model, _llama_args(args.llama_args), []))
     else:
         for model_id, config in settings.models.items():
+            if config.cmd is not None:
+                _err(
+                    f"models.{model_id}.cmd: models started from a command template run "
+                    "under `corral serve` only, so far"
+                )
+                return 2
             if config.path is None:
                 _err(f"models.{model_id}.path: an agent needs the GGUF file to start")
                 return 2
@@ -438,6 +444,14 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
     return _run_service(serve)
 
 
+def _needs_llama_server(settings: Settings, model: Path | None, models_dirs: list[Path]) -> bool:
+    """Whether ``serve`` may start llama-server: not when the config's models are all
+    command templates and nothing else (``--model``, model folders) adds GGUF models."""
+    if model is not None or models_dirs or settings.models_dirs or not settings.models:
+        return True
+    return any(config.cmd is None for config in settings.models.values())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import secrets
 
@@ -456,11 +470,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not folder.is_dir():
             _err(f"--models-dir {folder}: not a folder")
             return 2
+    binary: Path | None = None
     try:
         binary = find_llama_server(args.llama_server or settings.llama_server).path
+    except LlamaServerNotFound as exc:
+        if _needs_llama_server(settings, model, list(args.models_dir)):
+            _err(str(exc))
+            return 2
+        log.info("no llama-server found; every model runs its own command: %s", exc)
+    try:
         management_token = _management_token(settings)
         cluster_token = settings.resolved_cluster_token() or secrets.token_urlsafe(32)
-    except (LlamaServerNotFound, TokenError, OSError) as exc:
+    except (TokenError, OSError) as exc:
         _err(str(exc))
         return 2
     extra = _llama_args(args.llama_args)

@@ -19,16 +19,25 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
+)
+
+from corral.supervisor.template import (
+    PLACEHOLDERS,
+    placeholders,
+    split_command,
+    unknown_placeholders,
 )
 
 if TYPE_CHECKING:
@@ -46,12 +55,45 @@ def _parse_addr(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _known_placeholders(argument: str) -> str:
+    unknown = unknown_placeholders(argument)
+    if unknown:
+        known = ", ".join("${" + p + "}" for p in PLACEHOLDERS)
+        raise ValueError(
+            f"unknown placeholder ${{{unknown[0]}}} (known: {known}; $${{ is a literal ${{)"
+        )
+    return argument
+
+
+def _url_path(value: str) -> str:
+    if not value.startswith("/") or any(c.isspace() for c in value) or "?" in value:
+        raise ValueError(f"expected a URL path starting with /, got {value!r}")
+    return value
+
+
+TemplateArgument = Annotated[str, AfterValidator(_known_placeholders)]
+UrlPath = Annotated[str, AfterValidator(_url_path)]
+
+#: Settings that only mean something for a model started from a command template.
+TEMPLATE_ONLY = ("health_path", "paths", "slots")
+
+
 class ModelConfig(BaseModel):
-    """One model a client can ask for by name (the ``models`` table of the file)."""
+    """One model a client can ask for by name (the ``models`` table of the file).
+
+    A model is served by llama-server unless it has ``cmd``: then corral starts that
+    command (see :mod:`corral.supervisor.template`) and treats it as a generic
+    OpenAI-compatible server: ready when ``health_path`` answers 200, ``slots``
+    requests at once, only requests whose path starts with one of ``paths``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    path: Path | None = Field(default=None, description="GGUF file this model loads.")
+    path: Path | None = Field(
+        default=None,
+        description="GGUF file this model loads (with cmd: ${model_path}, optional, any "
+        "model name the server takes, e.g. a Hugging Face repo id).",
+    )
     args: list[str] = Field(
         default_factory=list, description="Extra llama-server arguments for this model."
     )
@@ -66,6 +108,57 @@ class ModelConfig(BaseModel):
     mmproj: Path | None = Field(
         default=None, description="Multimodal projector GGUF (else one found beside the model)."
     )
+    cmd: list[TemplateArgument] | None = Field(
+        default=None,
+        description="Start this command instead of llama-server (a list, or a string split "
+        "like shell words; never run by a shell). Placeholders: ${host}, ${port}, "
+        "${model_id}, ${model_path}, ${mmproj}.",
+    )
+    health_path: UrlPath = Field(
+        default="/health", description="With cmd: the path that answers 200 once it is ready."
+    )
+    paths: list[UrlPath] = Field(
+        default_factory=lambda: ["/v1/"],
+        min_length=1,
+        description="With cmd: URL path prefixes the server answers; other paths get 404.",
+    )
+    slots: int = Field(
+        default=4,
+        ge=1,
+        description="With cmd: requests it takes at once (it has no /slots to ask).",
+    )
+
+    @field_validator("cmd", mode="before")
+    @classmethod
+    def _split_cmd(cls, value: object) -> object:
+        return split_command(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_template(self) -> ModelConfig:
+        if self.cmd is None:
+            stray = [name for name in TEMPLATE_ONLY if name in self.model_fields_set]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} only apply to a model started from cmd (llama-server "
+                    "models report their own health and slots)"
+                )
+            return self
+        if not self.cmd or not self.cmd[0]:
+            raise ValueError("cmd: give the program to run and its arguments")
+        if self.args:
+            raise ValueError(
+                "args are llama-server arguments; a model with cmd takes its arguments in cmd"
+            )
+        used = {name for argument in self.cmd for name in placeholders(argument)}
+        if "port" not in used:
+            raise ValueError(
+                "cmd never uses ${port}: the server must listen on the port corral assigns"
+            )
+        if "model_path" in used and self.path is None:
+            raise ValueError("cmd uses ${model_path} but path is not set")
+        if "mmproj" in used and self.mmproj is None:
+            raise ValueError("cmd uses ${mmproj} but mmproj is not set")
+        return self
 
 
 class GroupConfig(BaseModel):

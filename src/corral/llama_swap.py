@@ -10,15 +10,20 @@ What converts:
 - ``groups``: ``swap: true`` (the default) -> ``exclusive: true``; ``persistent``;
   ``members`` -> each member's ``group``;
 - ``hooks.on_startup.preload`` -> ``preload: true``;
-- ``healthCheckTimeout`` -> ``startup_timeout``; ``startPort`` -> ``port_range``.
+- ``healthCheckTimeout`` -> ``startup_timeout``; ``startPort`` -> ``port_range``;
+- any other ``cmd`` (vLLM, SGLang, a ``llama-server -hf`` download with no model file)
+  becomes a command template (``cmd`` as a list, ``${PORT}`` -> ``${port}``), its
+  ``checkEndpoint`` becomes ``health_path``; a llama-server run so serves every path
+  (``paths: [/]``) with its ``--parallel`` as ``slots``.
 
-Everything else is reported as a warning naming what has no equivalent (a non
-llama-server ``cmd``, ``proxy`` overrides, ``filters``, group ``exclusive`` across
-groups, ``useModelName``, ``cmdStop``, ``checkEndpoint`` ...), never silently dropped.
+Everything else is reported as a warning naming what has no equivalent (``proxy``
+overrides, ``filters``, group ``exclusive`` across groups, ``useModelName``,
+``cmdStop``, ``checkEndpoint: none`` ...), never silently dropped.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -33,6 +38,9 @@ _DROPPED = {"--port", "--host"}
 _MODEL_FLAGS = {"-m", "--model"}
 _ALIAS_FLAGS = {"-a", "--alias"}
 _IGNORED_TOP = {"logLevel", "logRequests", "metricsMaxInMemory", "includeAliasesInList"}
+_PARALLEL_FLAGS = {"-np", "--parallel"}
+#: model keys the conversion handles (the rest are warned about)
+_HANDLED = {"cmd", "aliases", "ttl", "unlisted", "env", "proxy", "name", "description"}
 
 
 @dataclass
@@ -65,23 +73,11 @@ def _split(cmd: str) -> list[str]:
     return shlex.split(" ".join(lines))
 
 
-def _model(
-    model_id: str, entry: dict[str, Any], macros: dict[str, str], warnings: list[str]
+def _llama_server(
+    where: str, model_id: str, tokens: list[str], aliases: list[str], warnings: list[str]
 ) -> dict[str, Any] | None:
-    where = f"models.{model_id}"
-    cmd = entry.get("cmd")
-    if not isinstance(cmd, str) or not cmd.strip():
-        warnings.append(f"{where}: no cmd; skipped")
-        return None
-    tokens = _split(_expand(cmd, {**macros, "MODEL_ID": model_id}, where, warnings))
-    if not tokens or "llama-server" not in Path(tokens[0]).name:
-        warnings.append(
-            f"{where}: cmd runs {tokens[0] if tokens else '(nothing)'!r}, not llama-server; "
-            "corral only starts llama-server so far: skipped"
-        )
-        return None
+    """A llama-server ``cmd`` as corral's path/args/mmproj; None if it has no model file."""
     out: dict[str, Any] = {}
-    aliases = [str(a) for a in entry.get("aliases") or []]
     args: list[str] = []
     index = 1
     while index < len(tokens):
@@ -106,10 +102,68 @@ def _model(
         else:
             args.append(token)
     if "path" not in out:
-        warnings.append(f"{where}: cmd has no -m/--model (a -hf download?): skipped")
         return None
     if args:
         out["args"] = args
+    return out
+
+
+def _template(
+    where: str, entry: dict[str, Any], tokens: list[str], llama: bool, warnings: list[str]
+) -> dict[str, Any] | None:
+    """Any other ``cmd`` as a command template; None (with a warning) if it cannot be."""
+    if not any("${PORT}" in token for token in tokens):
+        warnings.append(
+            f"{where}: cmd never uses ${{PORT}}; corral must choose the server's port: skipped"
+        )
+        return None
+    # ${PORT} is corral's ${port}; other ${...} left by unknown macros stay literal
+    cmd = [token.replace("${", "$${").replace("$${PORT}", "${port}") for token in tokens]
+    out: dict[str, Any] = {"cmd": cmd}
+    check = entry.get("checkEndpoint")
+    if isinstance(check, str) and check.startswith("/"):
+        if check != "/health":
+            out["health_path"] = check
+    elif check is not None:
+        warnings.append(
+            f"{where}.checkEndpoint: {check!r}: corral always waits for a health path to "
+            "answer 200; health_path stays /health"
+        )
+    if llama:
+        # llama-server serves more than /v1/ (/completion, /infill ...), and --parallel
+        # says how many requests it takes at once (corral cannot read /slots here)
+        out["paths"] = ["/"]
+        for flag, value in itertools.pairwise(tokens):
+            if flag in _PARALLEL_FLAGS and value.isdigit() and int(value) > 0:
+                out["slots"] = int(value)
+        warnings.append(
+            f"{where}: llama-server without a model file (-m) runs as a command template: "
+            f"corral counts its slots itself ({out.get('slots', 4)}) and cannot read /slots"
+        )
+    return out
+
+
+def _model(
+    model_id: str, entry: dict[str, Any], macros: dict[str, str], warnings: list[str]
+) -> dict[str, Any] | None:
+    where = f"models.{model_id}"
+    cmd = entry.get("cmd")
+    if not isinstance(cmd, str) or not cmd.strip():
+        warnings.append(f"{where}: no cmd; skipped")
+        return None
+    tokens = _split(_expand(cmd, {**macros, "MODEL_ID": model_id}, where, warnings))
+    if not tokens:
+        warnings.append(f"{where}: cmd runs nothing; skipped")
+        return None
+    aliases = [str(a) for a in entry.get("aliases") or []]
+    llama = "llama-server" in Path(tokens[0]).name
+    out = _llama_server(where, model_id, tokens, aliases, warnings) if llama else None
+    template = out is None
+    if template:
+        out = _template(where, entry, tokens, llama, warnings)
+        if out is None:
+            return None
+    assert out is not None
     if aliases:
         out["aliases"] = list(dict.fromkeys(aliases))
     if entry.get("ttl"):
@@ -126,10 +180,13 @@ def _model(
                 continue
             pairs[key] = value
         out["env"] = pairs
-    for key in sorted(set(entry) - {"cmd", "aliases", "ttl", "unlisted", "env", "proxy"}):
-        if key in ("name", "description"):
-            continue
-        warnings.append(f"{where}.{key}: no equivalent in corral: dropped")
+    handled = _HANDLED | ({"checkEndpoint"} if template else set())
+    for key in sorted(set(entry) - handled):
+        hint = ""
+        if key == "useModelName" and template:
+            hint = " (corral forwards the model name clients send; have the server accept it"
+            hint += ", e.g. vLLM's --served-model-name)"
+        warnings.append(f"{where}.{key}: no equivalent in corral: dropped{hint}")
     proxy = entry.get("proxy")
     if proxy and "${PORT}" not in str(proxy):
         warnings.append(f"{where}.proxy: {proxy!r}: corral proxies to the port it assigns")

@@ -52,7 +52,8 @@ CATALOG_WATCH_INTERVAL = 5.0
 
 @dataclass
 class ServeOptions:
-    binary: Path
+    binary: Path | None
+    """llama-server; None when none was found and every model runs a command template."""
     management_token: str
     cluster_token: str
     model: Path | None = None

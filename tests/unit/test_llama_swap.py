@@ -34,7 +34,10 @@ models:
     filters:
       strip_params: "temperature"
   "vllm":
-    cmd: vllm serve some/model --port ${PORT}
+    cmd: vllm serve some/model --port ${PORT} --served-model-name ${MODEL_ID} --x ${nomacro}
+    checkEndpoint: /v1/models
+    useModelName: some/model
+    aliases: [v]
 groups:
   main:
     swap: true
@@ -53,7 +56,7 @@ def test_a_llama_swap_config_converts(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["config", "import-llama-swap", str(source), "--write", str(target)]) == 0
     settings = load_settings(target, environ={})
     assert settings.startup_timeout == 90 and settings.port_range == "10001-10200"
-    assert sorted(settings.models) == ["gemma", "qwen"]
+    assert sorted(settings.models) == ["gemma", "qwen", "vllm"]
     qwen = settings.models["qwen"]
     assert qwen.path == Path("/models/qwen.gguf")
     assert qwen.args == ["-ngl", "99", "--jinja", "-c", "8192"]  # no --port, --host, -m
@@ -63,19 +66,46 @@ def test_a_llama_swap_config_converts(tmp_path: Path, capsys: pytest.CaptureFixt
     gemma = settings.models["gemma"]
     assert gemma.mmproj == Path("/models/mmproj-gemma.gguf") and gemma.unlisted
     assert settings.groups["main"].exclusive and not settings.groups["main"].persistent
+    vllm = settings.models["vllm"]  # another server: a command template
+    assert vllm.cmd == [
+        "vllm", "serve", "some/model", "--port", "${port}", "--served-model-name", "vllm",
+        "--x", "$${nomacro}",  # an unknown macro stays literal, escaped
+    ]  # fmt: skip
+    assert vllm.health_path == "/v1/models" and vllm.paths == ["/v1/"] and vllm.slots == 4
+    assert vllm.aliases == ["v"] and vllm.path is None and vllm.args == []
     warnings = capsys.readouterr().err
-    assert "models.vllm: cmd runs 'vllm', not llama-server" in warnings
+    assert "not llama-server" not in warnings
+    assert "models.vllm: unknown macro(s) nomacro" in warnings
+    assert "models.vllm.useModelName: no equivalent" in warnings
+    assert "--served-model-name" in warnings
+    assert "checkEndpoint" not in warnings  # it converted
     assert "models.gemma.filters: no equivalent" in warnings
     assert "groups.main.exclusive" in warnings
     assert "logLevel" not in warnings  # a logging setting: nothing to warn about
 
 
-def test_a_model_without_a_model_file_is_skipped_with_a_warning(
+def test_a_llama_server_without_a_model_file_becomes_a_command_template(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = tmp_path / "config.yaml"
-    source.write_text("models:\n  hf:\n    cmd: llama-server -hf org/repo --port ${PORT}\n")
-    assert main(["config", "import-llama-swap", str(source)]) == 0
-    captured = capsys.readouterr()
-    assert "models.hf: cmd has no -m/--model" in captured.err
-    assert captured.out.strip() == "{}"
+    source.write_text(
+        "models:\n"
+        "  hf:\n"
+        "    cmd: llama-server -hf org/repo --port ${PORT} -np 2\n"
+        "    checkEndpoint: none\n"
+        "  fixed:\n"
+        "    cmd: some-server --port 9000\n"
+    )
+    target = tmp_path / "corral.yaml"
+    assert main(["config", "import-llama-swap", str(source), "--write", str(target)]) == 0
+    settings = load_settings(target, environ={})
+    hf = settings.models["hf"]
+    assert hf.cmd == ["llama-server", "-hf", "org/repo", "--port", "${port}", "-np", "2"]
+    assert hf.paths == ["/"] and hf.slots == 2 and hf.health_path == "/health"
+    assert "fixed" not in settings.models
+    warnings = capsys.readouterr().err
+    assert "models.hf: llama-server without a model file (-m) runs as a command template" in (
+        warnings
+    )
+    assert "models.hf.checkEndpoint: 'none'" in warnings
+    assert "models.fixed: cmd never uses ${PORT}" in warnings

@@ -948,7 +948,9 @@ def manual_model(model_id: str, config: ModelConfig) -> tuple[CatalogModel, Scan
     """A config entry as a catalog model, with its file's metadata when it can be read.
 
     A manual model stays listed even when its file is missing or bad: the operator wrote
-    it, so the problem is reported rather than the entry silently dropped.
+    it, so the problem is reported rather than the entry silently dropped. A model with a
+    command template (``cmd``) names whatever its server takes as ``path``; only an
+    existing GGUF file there is read (its size then feeds the memory check).
     """
     base = CatalogModel(
         id=model_id,
@@ -961,6 +963,10 @@ def manual_model(model_id: str, config: ModelConfig) -> tuple[CatalogModel, Scan
     if config.path is None:
         return base, None
     path = config.path.expanduser()
+    if config.cmd is not None and not (path.suffix.lower() == ".gguf" and path.is_file()):
+        # a command template's model may be anything its server takes (a folder, a
+        # Hugging Face repo id): only a GGUF file here has a header to read
+        return replace(base, path=path), None
     shards = [path]
     split = SPLIT_RE.match(path.name)
     if split and int(split["index"]) == 1:

@@ -39,7 +39,15 @@ backoff_initial          0.1 s, doubling               reconnect fast after a bl
 backoff_max              5.0 s                         ... without hammering a dead balancer
 metadata_base            http://169.254.169.254        the EC2 instance-metadata service
 instance_id              "0"                           one watched server per agent
+server_kind              llama-server                  see below
 =======================  ============================  =====================================
+
+Server kinds: a ``llama-server`` is read as above. A ``generic`` server (any other
+OpenAI-compatible server, e.g. vLLM started from a model's command template) has no
+``/props`` or ``/slots``: the agent reads only ``health_path`` and reports the model
+name it was given with ``slots`` slots, none of them busy, so what is busy is exactly
+what the balancer itself has in flight there. :func:`generic_instance` is that
+translation, pure like :func:`instance_from_readings`.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import aiohttp
 from yarl import URL
@@ -72,6 +80,7 @@ __all__ = [
     "MetadataError",
     "Reading",
     "balancer_socket_url",
+    "generic_instance",
     "instance_from_readings",
     "model_name_from_props",
     "resolve_external_url",
@@ -103,6 +112,8 @@ _SPLIT_SUFFIX: Final = re.compile(r"-\d{5}-of-\d{5}$")  # model-00001-of-00003.g
 
 #: Seconds between re-reads of ``/props`` while nothing else suggests it changed.
 PROPS_REFRESH = 2.0
+
+ServerKind = Literal["llama-server", "generic"]
 
 
 # ================================================================== options
@@ -140,6 +151,12 @@ class AgentOptions:
     """Runs a balancer's command (``restart``, ``reconfigure``, ``logs``) when a
     supervisor owns the process; gets the command and its message, returns a dict with
     ``ok`` and ``detail`` (and any data). None: this agent only watches and refuses."""
+    server_kind: ServerKind = "llama-server"
+    """``generic``: not a llama-server; read only ``health_path``, report ``slots``."""
+    health_path: str = "/health"
+    """A generic server's readiness path (200 when it serves)."""
+    slots: int = 4
+    """A generic server's slot count: requests it takes at once."""
 
     def __post_init__(self) -> None:
         if not self.balancers:
@@ -160,6 +177,19 @@ class AgentOptions:
             raise ValueError("request_timeout: must be > 0")
         if not 0 < self.backoff_initial <= self.backoff_max:
             raise ValueError("backoff_initial: must be > 0 and at most backoff_max")
+        if self.server_kind not in ("llama-server", "generic"):
+            raise ValueError(
+                f"server_kind: expected llama-server or generic, got {self.server_kind!r}"
+            )
+        if self.server_kind == "generic":
+            if not self.model_name:
+                raise ValueError("model_name: a generic server cannot name its model: give it")
+            if self.slots < 1:
+                raise ValueError("slots: must be >= 1")
+            if not self.health_path.startswith("/"):
+                raise ValueError(
+                    f"health_path: expected a path starting with /, got {self.health_path!r}"
+                )
 
 
 def balancer_socket_url(address: str) -> str:
@@ -357,6 +387,40 @@ def instance_from_readings(
         instance["state"] = "starting"
     instance["issues"] = [_issue(kind, message) for kind, message in issues.items()]
     return instance
+
+
+def generic_instance(
+    *,
+    instance_id: str,
+    url: str,
+    model: str,
+    slots: int,
+    health: Reading,
+    health_path: str = "/health",
+) -> dict[str, Any]:
+    """One snapshot instance of a generic (not llama-server) server; pure.
+
+    Only its health says anything: 200 is ready, anything else an issue. Its slots are
+    the configured count with none busy: the balancer's own in-flight requests are the
+    only use it can know of.
+    """
+    issue = _classify(health_path, health)
+    state = "ready"
+    if issue is not None and issue["kind"] == "unreachable":
+        state = "failed"
+    elif issue is not None and issue["kind"] == "loading":
+        state = "starting"
+    return {
+        "id": instance_id,
+        "url": url,
+        "model": model,
+        "aliases": [],
+        "state": state,
+        "total_slots": slots,
+        "busy": 0,
+        "n_ctx": 0,
+        "issues": [issue] if issue is not None else [],
+    }
 
 
 # ========================================================== external address
@@ -569,6 +633,15 @@ class Agent:
 
     async def read_instance(self, session: aiohttp.ClientSession) -> dict[str, Any]:
         """Read llama-server once and return the snapshot instance."""
+        if self.options.server_kind == "generic":
+            return generic_instance(
+                instance_id=self.instance_id,
+                url=self.url,
+                model=self.options.model_name or "",
+                slots=self.options.slots,
+                health=await self._get(session, self.options.health_path, authorize=True),
+                health_path=self.options.health_path,
+            )
         health = await self._get(session, "/health", authorize=False)
         props: Reading | None = None
         slots: Reading | None = None

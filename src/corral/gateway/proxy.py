@@ -203,6 +203,15 @@ class UpstreamFailed(Exception):
     """The upstream failed before any response byte reached the client."""
 
 
+def _under(path: str, prefixes: list[str]) -> bool:
+    """Whether the (decoded) ``path`` starts with one of ``prefixes``. A dot segment
+    (``/v1/../props``, also percent-encoded) never does: the raw path goes upstream
+    as it came, and a server that resolves it would leave the prefix."""
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return False
+    return any(path.startswith(prefix) for prefix in prefixes)
+
+
 @dataclass
 class GatewayOptions:
     api_keys: list[str]
@@ -449,6 +458,9 @@ class Gateway:
                 started,
                 asked=requested or "",
             )
+        refused = self._command_refusal(request, model)
+        if refused is not None:
+            return self._finish(refused, request_id, model, route, started)
         flags_error = self._apply_flags(request, model)
         if isinstance(flags_error, web.Response):
             return self._finish(flags_error, request_id, model, route, started)
@@ -467,6 +479,28 @@ class Gateway:
                 route,
                 started,
             )
+
+    def _command_refusal(self, request: web.Request, model: str) -> web.Response | None:
+        """For a model started from a command template (another server, not
+        llama-server): a 404 for a path it does not serve, a 400 for llama-server flags."""
+        config = self.host.command_config(model) if self.host is not None else None
+        if config is None or config.cmd is None:
+            return None
+        program = config.cmd[0].rsplit("/", 1)[-1]
+        if not _under(request.path, config.paths):
+            return error_response(
+                404,
+                f"model {model!r} is served by {program!r}, which serves only paths starting "
+                f"with {', '.join(config.paths)}; {request.method} {request.path} is not one "
+                f"of them (models.{model}.paths)",
+            )
+        if any(request.headers.get(h, "").strip() for h in FLAG_HEADERS):
+            return error_response(
+                400,
+                f"per-request llama-server flags (X-Corral-Flags) do not apply to model "
+                f"{model!r}: it is served by {program!r}, not llama-server",
+            )
+        return None
 
     def _apply_flags(self, request: web.Request, model: str) -> str | web.Response:
         """The pool for ``model`` run with the request's llama-server flags (the

@@ -51,7 +51,7 @@ from corral.control.tokens import state_dir
 from corral.fleet.state import Instance
 from corral.scheduling.scheduler import NoCapacity, Scheduler
 from corral.supervisor.managed import ManagedInstance, ManagedOptions
-from corral.supervisor.process import lease_port
+from corral.supervisor.process import PortLease, lease_port
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class Hosted:
 
 @dataclass
 class HostOptions:
-    binary: Path
+    binary: Path | None
+    """llama-server; None: none was found, only command-template models load."""
     balancer: str
     """Management address of the balancer the instances report to."""
     cluster_token: str
@@ -150,6 +151,15 @@ class ModelHost:
             self.pending.append(model)
             self._wake.set()
         return True
+
+    def command_config(self, key: str) -> ModelConfig | None:
+        """The config of the model ``key`` names when a command template starts it
+        (not llama-server), else None."""
+        spec = self._spec(key)
+        if spec is None:
+            return None
+        config = self._config(spec[0])
+        return config if config.cmd is not None else None
 
     # -- operator actions -------------------------------------------------------------
 
@@ -222,6 +232,7 @@ class ModelHost:
                     "context_length": model.context_length,
                     "quantization": model.quantization,
                     "source": model.source,
+                    "server": "command" if config.cmd is not None else "llama-server",
                     "error": self.last_error.get(model.id),
                     "args": self._args(model, ()),
                     "created": _mtime(model.path),
@@ -264,7 +275,11 @@ class ModelHost:
         return (model, flags) if model is not None else None
 
     def _args(self, model: CatalogModel, flags: tuple[str, ...]) -> list[str]:
+        """llama-server's arguments for ``model``; a command template's model: the
+        template as written (llama_args and flags never apply to it)."""
         config = self._config(model)
+        if config.cmd is not None:
+            return list(config.cmd)
         args = [*self.settings.llama_args, *config.args]
         mmproj = config.mmproj or model.mmproj
         if mmproj is not None and "--mmproj" not in args:
@@ -334,12 +349,22 @@ class ModelHost:
         if spec is None:
             raise LoadRefused(f"model {key!r} is no longer in the catalog")
         model, flags = spec
-        if model.path is None:
+        command = self._config(model).cmd is not None
+        if model.path is None and not command:
             raise LoadRefused(f"model {model.id!r} has no file (set models.{model.id}.path)")
+        if self.options.binary is None and not command:
+            raise LoadRefused(
+                f"model {model.id!r} needs llama-server, and none was found: install it "
+                "(corral llama-server install), or set llama_server or LLAMA_SERVER"
+            )
         existing = self.running.get(key)
         if existing is not None and existing.state != "unloading":
             return
-        estimate = estimate_bytes(model, self._args(model, flags))
+        if command:
+            # another server's memory use is unknown; a GGUF file's size is a floor
+            estimate = estimate_bytes(model, []) if model.size_bytes else 0
+        else:
+            estimate = estimate_bytes(model, self._args(model, flags))
         began = time.monotonic()  # the swap: making room, then starting
         evicted = 0
         while True:
@@ -426,26 +451,12 @@ class ModelHost:
     ) -> None:
         """Start ``key`` and wait until it serves; the ``loaded`` event carries the
         seconds since ``began`` (the load was taken up) and how many were evicted."""
-        assert model.path is not None
-        config = self._config(model)
         lease = lease_port(self.settings.ports(), state_dir() / "ports")
-        managed = ManagedInstance(
-            ManagedOptions(
-                binary=self.options.binary,
-                model=model.path,
-                model_id=key,
-                aliases=list(model.aliases) if not flags else [],
-                port=lease.port,
-                lease=lease,
-                balancers=[self.options.balancer],
-                cluster_token=self.options.cluster_token,
-                llama_args=self._args(model, flags),
-                poll_interval=0.5,
-                supervisor=self.settings.supervisor_options(),
-                log_dir=self.settings.log_dir,
-                env=dict(config.env),
-            )
-        )
+        try:
+            managed = self._managed(key, model, flags, lease)
+        except Exception:
+            lease.release()
+            raise
         hosted = Hosted(
             key=key,
             model=model,
@@ -498,6 +509,39 @@ class ModelHost:
                 "seconds": round(seconds, 6),
                 "evicted": evicted,
             }
+        )
+
+    def _managed(
+        self, key: str, model: CatalogModel, flags: tuple[str, ...], lease: PortLease
+    ) -> ManagedInstance:
+        """The supervised server of ``key``: llama-server, or the model's command."""
+        config = self._config(model)
+        values = {}  # the command template's model-specific placeholders
+        if model.path is not None:
+            values["model_path"] = str(model.path)
+        mmproj = config.mmproj or model.mmproj
+        if mmproj is not None:
+            values["mmproj"] = str(mmproj)
+        return ManagedInstance(
+            ManagedOptions(
+                binary=self.options.binary,
+                model=model.path,
+                model_id=key,
+                aliases=list(model.aliases) if not flags else [],
+                port=lease.port,
+                lease=lease,
+                balancers=[self.options.balancer],
+                cluster_token=self.options.cluster_token,
+                llama_args=self._args(model, flags) if config.cmd is None else [],
+                poll_interval=0.5,
+                supervisor=self.settings.supervisor_options(),
+                log_dir=self.settings.log_dir,
+                env=dict(config.env),
+                command=list(config.cmd) if config.cmd is not None else None,
+                template_values=values,
+                health_path=config.health_path,
+                slots=config.slots,
+            )
         )
 
     async def _unload(self, hosted: Hosted, reason: str) -> bool:

@@ -4,6 +4,11 @@ Used by ``corral serve`` (reporting to the balancer in the same process) and by
 ``corral agent --model`` (reporting to remote balancers). The agent carries the
 balancers' commands to the supervisor: ``restart``, ``reconfigure`` (new extra
 llama-server arguments; the balancer has drained the instance first) and ``logs``.
+
+With ``command`` set the process is not llama-server but a model's command template
+(:mod:`corral.supervisor.template`), filled in again at every start (a moved port
+included); the same supervisor runs it, and its agent watches it as a ``generic``
+server: ``health_path`` for readiness, ``slots`` as its slot count.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from corral.control.tokens import state_dir
 from corral.supervisor.flags import FlagError, check_llama_args
 from corral.supervisor.instance import SupervisedInstance, SupervisorOptions
 from corral.supervisor.process import PortLease, lease_port
+from corral.supervisor.template import substitute
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +44,10 @@ def check_reserved(llama_args: list[str]) -> None:
 
 @dataclass
 class ManagedOptions:
-    binary: Path
-    model: Path
+    binary: Path | None
+    """llama-server; unused (may be None) with ``command``."""
+    model: Path | None
+    """The GGUF file; None only with ``command`` (and then ``model_id`` is required)."""
     port: int
     balancers: list[str]
     cluster_token: str
@@ -57,6 +65,15 @@ class ManagedOptions:
     """The lease on ``port``, released when the instance moves or stops."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment for llama-server."""
+    command: list[str] | None = None
+    """A command template to run instead of llama-server (``binary``, ``model`` and
+    ``llama_args`` are then unused but for ``${model_path}``)."""
+    template_values: dict[str, str] = field(default_factory=dict)
+    """Values of ``${model_path}`` and ``${mmproj}`` for ``command``, when it has them."""
+    health_path: str = "/health"
+    """With ``command``: the path that answers 200 once the server is ready."""
+    slots: int = 4
+    """With ``command``: requests the server takes at once."""
 
 
 class ManagedInstance:
@@ -64,10 +81,17 @@ class ManagedInstance:
 
     def __init__(self, options: ManagedOptions) -> None:
         check_reserved(options.llama_args)
+        if options.command is None and options.binary is None:
+            raise ValueError("llama-server's binary is required, except for a command template")
+        if options.model is None and (options.command is None or not options.model_id):
+            raise ValueError(
+                "a model file is required, except for a command template with a model id"
+            )
         self.options = options
-        self.model_id = options.model_id or options.model.stem
+        self.model_id = options.model_id or (options.model.stem if options.model else "")
         self.llama_args = list(options.llama_args)
         url = f"http://127.0.0.1:{options.port}"
+        generic = options.command is not None
         self.agent = Agent(
             AgentOptions(
                 local_llama_server=url,
@@ -77,13 +101,17 @@ class ManagedInstance:
                 poll_interval=options.poll_interval,
                 on_command=self.command,
                 extra_aliases=list(options.aliases),
-                model_name=options.model_id or options.model.stem,
+                model_name=self.model_id,
+                server_kind="generic" if generic else "llama-server",
+                health_path=options.health_path if generic else "/health",
+                slots=options.slots,
             )
         )
+        program = Path(options.command[0]).name if options.command else "llama-server"
         self.supervisor = SupervisedInstance(
             self._args(),
-            url + "/health",
-            name=f"llama-server:{self.model_id}",
+            url + self.health_path,
+            name=f"{program}:{self.model_id}",
             options=options.supervisor,
             on_change=lambda sup: self.agent.set_supervisor_state(sup.as_dict()),
             log_path=(
@@ -96,7 +124,20 @@ class ManagedInstance:
         self._agent_task: asyncio.Task[None] | None = None
         self._restart_task: asyncio.Task[None] | None = None
 
+    @property
+    def health_path(self) -> str:
+        return self.options.health_path if self.options.command is not None else "/health"
+
     def _args(self) -> list[str]:
+        if self.options.command is not None:
+            values = {
+                **self.options.template_values,
+                "host": "127.0.0.1",
+                "port": str(self.options.port),
+                "model_id": self.model_id,
+            }
+            return substitute(self.options.command, values)
+        assert self.options.model is not None and self.options.binary is not None
         return [
             str(self.options.binary),
             "--model", str(self.options.model),
@@ -132,6 +173,12 @@ class ManagedInstance:
             return {"ok": True, "detail": "restart started"}
         if command == "reconfigure":
             args = self.llama_args
+            if "args" in data and self.options.command is not None:
+                return {
+                    "ok": False,
+                    "detail": "this model runs a command template, not llama-server: change "
+                    f"models.{self.model_id}.cmd and reload the config instead",
+                }
             if "args" in data:
                 try:
                     args = check_llama_args(data["args"])
@@ -170,7 +217,7 @@ class ManagedInstance:
         self.options.lease, self.options.port = lease, port
         url = f"http://127.0.0.1:{port}"
         self.agent.local_url = self.agent.url = url
-        self.supervisor.health_url = url + "/health"
+        self.supervisor.health_url = url + self.health_path
         return None
 
     def _begin_restart(self) -> None:
