@@ -29,10 +29,11 @@ from aiohttp import web
 
 from corral.gateway.auth import key_matches, presented_key
 from corral.gateway.errors import error_response, sse_error_event
+from corral.gateway.webui import WebUIRoutes
 from corral.observe.metrics import BalancerMetrics
 from corral.observe.recent import RecentTraffic
 from corral.scheduling.policies import Placement
-from corral.scheduling.scheduler import Lease, Scheduler, SchedulingError
+from corral.scheduling.scheduler import Lease, ModelRequired, Scheduler, SchedulingError
 from corral.supervisor.request_flags import HEADERS as FLAG_HEADERS
 from corral.supervisor.request_flags import RequestFlagError
 from corral.supervisor.request_flags import normalize as normalize_flags
@@ -246,6 +247,8 @@ class Gateway:
         self.app.router.add_get("/slots", self.slots)
         for route in MODEL_ROUTES:
             self.app.router.add_post(route, self.forward)
+        self.webui = WebUIRoutes(self)
+        """Router mode's routes for llama-server's web UI (``/props``, ``/models/sse``)."""
         self.app.router.add_route("*", "/{tail:.*}", self.passthrough)
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._stop)
@@ -385,7 +388,10 @@ class Gateway:
     # -- forwarding ----------------------------------------------------------------------
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
-        """Paths corral doesn't route by model (e.g. the web UI) go to the default model."""
+        """Paths corral doesn't route by model (e.g. the web UI) go to the default model,
+        or, when several are served and the request names none, to any ready instance
+        (every llama-server serves the same web UI), starting the first listed model
+        when none is ready."""
         preflight = self._preflight(request)
         if preflight is not None:
             return preflight
@@ -448,7 +454,12 @@ class Gateway:
         if requested is None:
             requested = request.query.get("model")
         try:
-            model = self.scheduler.resolve_model(requested)
+            try:
+                model = self.scheduler.resolve_model(requested)
+            except ModelRequired:
+                if route != "other":
+                    raise
+                model = self._any_model()
         except SchedulingError as exc:
             return self._finish(
                 error_response(exc.status, exc.message, exc.error_type, exc.headers),
@@ -501,6 +512,24 @@ class Gateway:
                 f"{model!r}: it is served by {program!r}, not llama-server",
             )
         return None
+
+    def _any_model(self) -> str:
+        """A model for a request that names none and may go anywhere (the web UI's
+        page and assets): a ready instance's, else the first model the host lists."""
+        now = self.scheduler.clock()
+        ready = sorted(
+            (i for i in self.scheduler.fleet.instances.values() if i.usable(now)),
+            key=lambda i: i.id,
+        )
+        if ready:
+            return ready[0].model
+        listed = self.host.listed() if self.host is not None else []
+        if listed:
+            return listed[0]
+        raise ModelRequired(
+            "this server serves several models and none is ready; set `model` to one of: "
+            + ", ".join(self.scheduler.known_models())
+        )
 
     def _apply_flags(self, request: web.Request, model: str) -> str | web.Response:
         """The pool for ``model`` run with the request's llama-server flags (the
