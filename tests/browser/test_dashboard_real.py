@@ -5,62 +5,25 @@ sends it requests."""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from openai import AsyncOpenAI
 from playwright.async_api import Browser, expect
 
+from tests.real.test_serve_real import TOKEN, Corral
+from tests.real.test_serve_real import corral as corral  # the fixture: corral serve, real
+
 pytestmark = pytest.mark.real
 
-TOKEN = "dashboard-real-token"
 TIMEOUT_MS = 30_000
 READY_TIMEOUT_S = 90.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-def serve(llama_server_bin: Path, tiny_model: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    inference, management = _free_port(), _free_port()
-    env = {**os.environ, "CORRAL_MANAGEMENT_TOKEN": TOKEN, "CORRAL_STATE_DIR": str(tmp_path)}
-    with (tmp_path / "corral.log").open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable, "-m", "corral.cli", "serve",
-                "--model", str(tiny_model),
-                "--llama-server", str(llama_server_bin),
-                "--inference-addr", f"127.0.0.1:{inference}",
-                "--management-addr", f"127.0.0.1:{management}",
-                "--", "--parallel", "4", "--ctx-size", "4096",
-            ],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-    try:
-        yield f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-
-
 async def test_dashboard_shows_the_real_server_its_traffic_and_its_log(
-    serve: tuple[str, str], browser: Browser, output_dir: Path
+    corral: Corral, browser: Browser, output_dir: Path
 ) -> None:
-    base, management = serve
+    base, management = corral.base, corral.management
     page = await browser.new_page()
     page.set_default_timeout(TIMEOUT_MS)
 
