@@ -20,6 +20,7 @@ import os
 import secrets
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -79,6 +80,58 @@ def ensure_installed() -> None:
         raise StartupError(f"pip install {LITELLM_REQUIREMENT} failed: " + " / ".join(err))
 
 
+async def start_proxy(
+    ctx: BenchContext,
+    name: str,
+    model_name: str,
+    backends: list[str],
+    spawn: Callable[[ManagedProcess], ManagedProcess],
+) -> tuple[str, dict[str, str]]:
+    """Start the pinned LiteLLM proxy serving ``model_name`` from ``backends`` (llama-server
+    base URLs, one model group, ``simple-shuffle``) through ``spawn``; return its URL and
+    the headers a client sends, once it answers its liveness check."""
+    master_key = "sk-bench-" + secrets.token_hex(12)
+    config = {
+        "model_list": [
+            {
+                "model_name": model_name,
+                "litellm_params": {
+                    "model": f"openai/{model_name}",
+                    "api_base": f"{backend}/v1",
+                    "api_key": "none",
+                },
+            }
+            for backend in backends
+        ],
+        "router_settings": {"routing_strategy": "simple-shuffle"},
+        "general_settings": {"master_key": master_key},
+        "litellm_settings": {"set_verbose": False},
+    }
+    config_path = ctx.run_dir / f"{name}-config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    port = free_port()
+    args = [
+        str(_venv_bin("litellm")),
+        "--config",
+        str(config_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+    ]
+    env = {**ENV, "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = spawn(ManagedProcess(name, args, ctx.log_path(name), env=env))
+    url = f"http://127.0.0.1:{port}"
+
+    async def alive() -> bool:
+        return await http_status(f"{url}/health/liveliness") == 200
+
+    await wait_until(alive, what="LiteLLM /health/liveliness", within=180, proc=proc)
+    return url, {"Authorization": f"Bearer {master_key}"}
+
+
 class LiteLLM(System):
     name = "litellm"
     label = "LiteLLM proxy"
@@ -91,50 +144,8 @@ class LiteLLM(System):
     async def start(self, ctx: BenchContext) -> Endpoint:
         ensure_installed()
         backend = await start_llama_server(self, ctx, "litellm-llama-server")
-        master_key = "sk-bench-" + secrets.token_hex(12)
-        config = {
-            "model_list": [
-                {
-                    "model_name": ctx.model_name,
-                    "litellm_params": {
-                        "model": f"openai/{ctx.model_name}",
-                        "api_base": f"{backend}/v1",
-                        "api_key": "none",
-                    },
-                }
-            ],
-            "router_settings": {"routing_strategy": "simple-shuffle"},
-            "general_settings": {"master_key": master_key},
-            "litellm_settings": {"set_verbose": False},
-        }
-        config_path = ctx.run_dir / "litellm-config.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        port = free_port()
-        args = [
-            str(_venv_bin("litellm")),
-            "--config",
-            str(config_path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--num_workers",
-            "1",
-        ]
-        env = {**ENV, "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
-        proc = self.spawn(ManagedProcess("litellm", args, ctx.log_path("litellm"), env=env))
-        url = f"http://127.0.0.1:{port}"
-
-        async def alive() -> bool:
-            return await http_status(f"{url}/health/liveliness") == 200
-
-        await wait_until(alive, what="LiteLLM /health/liveliness", within=180, proc=proc)
-        return Endpoint(
-            url=url,
-            backend_url=backend,
-            model=ctx.model_name,
-            headers={"Authorization": f"Bearer {master_key}"},
-        )
+        url, headers = await start_proxy(ctx, "litellm", ctx.model_name, [backend], self.spawn)
+        return Endpoint(url=url, backend_url=backend, model=ctx.model_name, headers=headers)
 
     def observations(self, ctx: BenchContext) -> list[str]:
         try:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import re
 import secrets
@@ -52,16 +51,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import yaml
 
-from bench.context import BenchContext, StartupError, http_status, wait_healthy, wait_until
+from bench.context import BenchContext, StartupError, wait_healthy, wait_until
 from bench.loadgen import LoadGenerator, RequestResult, RequestSpec
 from bench.procs import ManagedProcess, free_port
 from bench.report import md_table
 from bench.stats import percentile
 from bench.systems.corral import corral_command
-from bench.systems.litellm import ENV as LITELLM_ENV
-from bench.systems.litellm import LITELLM_REQUIREMENT, _venv_bin, ensure_installed
+from bench.systems.litellm import LITELLM_REQUIREMENT, ensure_installed, start_proxy
 from bench.workloads import Section
 
 log = logging.getLogger("bench.multiturn")
@@ -233,51 +230,12 @@ async def _start_litellm(
     ctx: BenchContext, backends: list[str], procs: list[ManagedProcess]
 ) -> tuple[str, dict[str, str]]:
     ensure_installed()
-    master_key = "sk-bench-" + secrets.token_hex(12)
-    config = {
-        "model_list": [
-            {
-                "model_name": MODEL_NAME,
-                "litellm_params": {
-                    "model": f"openai/{MODEL_NAME}",
-                    "api_base": f"{backend}/v1",
-                    "api_key": "none",
-                },
-            }
-            for backend in backends
-        ],
-        "router_settings": {"routing_strategy": "simple-shuffle"},
-        "general_settings": {"master_key": master_key},
-        "litellm_settings": {"set_verbose": False},
-    }
-    path = ctx.run_dir / "multiturn-litellm.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    port = free_port()
-    env = {**LITELLM_ENV, "PATH": f"{_venv_bin('python').parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = ManagedProcess(
-        "multiturn-litellm",
-        [
-            str(_venv_bin("litellm")),
-            "--config",
-            str(path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--num_workers",
-            "1",
-        ],
-        ctx.log_path("multiturn-litellm"),
-        env=env,
-    ).start()
-    procs.append(proc)
-    url = f"http://127.0.0.1:{port}"
 
-    async def alive() -> bool:
-        return await http_status(f"{url}/health/liveliness") == 200
+    def spawn(proc: ManagedProcess) -> ManagedProcess:
+        procs.append(proc.start())
+        return proc
 
-    await wait_until(alive, what="LiteLLM /health/liveliness", within=180, proc=proc)
-    return url, {"Authorization": f"Bearer {master_key}"}
+    return await start_proxy(ctx, "multiturn-litellm", MODEL_NAME, backends, spawn)
 
 
 def _conversation_plan(vocabulary: list[str], count: int) -> list[tuple[str, list[str]]]:

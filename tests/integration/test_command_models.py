@@ -22,19 +22,17 @@ import aiohttp
 import openai
 import psutil
 import pytest
-import yaml
 from yarl import URL
 
-from corral.config import load_settings
-from corral.serve import LocalServe, ServeOptions
+from corral.serve import LocalServe
 from tests.integration.fleet import wait_for
 from tests.integration.test_models import (
     AUTH,
-    TOKEN,
     chat,
     complete,
     pid_of,
     running,
+    serving_table,
     settled,
     stream_through,
 )
@@ -61,34 +59,9 @@ async def serving(
 ) -> AsyncIterator[tuple[LocalServe, str, aiohttp.ClientSession]]:
     """A LocalServe whose ``models`` table is exactly ``models`` (its llama-server the
     fake, or none found when not ``llama_server``)."""
-    monkeypatch.setenv("CORRAL_STATE_DIR", str(tmp_path))
-    config = tmp_path / "corral.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "inference_addr": "127.0.0.1:0",
-                "management_addr": "127.0.0.1:0",
-                "models": models,
-                "restart_backoff_initial": 0.1,
-                **settings,
-            }
-        )
-    )
-    local = LocalServe(
-        load_settings(config, environ={}),
-        ServeOptions(
-            binary=fake_binary(tmp_path) if llama_server else None,
-            management_token=TOKEN,
-            cluster_token="cluster",
-        ),
-    )
-    local.config_file = config
-    addresses = await local.start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            yield local, f"http://{addresses.inference}", http
-    finally:
-        await local.stop()
+    binary = fake_binary(tmp_path) if llama_server else None
+    async with serving_table(tmp_path, monkeypatch, models, binary, **settings) as served:
+        yield served
 
 
 def server_log(local: LocalServe, key: str) -> str:

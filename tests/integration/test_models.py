@@ -37,19 +37,16 @@ def chat(model: str, stream: bool = False) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def serving(
+async def serving_table(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    models: dict[str, dict[str, Any]],
+    table: dict[str, dict[str, Any]],
+    binary: Path | None,
     **settings: Any,
 ) -> AsyncIterator[tuple[LocalServe, str, aiohttp.ClientSession]]:
-    """A LocalServe over fake llama-servers, one ``models`` entry each."""
+    """A LocalServe whose config's ``models`` table is exactly ``table`` and whose
+    llama-server is ``binary`` (None: none found)."""
     monkeypatch.setenv("CORRAL_STATE_DIR", str(tmp_path))
-    table = {}
-    for model_id, entry in models.items():
-        path = tmp_path / f"{model_id}.gguf"
-        path.write_bytes(b"GGUF")  # the fake never reads it
-        table[model_id] = {"path": str(path), **entry}
     config = tmp_path / "corral.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -64,11 +61,7 @@ async def serving(
     )
     local = LocalServe(
         load_settings(config, environ={}),
-        ServeOptions(
-            binary=fake_binary(tmp_path),
-            management_token=TOKEN,
-            cluster_token="cluster",
-        ),
+        ServeOptions(binary=binary, management_token=TOKEN, cluster_token="cluster"),
     )
     local.config_file = config
     addresses = await local.start()
@@ -77,6 +70,25 @@ async def serving(
             yield local, f"http://{addresses.inference}", http
     finally:
         await local.stop()
+
+
+@asynccontextmanager
+async def serving(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    models: dict[str, dict[str, Any]],
+    **settings: Any,
+) -> AsyncIterator[tuple[LocalServe, str, aiohttp.ClientSession]]:
+    """A LocalServe over fake llama-servers, one ``models`` entry each."""
+    table = {}
+    for model_id, entry in models.items():
+        path = tmp_path / f"{model_id}.gguf"
+        path.write_bytes(b"GGUF")  # the fake never reads it
+        table[model_id] = {"path": str(path), **entry}
+    async with serving_table(
+        tmp_path, monkeypatch, table, fake_binary(tmp_path), **settings
+    ) as served:
+        yield served
 
 
 def running(local: LocalServe) -> dict[str, str]:
