@@ -316,6 +316,47 @@ async def test_failure_mid_stream_ends_the_stream_with_an_error_event(fleet: Fle
     assert "failed mid-stream" in events[-1]
 
 
+async def test_a_stream_silent_longer_than_the_idle_timeout_ends_with_an_error_event() -> None:
+    fleet = await start_fleet(upstream_idle_timeout=0.3)
+    try:
+        node = await fleet.add_fake(model="m", slots=1, tokens=3, token_delay=1.0)
+        assert fleet.http is not None
+        started = time.monotonic()
+        async with fleet.http.post(
+            fleet.base + "/v1/chat/completions", json={**CHAT, "model": "m", "stream": True}
+        ) as response:
+            assert response.status == 200
+            raw = (await response.read()).decode()
+        took = time.monotonic() - started
+        events = [e.removeprefix("data: ") for e in raw.split("\n\n") if e.startswith("data: ")]
+        assert '"error"' in events[-1], raw
+        assert "timed out" in events[-1]
+        assert took < 2.5, took  # it did not wait for the 3 tokens (3 s)
+        instances = fleet.balancer.scheduler.fleet.instances.values()
+        await wait_for(
+            lambda: sum(i.in_flight for i in instances) == 0, "the slot freed after the timeout"
+        )
+        assert node.fake.counters.requests_served <= 1
+    finally:
+        await fleet.close()
+
+
+async def test_a_steady_stream_longer_than_the_idle_timeout_is_not_cut() -> None:
+    # 10 tokens 0.1 s apart (1 s in all) under a 0.3 s idle timeout: each gap is shorter
+    fleet = await start_fleet(upstream_idle_timeout=0.3)
+    try:
+        await fleet.add_fake(model="m", slots=1, tokens=10, token_delay=0.1)
+        assert fleet.http is not None
+        async with fleet.http.post(
+            fleet.base + "/v1/chat/completions", json={**CHAT, "model": "m", "stream": True}
+        ) as response:
+            raw = (await response.read()).decode()
+        assert '"error"' not in raw, raw
+        assert raw.rstrip().endswith("data: [DONE]")
+    finally:
+        await fleet.close()
+
+
 async def test_instance_leaves_the_pool_when_its_agent_disconnects(fleet: Fleet) -> None:
     node = await fleet.add_fake(model="m", slots=1)
     await node.stop_agent()

@@ -187,6 +187,45 @@ class ResponseTail:
         return usage.cached, usage.prompt, usage.prompt_seconds
 
 
+class IdleWatch:
+    """Fails a response body's reader with :class:`TimeoutError` once a read has waited
+    ``idle`` seconds for data.
+
+    One timer per response, re-armed only when it fires: a relayed chunk costs a clock
+    read instead of a timer created and cancelled (``asyncio.timeout`` around every
+    read), which shows at tens of thousands of chunks a second. The relay loop sets
+    :attr:`reading_since` before each read and clears it after; time spent writing to
+    a slow client does not count, as with a timeout around the read alone.
+    """
+
+    __slots__ = ("loop", "idle", "reader", "reading_since", "handle")
+
+    def __init__(self, idle: float, reader: aiohttp.StreamReader) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.idle = idle
+        self.reader = reader
+        self.reading_since: float | None = None
+        self.handle: asyncio.TimerHandle | None = self.loop.call_at(
+            self.loop.time() + idle, self._check
+        )
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        since = self.reading_since
+        if since is None:  # not reading now: a full period from here
+            self.handle = self.loop.call_at(now + self.idle, self._check)
+        elif now - since >= self.idle:
+            self.handle = None
+            self.reader.set_exception(TimeoutError(f"no data for {self.idle:g} s"))
+        else:
+            self.handle = self.loop.call_at(since + self.idle, self._check)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 def logfmt(fields: list[tuple[str, object]]) -> str:
     """``key=value`` pairs; a value that is empty or holds spaces, quotes, ``=`` or
     control characters is JSON-quoted, so a hostile model name cannot forge fields or
@@ -772,17 +811,20 @@ class Gateway:
             response.content_length = upstream.content_length
         ttft = time.monotonic() - started
         clean = False
+        watch: IdleWatch | None = None
         try:
             await response.prepare(request)
             if first:
                 tail.add(first)
                 await response.write(first)
             if first or not upstream.content.at_eof():
-                idle = self.options.idle_timeout
+                content = upstream.content
+                watch = IdleWatch(self.options.idle_timeout, content)
                 while True:
                     try:
-                        async with asyncio.timeout(idle):
-                            chunk = await upstream.content.readany()
+                        watch.reading_since = watch.loop.time()
+                        chunk = await content.readany()
+                        watch.reading_since = None
                     except (aiohttp.ClientError, TimeoutError) as exc:
                         reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
                         log.warning(
@@ -816,6 +858,8 @@ class Gateway:
             await response.write_eof()
             clean = True
         finally:
+            if watch is not None:
+                watch.cancel()
             if is_sse or not clean:
                 upstream.close()  # never pool a connection that carried a stream
             else:
