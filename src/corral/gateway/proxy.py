@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -226,14 +227,19 @@ class IdleWatch:
             self.handle = None
 
 
+#: what makes a logfmt value need quoting: nothing, or anything beyond printable ASCII
+#: other than a space, quote, ``=`` or backslash
+_PLAIN_VALUE = re.compile(r'[!#-<>-\[\]-~]+')
+
+
 def logfmt(fields: list[tuple[str, object]]) -> str:
-    """``key=value`` pairs; a value that is empty or holds spaces, quotes, ``=`` or
-    control characters is JSON-quoted, so a hostile model name cannot forge fields or
-    lines. None is written ``-``."""
+    """``key=value`` pairs; a value that is empty or holds spaces, quotes, ``=``,
+    backslashes or anything but printable ASCII is JSON-quoted, so a hostile model name
+    cannot forge fields or lines. None is written ``-``."""
     parts = []
     for key, value in fields:
         text = "-" if value is None else str(value)
-        if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+        if _PLAIN_VALUE.fullmatch(text) is None:
             text = json.dumps(text)
         parts.append(f"{key}={text}")
     return " ".join(parts)
