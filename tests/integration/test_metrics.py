@@ -242,6 +242,11 @@ async def test_supervised_starts_restarts_failures_and_swaps_are_counted(
             "b to be noted loaded",
         )
 
+        async def b_reported() -> bool:  # the counters travel in the next agent snapshot
+            samples = await scraped()
+            return samples.get(("corral_instance_startup_seconds_count", labels(model="b"))) == 1
+
+        await wait_for(b_reported, "b's start to reach the balancer")
         samples = await scraped()
         assert series(samples, "corral_instance_starts_total") == {
             labels(model="a"): 2.0,
