@@ -54,6 +54,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 
+from bench import pinning
 from bench.context import BenchContext, StartupError, wait_healthy
 from bench.procs import ManagedProcess, free_port
 from bench.report import md_table
@@ -87,8 +88,6 @@ STREAM_CONNECTIONS = (64, 256)
 ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 TARGET_RPS = 3000.0
 TARGET_CHUNKS = 50000.0
-PROXY_CORE = "0"
-OTHER_CORE = "1"
 
 SYSTEMS = ("direct", "corral", "nginx", "litellm", "passthrough")
 LABELS = {
@@ -141,11 +140,6 @@ class Cell:
 class Outcome:
     cells: list[Cell] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)
-
-
-def _pinned(core: str, args: list[str]) -> list[str]:
-    taskset = shutil.which("taskset")
-    return [taskset, "-c", core, *args] if taskset else args
 
 
 async def _get(url: str) -> str:
@@ -328,8 +322,8 @@ def parse_wrk(text: str, cell: Cell) -> None:
 async def _wrk(url: str, script: Path, connections: int, duration: int) -> str:
     wrk = shutil.which("wrk")
     assert wrk is not None
-    args = _pinned(
-        OTHER_CORE,
+    args = pinning.taskset(
+        pinning.OTHER_CORE,
         [
             wrk,
             "-t1",
@@ -392,8 +386,8 @@ async def _start_corral(
     balancer = running.add(
         ManagedProcess(
             "capacity-corral",
-            _pinned(
-                PROXY_CORE,
+            pinning.taskset(
+                pinning.PROXY_CORE,
                 [
                     *corral_command(),
                     "balancer",
@@ -413,8 +407,8 @@ async def _start_corral(
     running.add(
         ManagedProcess(
             "capacity-corral-agent",
-            _pinned(
-                OTHER_CORE,
+            pinning.taskset(
+                pinning.OTHER_CORE,
                 [
                     *corral_command(),
                     "agent",
@@ -451,7 +445,7 @@ async def _start_nginx(
     proc = running.add(
         ManagedProcess(
             "capacity-nginx",
-            _pinned(PROXY_CORE, _nginx_args(prefix, conf)),
+            pinning.taskset(pinning.PROXY_CORE, _nginx_args(prefix, conf)),
             ctx.log_path("capacity-nginx"),
         ),
         measured=True,
@@ -467,7 +461,7 @@ async def _start_litellm(
     ensure_installed()
 
     def spawn(proc: ManagedProcess) -> ManagedProcess:
-        proc.args = _pinned(PROXY_CORE, proc.args)
+        proc.args = pinning.taskset(pinning.PROXY_CORE, proc.args)
         return running.add(proc, measured=True)
 
     return await start_proxy(ctx, "capacity-litellm", MODEL, [upstream], spawn)
@@ -519,7 +513,9 @@ async def _start_passthrough(
     args = [sys.executable, "-m", "bench.systems.passthrough", upstream, str(port)]
     proc = running.add(
         ManagedProcess(
-            "capacity-passthrough", _pinned(PROXY_CORE, args), ctx.log_path("capacity-passthrough")
+            "capacity-passthrough",
+            pinning.taskset(pinning.PROXY_CORE, args),
+            ctx.log_path("capacity-passthrough"),
         ),
         measured=True,
     )
@@ -549,7 +545,7 @@ async def _run(ctx: BenchContext) -> tuple[Outcome, Canned]:
     conf.write_text(_upstream_config(canned, upstream_dir, json_port, sse_port), encoding="utf-8")
     upstream = ManagedProcess(
         "capacity-upstream",
-        _pinned(OTHER_CORE, _nginx_args(upstream_dir, conf)),
+        pinning.taskset(pinning.OTHER_CORE, _nginx_args(upstream_dir, conf)),
         ctx.log_path("capacity-upstream"),
     ).start()
     try:

@@ -14,13 +14,14 @@ lower than llama-server router mode's; at least 5x lower than LiteLLM's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from bench import plots
+from bench import pinning, plots
 from bench.context import BenchContext, StartupError
 from bench.loadgen import LoadGenerator, RequestSpec, RunResult, chat_request
 from bench.report import md_table
@@ -49,6 +50,8 @@ COUNT_C4 = 800
 TARGET_P50 = 0.001
 TARGET_P99 = 0.005
 LITELLM_FACTOR = 5.0
+#: llama-server computes on one thread, on its own core (see bench/pinning.py)
+LLAMA_THREADS = ("--threads", "1", "--threads-batch", "1")
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ def _errors(pair: Pair) -> str:
 async def run(ctx: BenchContext) -> Section:
     cell_list = cells(ctx)
     systems = make_systems(ctx.systems)
+    run_ctx = dataclasses.replace(ctx, llama_args=(*ctx.llama_args, *LLAMA_THREADS))
     results: dict[str, dict[str, Pair]] = {}
     missing: dict[str, str] = {}
     observed: dict[str, list[str]] = {}
@@ -178,9 +182,15 @@ async def run(ctx: BenchContext) -> Section:
             missing[system.label] = reason
             continue
         try:
-            ep = await system.start(ctx)
+            ep = await system.start(run_ctx)
             log.info("%s: up at %s (its llama-server %s)", system.name, ep.url, ep.backend_url)
-            results[system.name] = await measure(system.name, ep, cell_list)
+            for proc in system.procs:
+                for line in pinning.pin_tree(
+                    proc.pid, pinning.PROXY_CORE, pinning.OTHER_CORE, str(ctx.llama_server)
+                ):
+                    log.info("%s: pinned %s", system.name, line)
+            with pinning.this_process_on(pinning.OTHER_CORE):
+                results[system.name] = await measure(system.name, ep, cell_list)
         except (StartupError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.error("%s could not be started: %s", system.name, exc)
             missing[system.label] = f"could not be started: {exc}"
@@ -212,6 +222,21 @@ def render(
         f"alternating blocks of {BLOCK_PER_CLIENT} requests per client ({SETTLE:g} s idle "
         f"before each switch), after {WARMUP} warm-up requests of each kind. Times in ms.",
         "",
+        *(
+            [
+                f"Cores: each llama-server computes on one thread "
+                f"(`{' '.join(LLAMA_THREADS)}`) pinned to core {pinning.OTHER_CORE}, "
+                f"with the load generator; the proxy under test (and a router-mode "
+                f"llama-server's router process) has core {pinning.PROXY_CORE} to itself, "
+                "as in a deployment where inference runs on a GPU or its own cores. "
+                "Sharing both cores, llama-server's compute threads and the proxy take "
+                "turns, and the added latency measures waiting for a core more than the "
+                "proxy.",
+                "",
+            ]
+            if pinning.available()
+            else []
+        ),
     ]
     corral = results.get("corral")
     parts += ["### Headline: latency added to a small request, p50 / p99 (ms)", ""]
