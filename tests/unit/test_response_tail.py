@@ -53,3 +53,25 @@ def test_a_large_plain_body_is_not_parsed() -> None:
     tail = ResponseTail(is_sse=False)
     tail.add(b"[" + b"0," * (ResponseTail.LIMIT) + b"0]")
     assert tail.prompt_usage() is None
+
+
+def test_a_stream_keeps_one_event_not_its_text() -> None:
+    tail = ResponseTail(is_sse=True)
+    words = [{"choices": [{"delta": {"content": "word " * 50}}]} for _ in range(500)]
+    final = {"choices": [], "usage": {"prompt_tokens": 9}, "timings": {"cache_n": 7}}
+    body = sse(*words, final)
+    for start in range(0, len(body), 300):
+        tail.add(body[start : start + 300])
+    assert len(body) > 100_000
+    assert tail.event is not None and len(tail.event) < 200
+    assert len(tail.data) < 300  # only the unfinished event is held
+    assert tail.prompt_usage() == (7, 9, None)
+
+
+def test_the_last_usage_event_wins_and_an_unterminated_one_counts() -> None:
+    first = {"usage": {"prompt_tokens": 1}, "timings": {"cache_n": 0}}
+    second = {"usage": {"prompt_tokens": 5}, "timings": {"cache_n": 4}}
+    tail = ResponseTail(is_sse=True)
+    tail.add(b"data: " + json.dumps(first).encode() + b"\n\n")
+    tail.add(b"data: " + json.dumps(second).encode())  # the stream ends without "\n\n"
+    assert tail.prompt_usage() == (4, 5, None)

@@ -113,21 +113,57 @@ class TokenUsage:
 
 
 class ResponseTail:
-    """The end of a relayed response, kept (bounded) to read what llama-server reports
-    about its tokens: the last SSE event with ``timings``/``usage``, or the JSON body."""
+    """What a relayed response says about its tokens, kept while it passes: for a
+    stream, the last SSE event carrying ``timings``/``usage`` (and the unfinished event
+    at the end of what arrived so far); for a plain response, its body up to
+    :data:`LIMIT` bytes.
+
+    A stream keeps one event, not its whole text: with 1,000 streams open, keeping
+    each one's output would cost tens of MB.
+    """
 
     LIMIT = 64 * 1024
+
+    __slots__ = ("data", "event", "is_sse", "overflow")
 
     def __init__(self, is_sse: bool) -> None:
         self.is_sse = is_sse
         self.data = bytearray()
+        """plain: the body so far; SSE: the event still arriving (unterminated)"""
         self.overflow = False
+        self.event: bytes | None = None
+        """SSE: the last complete event that mentions ``timings`` or ``usage``"""
 
     def add(self, chunk: bytes) -> None:
-        self.data += chunk
+        if not self.is_sse:
+            if not self.overflow:
+                self.data += chunk
+                if len(self.data) > self.LIMIT:
+                    self.overflow = True  # a body this big is not a small JSON answer
+                    self.data.clear()
+            return
+        if self.data:
+            self.data += chunk
+            chunk = bytes(self.data)
+            self.data.clear()
+        end = chunk.rfind(b"\n\n")
+        if end < 0:
+            self._pending(chunk)
+            return
+        complete, rest = chunk[:end], chunk[end + 2 :]
+        if b'"timings"' in complete or b'"usage"' in complete:
+            for event in reversed(complete.split(b"\n\n")):
+                if b'"timings"' in event or b'"usage"' in event:
+                    self.event = event
+                    break
+        if rest:
+            self._pending(rest)
+
+    def _pending(self, part: bytes) -> None:
+        """Keep the unfinished event; one larger than :data:`LIMIT` is not a usage
+        report anyone needs, so its start is dropped (it can't parse as one)."""
+        self.data += part
         if len(self.data) > self.LIMIT:
-            if not self.is_sse:
-                self.overflow = True  # a body this big is not a small JSON answer
             del self.data[: len(self.data) - self.LIMIT]
 
     def _final_payload(self) -> dict[str, Any] | None:
@@ -136,14 +172,20 @@ class ResponseTail:
             return None
         payload: Any = None
         if self.is_sse:
-            for event in reversed(bytes(self.data).split(b"\n\n")):
-                line = event.strip()
-                if line.startswith(b"data: {") and (b'"timings"' in line or b'"usage"' in line):
-                    try:
-                        payload = json.loads(line[6:])
-                    except ValueError:
-                        return None
-                    break
+            event = self.event
+            if self.data.strip():  # a last event with no blank line after it
+                last = bytes(self.data)
+                if b'"timings"' in last or b'"usage"' in last:
+                    event = last
+            if event is None:
+                return None
+            line = event.strip()
+            if not line.startswith(b"data: {"):
+                return None
+            try:
+                payload = json.loads(line[6:])
+            except ValueError:
+                return None
         else:
             try:
                 payload = json.loads(bytes(self.data))
@@ -199,7 +241,7 @@ class IdleWatch:
     a slow client does not count, as with a timeout around the read alone.
     """
 
-    __slots__ = ("loop", "idle", "reader", "reading_since", "handle")
+    __slots__ = ("handle", "idle", "loop", "reader", "reading_since")
 
     def __init__(self, idle: float, reader: aiohttp.StreamReader) -> None:
         self.loop = asyncio.get_running_loop()
@@ -229,7 +271,7 @@ class IdleWatch:
 
 #: what makes a logfmt value need quoting: nothing, or anything beyond printable ASCII
 #: other than a space, quote, ``=`` or backslash
-_PLAIN_VALUE = re.compile(r'[!#-<>-\[\]-~]+')
+_PLAIN_VALUE = re.compile(r"[!#-<>-\[\]-~]+")
 
 
 def logfmt(fields: list[tuple[str, object]]) -> str:
