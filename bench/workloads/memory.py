@@ -1,12 +1,14 @@
 """Workload "memory": corral's resident memory with 1,000 concurrent streams.
 
 The issue's target: the balancer's RSS stays under 100 MB with 1,000 concurrent
-streams. A real llama-server on this machine cannot hold 1,000 streams, so ``corral
-serve`` runs in front of corral's fake llama-server (``corral.testing.fake_llama_server``)
-as its binary, with ``--parallel 1000`` (1,000 slots), 200 tokens per completion and
-50 ms per token: each stream stays open about 10 s. The fake is the corral process's
-child; only the corral process itself is measured (psutil RSS of its pid, children
-excluded).
+streams. A real llama-server on this machine cannot hold 1,000 streams, so corral runs
+in front of corral's fake llama-server (``corral.testing.fake_llama_server``) with
+``--parallel 1000`` (1,000 slots), 200 tokens per completion and 50 ms per token: each
+stream stays open about 10 s. Two set-ups, one after the other: ``corral balancer``
+with a ``corral agent`` and the fake in their own processes (what the target names),
+and ``corral serve`` with the fake as its llama-server binary (everything in one
+process, the catalog's gguf/numpy included). Only the balancer's or serve's own
+process is measured (psutil RSS of its pid, children excluded).
 
 Phases: idle after start (and a few warm-up requests), peak while 1,000 streaming chat
 completions are open (started over a ramp, RSS sampled every 0.2 s, the maximum
@@ -28,6 +30,7 @@ import stat
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import psutil
@@ -144,10 +147,10 @@ async def _stream(
             counter.open -= 1
 
 
-async def measure(ctx: BenchContext, out: Outcome) -> None:
-    out.nofile_before, out.nofile = raise_nofile()
-    work = ctx.run_dir / "memory"
-    work.mkdir(parents=True, exist_ok=True)
+async def _start_serve(
+    ctx: BenchContext, work: Path, procs: list[ManagedProcess]
+) -> tuple[str, int]:
+    """``corral serve`` with the fake as its llama-server; (inference URL, corral's pid)."""
     fake = write_fake(work / "fake-llama-server")
     inference, management = free_port(), free_port()
     token = secrets.token_urlsafe(24)
@@ -169,12 +172,90 @@ async def measure(ctx: BenchContext, out: Outcome) -> None:
     ]
     proc = ManagedProcess("corral-memory", args, ctx.log_path("corral-memory"))
     proc.env = {**os.environ, **serve_env(ctx, token)}
-    proc.start()
+    procs.append(proc.start())
+    base = f"http://127.0.0.1:{inference}"
+    await wait_healthy(f"{base}/health", what="corral /health 200", proc=proc, within=60)
+    await Corral()._instance_url(management, token, proc)
+    return base, proc.pid
+
+
+async def _start_balancer(
+    ctx: BenchContext, work: Path, procs: list[ManagedProcess]
+) -> tuple[str, int]:
+    """``corral balancer`` with one ``corral agent`` watching the fake, each its own
+    process; (inference URL, the balancer's pid)."""
+    fake_port, inference, management = free_port(), free_port(), free_port()
+    fake = ManagedProcess(
+        "memory-fake",
+        [
+            sys.executable,
+            "-m",
+            "corral.testing.fake_llama_server",
+            "--port",
+            str(fake_port),
+            "--alias",
+            ctx.model_name,
+            *LLAMA_ARGS,
+            *FAKE_ARGS,
+        ],
+        ctx.log_path("memory-fake"),
+    )
+    procs.append(fake.start())
+    env = {
+        "CORRAL_MANAGEMENT_TOKEN": secrets.token_urlsafe(24),
+        "CORRAL_CLUSTER_TOKEN": secrets.token_urlsafe(24),
+        "CORRAL_STATE_DIR": str(work / "balancer-state"),
+    }
+    balancer = ManagedProcess(
+        "memory-balancer",
+        [
+            *corral_command(),
+            "balancer",
+            "--inference-addr",
+            f"127.0.0.1:{inference}",
+            "--management-addr",
+            f"127.0.0.1:{management}",
+            "--max-buffered-requests",
+            str(MAX_BUFFERED),
+        ],
+        ctx.log_path("memory-balancer"),
+        env=env,
+    )
+    procs.append(balancer.start())
+    agent = ManagedProcess(
+        "memory-agent",
+        [
+            *corral_command(),
+            "agent",
+            "--local-llama-server",
+            f"http://127.0.0.1:{fake_port}",
+            "--balancer",
+            f"127.0.0.1:{management}",
+        ],
+        ctx.log_path("memory-agent"),
+        env=env,
+    )
+    procs.append(agent.start())
+    base = f"http://127.0.0.1:{inference}"
+    await wait_healthy(f"{base}/health", what="balancer /health 200", proc=balancer, within=60)
+    return base, balancer.pid
+
+
+SETUPS = {"balancer": _start_balancer, "serve": _start_serve}
+LABELS = {
+    "balancer": "`corral balancer`, with its agent and llama-server in their own processes",
+    "serve": "`corral serve`, balancer, host and supervisor in one process",
+}
+
+
+async def measure(ctx: BenchContext, out: Outcome, setup: str) -> None:
+    out.nofile_before, out.nofile = raise_nofile()
+    work = ctx.run_dir / f"memory-{setup}"
+    work.mkdir(parents=True, exist_ok=True)
+    procs: list[ManagedProcess] = []
     try:
-        base = f"http://127.0.0.1:{inference}"
-        await wait_healthy(f"{base}/health", what="corral /health 200", proc=proc, within=60)
-        await Corral()._instance_url(management, token, proc)
-        me = psutil.Process(proc.pid)
+        base, pid = await SETUPS[setup](ctx, work, procs)
+        me = psutil.Process(pid)
         url = f"{base}/v1/chat/completions"
         body = chat_request(ctx.model_name, stream=True, max_tokens=TOKENS).body
         connector = aiohttp.TCPConnector(limit=0, force_close=True)
@@ -233,79 +314,113 @@ async def measure(ctx: BenchContext, out: Outcome) -> None:
             out.max_open,
         )
     finally:
-        proc.stop()
+        for proc in reversed(procs):
+            proc.stop()
 
 
 async def run(ctx: BenchContext) -> Section:
-    out = Outcome()
+    outcomes: dict[str, Outcome] = {}
+    failures: dict[str, str] = {}
     missing: dict[str, str] = {}
-    failure = ""
-    try:
-        await measure(ctx, out)
-    except (StartupError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-        log.error("memory workload failed: %s", exc)
-        failure = str(exc)
-        missing["corral serve"] = f"could not be measured: {exc}"
-    return Section(TITLE, render(out, failure), [], missing)
+    for setup in SETUPS:
+        out = Outcome()
+        try:
+            await measure(ctx, out, setup)
+            outcomes[setup] = out
+        except (StartupError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.error("memory workload (%s) failed: %s", setup, exc)
+            failures[setup] = str(exc)
+            missing[f"corral {setup}"] = f"could not be measured: {exc}"
+    return Section(TITLE, render(outcomes, failures), [], missing)
 
 
 def _mb(n: int) -> str:
     return f"{n / MB:.1f}" if n else "-"
 
 
-def render(out: Outcome, failure: str = "") -> str:
-    fake_cmd = f'python -m corral.testing.fake_llama_server "$@" {shlex.join(FAKE_ARGS)}'
+def render(outcomes: dict[str, Outcome], failures: dict[str, str] | None = None) -> str:
+    failures = failures or {}
+    fake_cmd = f"python -m corral.testing.fake_llama_server {shlex.join(FAKE_ARGS)}"
     parts = [
-        f"`corral serve --model tiny.gguf --llama-server FAKE --max-buffered-requests "
-        f"{MAX_BUFFERED} -- {shlex.join(LLAMA_ARGS)}`, where FAKE is an executable that "
-        f"runs corral's fake llama-server: `{fake_cmd}` (so 1,000 slots, "
-        f"{TOKENS} tokens per completion at {TOKEN_DELAY * 1000:.0f} ms each). "
+        "Two ways to run corral in front of corral's fake llama-server with "
+        f"`{shlex.join(LLAMA_ARGS)}` (1,000 slots) and `{shlex.join(FAKE_ARGS)}` "
+        f"({TOKENS} tokens per completion at {TOKEN_DELAY * 1000:.0f} ms each):",
+        "",
+        f"- **balancer**: `corral balancer --max-buffered-requests {MAX_BUFFERED}`, one "
+        f"`corral agent` beside the fake (`{fake_cmd} --port P --alias tiny "
+        f"{shlex.join(LLAMA_ARGS)}`), each its own process, as on a fleet of hosts;",
+        f"- **serve**: `corral serve --model tiny.gguf --llama-server FAKE "
+        f"--max-buffered-requests {MAX_BUFFERED} -- {shlex.join(LLAMA_ARGS)}`, where FAKE "
+        "is an executable running the fake with those delays: balancer, agent, "
+        "supervisor and the model catalog (which reads GGUF metadata with `gguf`, and "
+        "so loads numpy) in one process.",
+        "",
         f"{STREAMS:,} streaming chat completions (`max_tokens: {TOKENS}`) are started over "
         f"{RAMP:g} s from one aiohttp session (`TCPConnector(limit=0)`, one connection per "
         "stream) and each is read to `data: [DONE]`. RSS is the corral process's own "
-        "(psutil `memory_info().rss` of its pid; its llama-server child is not counted): "
-        f"idle {SETTLE:g} s after {WARMUP} concurrent warm-up streams, the maximum of "
-        f"samples taken every {SAMPLE_EVERY:g} s while the streams run, and {SETTLE:g} s "
-        "after the last one finished. 1 MB = 2^20 bytes.",
+        "(psutil `memory_info().rss` of the balancer's or serve's pid; the fake and the "
+        f"agent are not counted): idle {SETTLE:g} s after {WARMUP} concurrent warm-up "
+        f"streams, the maximum of samples taken every {SAMPLE_EVERY:g} s while the "
+        f"streams run, and {SETTLE:g} s after the last one finished. 1 MB = 2^20 bytes.",
         "",
     ]
-    if failure:
-        parts += [f"Not measured: {failure}", ""]
+    for setup, failure in failures.items():
+        parts += [f"Not measured ({setup}): {failure}", ""]
+    setups = [s for s in SETUPS if s in outcomes]
+    if not setups:
         return "\n".join(parts).rstrip() + "\n"
-    errors = ", ".join(f"{k} {n}" for k, n in out.errors.items()) or "0"
     rows = [
-        ["idle (after start)", _mb(out.idle)],
-        [f"peak under {STREAMS:,} streams", _mb(out.peak)],
-        ["after the streams finished", _mb(out.after)],
+        ["idle (after start)", *(_mb(outcomes[s].idle) for s in setups)],
+        [f"peak under {STREAMS:,} streams", *(_mb(outcomes[s].peak) for s in setups)],
+        ["after the streams finished", *(_mb(outcomes[s].after) for s in setups)],
     ]
-    parts += [md_table(["corral process", "RSS (MB)"], rows), ""]
+    parts += [md_table(["RSS (MB)", *(f"corral {s}" for s in setups)], rows), ""]
+    stream_rows = []
+    for setup in setups:
+        out = outcomes[setup]
+        errors = ", ".join(f"{k} {n}" for k, n in out.errors.items()) or "0"
+        stream_rows.append(
+            [
+                f"corral {setup}",
+                f"{STREAMS:,}",
+                str(out.ok),
+                errors,
+                str(out.max_open),
+                str(out.peak_open),
+                f"{out.wall:.1f}",
+            ]
+        )
     parts += [
         md_table(
-            ["streams", "completed OK", "errors", "most open at once", "open at peak", "wall (s)"],
             [
-                [
-                    f"{STREAMS:,}",
-                    str(out.ok),
-                    errors,
-                    str(out.max_open),
-                    str(out.peak_open),
-                    f"{out.wall:.1f}",
-                ]
+                "setup",
+                "streams",
+                "completed OK",
+                "errors",
+                "most open at once",
+                "open at peak",
+                "wall (s)",
             ],
+            stream_rows,
         ),
         "",
-    ]
-    met = out.peak < TARGET_MB * MB and out.max_open >= STREAMS and out.ok == STREAMS
-    verdict = "met" if met else "**not met**"
-    parts += [
         "### Target",
         "",
-        f"- RSS < {TARGET_MB:.0f} MB with {STREAMS:,} concurrent streams: {verdict} "
-        f"(peak {_mb(out.peak)} MB, {out.max_open:,} streams open at once at most).",
-        "",
     ]
-    soft0, hard0 = out.nofile_before
-    soft = out.nofile[0]
+    for setup in setups:
+        out = outcomes[setup]
+        met = out.peak < TARGET_MB * MB and out.max_open >= STREAMS and out.ok == STREAMS
+        verdict = "met" if met else "**not met**"
+        subject = "what the target names" if setup == "balancer" else "stricter than asked"
+        parts.append(
+            f"- {LABELS[setup]} ({subject}): RSS < {TARGET_MB:.0f} MB with {STREAMS:,} "
+            f"concurrent streams: {verdict} (peak {_mb(out.peak)} MB, {out.max_open:,} "
+            "streams open at once at most)."
+        )
+    parts.append("")
+    first = outcomes[setups[0]]
+    soft0, hard0 = first.nofile_before
+    soft = first.nofile[0]
     parts += [
         f"Descriptor limit (`RLIMIT_NOFILE`) of the bench, inherited by corral: soft {soft0} "
         f"(hard {hard0}) before, {soft} during the run. corral needs about two descriptors "
@@ -313,10 +428,12 @@ def render(out: Outcome, failure: str = "") -> str:
         "hold 1,000 streams.",
         "",
     ]
-    if out.children_rss:
+    serve = outcomes.get("serve")
+    if serve is not None and serve.children_rss:
         parts += [
-            f"For scale: corral's children (the fake llama-server) used "
-            f"{_mb(out.children_rss)} MB at the end of the run; not part of the figures above.",
+            f"For scale: `corral serve`'s child (the fake llama-server) used "
+            f"{_mb(serve.children_rss)} MB at the end of its run; not part of the figures "
+            "above.",
             "",
         ]
     return "\n".join(parts).rstrip() + "\n"
