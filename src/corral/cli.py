@@ -269,6 +269,7 @@ def _balancer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "management_token_file": args.management_token_file,
         "cluster_token_file": args.cluster_token_file,
         "expose_slots": True if args.expose_slots else None,
+        "loading_notices": args.loading_notices,
         "statsd_addr": args.statsd_addr,
         "statsd_prefix": args.statsd_prefix,
         "log_dir": getattr(args, "log_dir", None),
@@ -334,6 +335,13 @@ def _add_balancer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-token-file", type=Path, default=None)
     parser.add_argument(
         "--expose-slots", action="store_true", help="serve the fleet's slots at GET /slots"
+    )
+    parser.add_argument(
+        "--loading-notices",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="streaming chat requests that wait for their model get reasoning_content "
+        "notices (loading X, unloading Y, ready) before its answer (off)",
     )
     parser.add_argument(
         "--statsd-addr", default=None, help="HOST:PORT to push StatsD gauges to every second"
