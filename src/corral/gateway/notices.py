@@ -12,7 +12,8 @@ llama-server's own reasoning models send it) saying what is happening::
     corral: starting beta…
     corral: beta ready after 3.1 s
 
-then relays the model's own stream (its events only: the headers are gone already).
+then relays the model's own stream (its events only: the head went out already, with
+``X-Request-Id`` but without ``X-Corral-Instance``, unknown at that point).
 Once the headers are sent an error can no longer be a status code: a load failure,
 a buffer timeout or an upstream that fails before answering ends the stream with one
 OpenAI-shaped error event (``data: {"error": {...}}``, as corral ends any stream that
