@@ -10,6 +10,7 @@ corral's models in its selector and streams a chat reply from the model picked.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -134,8 +135,11 @@ async def test_webui_lists_corrals_models_and_streams_a_reply_from_the_one_picke
     await expect(reply.get_by_role("button", name="Regenerate")).to_be_visible(
         timeout=UI_TIMEOUT_MS
     )
-    text = await reply.get_by_role("paragraph").all_inner_texts()
-    assert "".join(text).strip(), "the assistant reply is empty"
+    # the text may render a moment after the actions show (a short reply's markdown
+    # block settles last): wait for it rather than read it once
+    await expect(reply.get_by_role("paragraph").first).to_have_text(
+        re.compile(r"\S"), timeout=UI_TIMEOUT_MS
+    )
     await expect(reply.get_by_role("button", name="beta", exact=True)).to_be_visible()
     assert any('"model":"beta"' in body for body in chats), chats
     await page.screenshot(path=str(output_dir / "webui.png"), full_page=True)
