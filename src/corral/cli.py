@@ -490,7 +490,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from corral.control.tokens import TokenError
     from corral.serve import LocalServe, ServeOptions, build_catalog
-    from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
+    from corral.supervisor.binary import (
+        LlamaServerNotFound,
+        cached_binary,
+        find_llama_server,
+        ui_beside,
+    )
 
     overrides = _balancer_overrides(args)
     overrides["max_instances"] = args.max_instances
@@ -563,6 +568,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"(management http://{addresses.management}, "
             f"dashboard http://{addresses.management}/dashboard)\n"
         )
+        if binary is not None and ui_beside(binary) is not None:
+            sys.stderr.write(f"llama-server's web UI: http://{addresses.inference}/\n")
+        elif binary is not None and binary == cached_binary():
+            sys.stderr.write(
+                "llama-server's web UI is not built: `corral llama-server install` builds "
+                "it when npm is there\n"
+            )
         await stop.wait()
         await local.stop()
         return 0

@@ -111,6 +111,7 @@ def test_llama_server_path_command_prints_the_binary(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(env_bin)
     assert "environment" in result.stderr
+    assert "web UI: none beside it" in result.stderr
 
 
 def test_llama_server_path_command_fails_clearly_when_missing(tmp_path: Path) -> None:
