@@ -20,7 +20,17 @@ def test_ordinary_llama_server_arguments_pass() -> None:
 
 @pytest.mark.parametrize(
     "flag",
-    ["--host", "--port", "--model", "-m", "--api-key", "--slot-save-path", "--lora", "-hf"],
+    [
+        "--host",
+        "--port",
+        "--model",
+        "-m",
+        "--api-key",
+        "--slot-save-path",
+        "--lora",
+        "-hf",
+        "--path",
+    ],
 )
 def test_address_model_secret_and_file_flags_are_refused_with_a_reason(flag: str) -> None:
     with pytest.raises(FlagError) as caught:
