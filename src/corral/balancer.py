@@ -72,6 +72,7 @@ class Balancer:
                 idle_timeout=settings.upstream_idle_timeout,
                 cors_origins=tuple(settings.cors_origins),
                 expose_slots=settings.expose_slots,
+                loading_notices=settings.loading_notices,
             ),
         )
         self.management = Management(

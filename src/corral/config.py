@@ -127,6 +127,11 @@ class ModelConfig(BaseModel):
         ge=1,
         description="With cmd: requests it takes at once (it has no /slots to ask).",
     )
+    loading_notices: bool | None = Field(
+        default=None,
+        description="Loading notices for this model's waiting streaming chat requests "
+        "(unset: the global loading_notices).",
+    )
 
     @field_validator("cmd", mode="before")
     @classmethod
@@ -232,6 +237,12 @@ class Settings(BaseModel):
     )
     expose_slots: bool = Field(
         default=False, description="Serve the fleet's slots at GET /slots on the inference API."
+    )
+    loading_notices: bool = Field(
+        default=False,
+        description="A streaming chat request that waits for its model to load gets "
+        "reasoning_content deltas saying what happens (loading X, unloading Y, ready) before "
+        "the answer; models.*.loading_notices and the X-Corral-Loading-Notices header win.",
     )
     shutdown_timeout: float = Field(
         default=30.0, gt=0, description="Seconds in-flight requests may take to finish on exit."

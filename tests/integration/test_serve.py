@@ -223,3 +223,20 @@ async def test_restart_of_an_unknown_instance_is_404(
     ) as response:
         assert response.status == 404
         assert (await response.json())["error"]["type"] == "not_found_error"
+
+
+async def test_serve_says_where_the_web_ui_is_and_serves_it_when_llama_server_has_one(
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    cleanup: list[Serve],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("LLAMA_ARG_STATIC_PATH", raising=False)
+    ui = tmp_path / "ui"  # beside the fake llama-server, where `llama-server install` puts it
+    ui.mkdir()
+    (ui / "index.html").write_text("<!doctype html><title>the web UI</title>")
+    serve = await ready_serve(tmp_path, http, cleanup)
+    assert f"llama-server's web UI: {serve.base}/" in serve.log()
+    async with http.get(serve.base + "/") as response:
+        assert response.status == 200
+        assert "<title>the web UI</title>" in await response.text()

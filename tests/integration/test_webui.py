@@ -176,3 +176,50 @@ async def test_one_model_keeps_model_mode_props(
             props = await response.json()
         assert props.get("role") != "router"
         assert props["default_generation_settings"]["n_ctx"] > 0
+
+
+# -- the built web UI beside llama-server ------------------------------------------------
+
+
+def built_ui(folder: Path, title: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "index.html").write_text(f"<!doctype html><title>{title}</title>")
+    return folder
+
+
+async def test_serve_gives_llama_server_the_web_ui_built_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LLAMA_ARG_STATIC_PATH", raising=False)
+    ui = built_ui(tmp_path / "ui", "built UI")  # beside the fake binary, tmp_path/llama-server
+    async with serving(tmp_path, monkeypatch, {"alpha": {}}) as (local, base, http):
+        async with http.get(base + "/") as response:
+            assert response.status == 200
+            assert "<title>built UI</title>" in await response.text()
+        assert local.host is not None
+        args = local.host.running["alpha"].managed.supervisor.args
+        assert args[args.index("--path") + 1] == str(ui)
+
+
+async def test_serve_leaves_the_static_path_alone_when_the_user_set_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LLAMA_ARG_STATIC_PATH", raising=False)
+    built_ui(tmp_path / "ui", "built UI")
+    mine = built_ui(tmp_path / "mine", "my UI")
+    models = {
+        "by-flag": {"args": ["--path", str(mine)]},
+        "by-env": {"env": {"LLAMA_ARG_STATIC_PATH": str(mine)}},
+        "off": {"args": ["--no-webui"]},
+    }
+    async with serving(tmp_path, monkeypatch, models) as (local, base, http):
+        for model in ("by-flag", "by-env"):
+            async with http.get(base + "/", headers={"X-Model-Id": model}) as response:
+                assert response.status == 200
+                assert "<title>my UI</title>" in await response.text()
+        async with http.get(base + "/", headers={"X-Model-Id": "off"}) as response:
+            assert response.status == 404
+        assert local.host is not None
+        for model in models:
+            args = local.host.running[model].managed.supervisor.args
+            assert args.count("--path") == (1 if model == "by-flag" else 0), (model, args)

@@ -116,3 +116,38 @@ def test_two_models_swap_under_concurrent_load_with_no_failed_request(
             break
         time.sleep(0.05)
     assert states == ["loaded", "unloaded"]  # max_instances 1
+
+
+def test_a_swap_under_the_real_llama_server_streams_loading_notices_then_tokens(
+    swapping: tuple[str, str, Path],
+) -> None:
+    base, management, _ = swapping
+    states = {model: row["state"] for model, row in _models(management).items()}
+    loaded = next((m for m, s in states.items() if s == "loaded"), None)
+    if loaded is None:  # nothing up yet: load one, so that asking for the other swaps
+        OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0).chat.completions.create(
+            model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        loaded = "alpha"
+    other = "beta" if loaded == "alpha" else "alpha"
+    client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model=other,
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=8,
+        stream=True,
+        extra_headers={"X-Corral-Loading-Notices": "1"},
+    )
+    reasoning, content = "", ""
+    for part in stream:
+        if not part.choices:
+            continue
+        extra = part.choices[0].delta.model_extra or {}
+        if extra.get("reasoning_content"):
+            assert not content, "a notice came after the model's first token"
+            reasoning += extra["reasoning_content"]
+        content += part.choices[0].delta.content or ""
+    assert reasoning.startswith(f"corral: loading model {other}…\n"), reasoning
+    assert f"corral: unloading {loaded} to make room for {other}…\n" in reasoning
+    assert f"corral: {other} ready after " in reasoning
+    assert content, "the real model's tokens followed the notices"

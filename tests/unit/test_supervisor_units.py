@@ -9,7 +9,7 @@ import pytest
 
 from corral.supervisor import process
 from corral.supervisor.flags import DENIED, FlagError, check_llama_args
-from corral.supervisor.managed import check_reserved
+from corral.supervisor.managed import check_reserved, static_path_args
 from corral.supervisor.process import LogRing
 
 
@@ -20,7 +20,17 @@ def test_ordinary_llama_server_arguments_pass() -> None:
 
 @pytest.mark.parametrize(
     "flag",
-    ["--host", "--port", "--model", "-m", "--api-key", "--slot-save-path", "--lora", "-hf"],
+    [
+        "--host",
+        "--port",
+        "--model",
+        "-m",
+        "--api-key",
+        "--slot-save-path",
+        "--lora",
+        "-hf",
+        "--path",
+    ],
 )
 def test_address_model_secret_and_file_flags_are_refused_with_a_reason(flag: str) -> None:
     with pytest.raises(FlagError) as caught:
@@ -103,3 +113,20 @@ def test_port_lease_fails_clearly_when_the_range_is_exhausted(tmp_path: Path) ->
     with pytest.raises(RuntimeError, match=f"no free port in {port}-{port}"):
         process.lease_port(ports, tmp_path)
     held.release()
+
+
+def test_static_path_is_the_ui_beside_the_binary_unless_the_user_chose_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LLAMA_ARG_STATIC_PATH", raising=False)
+    binary = tmp_path / "llama-server"
+    assert static_path_args(binary, []) == []  # no UI built
+    (tmp_path / "ui").mkdir()
+    (tmp_path / "ui" / "index.html").write_text("<html></html>")
+    assert static_path_args(binary, ["-c", "4096"]) == ["--path", str(tmp_path / "ui")]
+    assert static_path_args(binary, ["--path", "/srv/ui"]) == []
+    assert static_path_args(binary, ["--path=/srv/ui"]) == []
+    assert static_path_args(binary, ["--no-webui"]) == []
+    assert static_path_args(binary, [], {"LLAMA_ARG_STATIC_PATH": "/srv/ui"}) == []
+    monkeypatch.setenv("LLAMA_ARG_STATIC_PATH", "/srv/ui")  # corral's own environment
+    assert static_path_args(binary, []) == []

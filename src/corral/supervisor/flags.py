@@ -16,7 +16,7 @@ from collections.abc import Sequence
 #: flag -> why corral refuses it
 DENIED: dict[str, str] = {}
 for _names, _why in (
-    (("--host", "--port", "--path", "--reuse-port"), "corral sets the listening address"),
+    (("--host", "--port", "--reuse-port"), "corral sets the listening address"),
     (
         ("-m", "--model", "-a", "--alias", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo",
          "-hff", "--hf-file", "-dr", "--docker-repo", "--models-dir", "--models-preset"),
@@ -30,7 +30,7 @@ for _names, _why in (
     (
         ("--slot-save-path", "--log-file", "--lora", "--lora-scaled", "--control-vector",
          "--control-vector-scaled", "-md", "--model-draft", "--mmproj", "--mmproj-url",
-         "--media-path"),
+         "--media-path", "--path"),
         "it reads or writes files chosen by the caller",
     ),
 ):  # fmt: skip

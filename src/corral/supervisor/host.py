@@ -152,14 +152,16 @@ class ModelHost:
             self._wake.set()
         return True
 
+    def model_config(self, key: str) -> ModelConfig | None:
+        """The config of the model ``key`` names (a pool name, flags and all)."""
+        spec = self._spec(key)
+        return self._config(spec[0]) if spec is not None else None
+
     def command_config(self, key: str) -> ModelConfig | None:
         """The config of the model ``key`` names when a command template starts it
         (not llama-server), else None."""
-        spec = self._spec(key)
-        if spec is None:
-            return None
-        config = self._config(spec[0])
-        return config if config.cmd is not None else None
+        config = self.model_config(key)
+        return config if config is not None and config.cmd is not None else None
 
     # -- operator actions -------------------------------------------------------------
 

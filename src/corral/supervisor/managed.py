@@ -9,6 +9,12 @@ With ``command`` set the process is not llama-server but a model's command templ
 (:mod:`corral.supervisor.template`), filled in again at every start (a moved port
 included); the same supervisor runs it, and its agent watches it as a ``generic``
 server: ``health_path`` for readiness, ``slots`` as its slot count.
+
+A llama-server binary with a built web UI beside it (``ui/index.html``, where
+``corral llama-server install`` puts it for corral's own build, which has no UI
+compiled in) gets ``--path`` to that folder, so the page at ``/`` works, unless the
+user chose the static path (``--path`` in the arguments, ``LLAMA_ARG_STATIC_PATH`` in
+the environment) or turned the UI off (``--no-webui``).
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from corral.control.agent import Agent, AgentOptions
 from corral.control.tokens import state_dir
+from corral.supervisor.binary import ui_beside
 from corral.supervisor.flags import FlagError, check_llama_args
 from corral.supervisor.instance import SupervisedInstance, SupervisorOptions
 from corral.supervisor.process import PortLease, lease_port
@@ -40,6 +49,25 @@ def check_reserved(llama_args: list[str]) -> None:
         raise ValueError(
             f"corral sets {', '.join(reserved)} itself; remove them from the llama-server arguments"
         )
+
+
+def static_path_args(
+    binary: Path, llama_args: Sequence[str], env: Mapping[str, str] | None = None
+) -> list[str]:
+    """``["--path", UI]`` when ``binary`` has a built web UI beside it and the user did
+    not choose a static path or turn the UI off (see the module doc); else ``[]``.
+
+    ``env`` is the server's extra environment; corral's own is inherited too. Both are
+    checked because llama-server lets a flag win over its ``LLAMA_ARG_*`` variable.
+    """
+    ui = ui_beside(binary)
+    if ui is None:
+        return []
+    if any(a.split("=", 1)[0] in ("--path", "--no-webui") for a in llama_args):
+        return []
+    if "LLAMA_ARG_STATIC_PATH" in {**os.environ, **(env or {})}:
+        return []
+    return ["--path", str(ui)]
 
 
 @dataclass
@@ -145,6 +173,7 @@ class ManagedInstance:
             "--host", "127.0.0.1",
             "--port", str(self.options.port),
             *self.llama_args,
+            *static_path_args(self.options.binary, self.llama_args, self.options.env),
         ]  # fmt: skip
 
     async def start(self) -> None:

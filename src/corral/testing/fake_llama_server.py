@@ -55,6 +55,9 @@ refuse             process: the listening socket is closed, so connections are r
 ignore-sigterm     process: SIGTERM is ignored (SIG_IGN), only SIGKILL stops it
 =================  ====================================================================
 
+Static files: ``--path DIR`` (or ``LLAMA_ARG_STATIC_PATH``, as llama-server reads it)
+serves ``DIR/index.html`` at ``/``, the way llama-server serves its web UI from there.
+
 ``GET /_fake/state`` returns counters (requests served, in flight, max in flight, ...).
 ``/_fake/*`` needs no API key and answers while loading.
 """
@@ -289,6 +292,8 @@ class FakeOptions:
     ``--embeddings``."""
     close_after_stream: bool = True
     """Close the connection after a streamed response, as llama-server does."""
+    static_path: str | None = None
+    """``--path``: a folder whose ``index.html`` is served at ``/`` (the web UI)."""
     own_process: bool = False
     """Set by :func:`main`: allows faults that act on the process (exit, signals,
     the listening socket). In-process they fall back to acting on the connection."""
@@ -951,6 +956,13 @@ class _Routes:
     async def props(self, request: web.Request) -> web.Response:
         return _json_response(self.server.props())
 
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        assert self.server.options.static_path is not None
+        page = Path(self.server.options.static_path) / "index.html"
+        if not page.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(page)
+
     async def post_props(self, request: web.Request) -> web.Response:
         raise _ApiError(
             501,
@@ -1523,6 +1535,8 @@ def build_app(options: FakeOptions) -> web.Application:
     for path in ("/health", "/v1/health"):
         r.add_get(path, routes.health)
     r.add_get("/props", routes.props)
+    if options.static_path is not None:
+        r.add_get("/", routes.index)
     r.add_post("/props", routes.post_props)
     r.add_get("/slots", routes.slots)
     r.add_get("/metrics", routes.metrics)
@@ -1574,6 +1588,11 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[FakeOptions, str, int]:
         action="store_true",
         help="keep connections open after a stream (llama-server closes them)",
     )
+    p.add_argument(
+        "--path",
+        default=os.environ.get("LLAMA_ARG_STATIC_PATH") or None,
+        help="serve DIR/index.html at / (llama-server's static files; env LLAMA_ARG_STATIC_PATH)",
+    )
     p.add_argument("--log-level", default="INFO")
     # real llama-server flags the fake has no use for (sampling, cache ...) are accepted
     # and ignored, so corral can pass what it passes to the real one
@@ -1606,6 +1625,7 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[FakeOptions, str, int]:
         slots_endpoint=not a.no_slots,
         embeddings=not a.no_embeddings,
         close_after_stream=not a.keep_alive_after_stream,
+        static_path=a.path,
         own_process=True,
     )
     return options, a.host, a.port
