@@ -293,6 +293,13 @@ class Settings(BaseModel):
         description="Seconds an instance may take to finish its requests before an "
         "eviction or unload gives up (it never kills them).",
     )
+    swap_hold: float = Field(
+        default=2.0,
+        ge=0,
+        description="Seconds a busy model whose place another model wants keeps taking "
+        "new requests before it drains: alternating traffic then swaps in larger "
+        "batches. An idle one is evicted at once; 0: drain at once.",
+    )
     memory_check: bool = Field(
         default=True,
         description="Refuse or evict before loading a model whose estimated memory "

@@ -43,6 +43,7 @@ RELOADABLE = (
     "model_ttl",
     "max_instances",
     "drain_timeout",
+    "swap_hold",
     "memory_check",
 )
 

@@ -111,8 +111,10 @@ def pid_of(local: LocalServe, key: str) -> int | None:
     return child.pid if child else None
 
 
-async def complete(http: aiohttp.ClientSession, base: str, model: str) -> tuple[int, Any]:
-    async with http.post(base + "/v1/chat/completions", json=chat(model)) as response:
+async def complete(
+    http: aiohttp.ClientSession, base: str, model: str, **extra: Any
+) -> tuple[int, Any]:
+    async with http.post(base + "/v1/chat/completions", json={**chat(model), **extra}) as response:
         return response.status, await response.json()
 
 
@@ -182,6 +184,34 @@ async def test_alternating_models_are_served_in_batches_not_a_swap_per_request(
         assert [body["model"] for _, body in results] == order
         assert local.host is not None
         assert local.host.loads <= 3, f"{local.host.loads} loads for 16 alternating requests"
+
+
+@pytest.mark.parametrize(("hold", "loads"), [(5.0, 2), (0.0, 3)])
+async def test_a_busy_model_keeps_taking_requests_for_the_swap_hold_before_it_drains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hold: float, loads: int
+) -> None:
+    # a is busy (a long request) when b is asked for; a second request for a comes next.
+    # With a hold it joins a's running batch (a, b: two loads); without, a drains at once
+    # and the second request waits for a to come back after b (a, b, a: three loads).
+    args = ["-np", "4", "--token-delay", "0.05", "--tokens", "20"]
+    models = {"a": {"args": args}, "b": {"args": args}}
+    async with serving(tmp_path, monkeypatch, models, max_instances=1, swap_hold=hold) as (
+        local,
+        base,
+        http,
+    ):
+        assert (await complete(http, base, "a", max_tokens=1))[0] == 200
+        assert local.host is not None
+        long_a = asyncio.create_task(complete(http, base, "a", max_tokens=20))  # ~1 s
+        await wait_for(lambda: local.host is not None and local.host.loading is None, "a idle")
+        await asyncio.sleep(0.2)  # long_a is in flight
+        wants_b = asyncio.create_task(complete(http, base, "b", max_tokens=1))
+        await wait_for(lambda: local.host is not None and local.host.loading == "b", "b queued")
+        second_a = await complete(http, base, "a", max_tokens=1)
+        assert second_a[0] == 200
+        assert (await long_a)[0] == 200
+        assert (await wants_b)[0] == 200
+        assert local.host.loads == loads
 
 
 async def test_max_instances_evicts_the_least_recently_used_idle_model(

@@ -22,8 +22,9 @@ drains it (the balancer places nothing new on it; in-flight requests finish), bo
 by ``drain_timeout``. If it does not drain in time the eviction is called off, the
 instance serves again, and the load waits for its next chance; the waiting requests
 are bounded by their own buffer timeout. An alternating stream A, B, A, B therefore
-runs as batches: while A drains, B's requests wait; once B is up they all go at once,
-and A's requests that came meanwhile wait for the next swap.
+runs as batches: a busy A first keeps taking requests for up to ``swap_hold`` seconds
+(or until it is idle), then drains while B's requests wait; once B is up they all go
+at once, and A's requests that came meanwhile wait for the next swap.
 
 An idle TTL (``models.M.ttl``, else ``model_ttl``) unloads an instance that has had
 nothing in flight and nothing waiting for that long.
@@ -380,6 +381,12 @@ class ModelHost:
                 continue
             if not victims:
                 break
+            busy = [v for v in victims if self._in_flight(v) or self.scheduler.buffered(v.key)]
+            if busy and time.monotonic() - began < self.settings.swap_hold:
+                # let the running batch go on (it still takes new requests) until it is
+                # idle or the hold is over, so alternating traffic swaps in big batches
+                await self._wait_change(0.05)
+                continue
             for victim in victims:
                 evicted += await self._unload(victim, f"making room for {key}")
         self.last_error.pop(key, None)
