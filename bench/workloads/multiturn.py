@@ -12,7 +12,7 @@ no system inherits another's caches):
 - the model is the bench's tiny llama made wider (``n_embd 256``, 4 layers) so that
   prefill dominates: about 1,200 prompt tokens take several hundred ms to prefill on
   one thread, and a turn whose prefix is cached takes a few tens;
-- 32 conversations, each with its own long system prompt (600 words of the model's
+- 24 conversations, each with its own long system prompt (600 words of the model's
   vocabulary, about 1,200 tokens), 8 turns each; the user's next turn is sent after the
   previous answer arrived (with the answer in the history), and all conversations run
   at once with at most 4 requests in flight (two thirds of the fleet's 6 slots), then
@@ -70,7 +70,7 @@ ORDER = 30
 SERVERS = 3
 PARALLEL = 2
 CONTEXT = 8192
-CONVERSATIONS = 32
+CONVERSATIONS = 24
 TURNS = 8
 LOADS = (4, SERVERS * PARALLEL)  # requests in flight: two thirds of the slots, and all
 SYSTEM_WORDS = 600

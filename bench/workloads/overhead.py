@@ -45,8 +45,8 @@ BLOCK_PER_CLIENT = 25
 #: land so one side's traffic does not hold slots against the other. Same for all.
 SETTLE = 0.25
 WARMUP = 20
-COUNT_C1 = 400
-COUNT_C4 = 800
+COUNT_C1 = 300
+COUNT_C4 = 600
 TARGET_P50 = 0.001
 TARGET_P99 = 0.005
 LITELLM_FACTOR = 5.0
