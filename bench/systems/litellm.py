@@ -86,10 +86,11 @@ async def start_proxy(
     model_name: str,
     backends: list[str],
     spawn: Callable[[ManagedProcess], ManagedProcess],
+    routing_strategy: str = "simple-shuffle",
 ) -> tuple[str, dict[str, str]]:
     """Start the pinned LiteLLM proxy serving ``model_name`` from ``backends`` (llama-server
-    base URLs, one model group, ``simple-shuffle``) through ``spawn``; return its URL and
-    the headers a client sends, once it answers its liveness check."""
+    base URLs, one model group routed by ``routing_strategy``) through ``spawn``; return
+    its URL and the headers a client sends, once it answers its liveness check."""
     master_key = "sk-bench-" + secrets.token_hex(12)
     config = {
         "model_list": [
@@ -103,7 +104,7 @@ async def start_proxy(
             }
             for backend in backends
         ],
-        "router_settings": {"routing_strategy": "simple-shuffle"},
+        "router_settings": {"routing_strategy": routing_strategy},
         "general_settings": {"master_key": master_key},
         "litellm_settings": {"set_verbose": False},
     }

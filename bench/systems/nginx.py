@@ -11,6 +11,7 @@ Skipped, with a note, where nginx is not installed (CI doesn't run the bench).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.context import BenchContext, wait_healthy
@@ -32,7 +33,7 @@ http {{
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
     upstream llama {{
-        server {backend};
+{servers}
         keepalive 16;
     }}
     server {{
@@ -57,6 +58,38 @@ def nginx_binary() -> Path | None:
     return Path(found) if found else None
 
 
+def proxy_config(prefix: Path, backends: Sequence[str], port: int) -> str:
+    """:data:`CONFIG` for nginx listening on ``port``, files under ``prefix``, the
+    ``backends`` (base URLs) as one round-robin upstream."""
+    servers = "\n".join(f"        server {b.removeprefix('http://')};" for b in backends)
+    return CONFIG.format(dir=prefix, servers=servers, port=port)
+
+
+def nginx_args(prefix: Path, conf: Path) -> list[str]:
+    binary = nginx_binary()
+    assert binary is not None
+    return [str(binary), "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+
+
+async def start_proxy(
+    ctx: BenchContext,
+    name: str,
+    backends: Sequence[str],
+    spawn: Callable[[ManagedProcess], ManagedProcess],
+) -> str:
+    """Start nginx (:data:`CONFIG`, round robin over ``backends``) through ``spawn``,
+    files under the run's ``name/``; return its URL once it answers ``/health``."""
+    prefix = ctx.run_dir / name
+    prefix.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(proxy_config(prefix, backends, port), encoding="utf-8")
+    proc = spawn(ManagedProcess(name, nginx_args(prefix, conf), ctx.log_path(name)))
+    url = f"http://127.0.0.1:{port}"
+    await wait_healthy(f"{url}/health", what=f"{name} → llama-server /health", proc=proc)
+    return url
+
+
 class Nginx(System):
     name = "nginx"
     label = "nginx (plain proxy)"
@@ -67,21 +100,8 @@ class Nginx(System):
         return None
 
     async def start(self, ctx: BenchContext) -> Endpoint:
-        binary = nginx_binary()
-        assert binary is not None
         backend = await start_llama_server(self, ctx, "nginx-llama-server")
-        prefix = ctx.run_dir / "nginx"
-        prefix.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        conf = prefix / "nginx.conf"
-        conf.write_text(
-            CONFIG.format(dir=prefix, backend=backend.removeprefix("http://"), port=port),
-            encoding="utf-8",
-        )
-        args = [str(binary), "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
-        proc = self.spawn(ManagedProcess("nginx", args, ctx.log_path("nginx")))
-        url = f"http://127.0.0.1:{port}"
-        await wait_healthy(f"{url}/health", what="nginx → llama-server /health", proc=proc)
+        url = await start_proxy(ctx, "nginx", [backend], self.spawn)
         return Endpoint(url=url, backend_url=backend, model=ctx.model_name)
 
     def observations(self, ctx: BenchContext) -> list[str]:

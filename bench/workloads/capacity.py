@@ -66,8 +66,7 @@ from bench.systems.litellm import (
     installed_version,
     start_proxy,
 )
-from bench.systems.nginx import CONFIG as NGINX_PROXY_CONFIG
-from bench.systems.nginx import nginx_binary
+from bench.systems.nginx import nginx_args, nginx_binary, proxy_config
 from bench.workloads import Section
 
 log = logging.getLogger("bench.capacity")
@@ -265,12 +264,6 @@ http {{
 """
 
 
-def _nginx_args(prefix: Path, conf: Path) -> list[str]:
-    binary = nginx_binary()
-    assert binary is not None
-    return [str(binary), "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
-
-
 def _wrk_script(path: Path, stream: bool, headers: dict[str, str]) -> Path:
     body: dict[str, object] = {
         "model": MODEL,
@@ -435,9 +428,7 @@ async def _start_nginx(
     prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = prefix / "nginx.conf"
-    text = NGINX_PROXY_CONFIG.format(
-        dir=prefix, backend=upstream.removeprefix("http://"), port=port
-    )
+    text = proxy_config(prefix, [upstream], port)
     text = text.replace("access_log " + str(prefix / "access.log") + ";", "access_log off;")
     text = text.replace("keepalive 16;", "keepalive 1024;")
     text = text.replace("worker_connections 1024;", "worker_connections 8192;")
@@ -445,7 +436,7 @@ async def _start_nginx(
     proc = running.add(
         ManagedProcess(
             "capacity-nginx",
-            pinning.taskset(pinning.PROXY_CORE, _nginx_args(prefix, conf)),
+            pinning.taskset(pinning.PROXY_CORE, nginx_args(prefix, conf)),
             ctx.log_path("capacity-nginx"),
         ),
         measured=True,
@@ -545,7 +536,7 @@ async def _run(ctx: BenchContext) -> tuple[Outcome, Canned]:
     conf.write_text(_upstream_config(canned, upstream_dir, json_port, sse_port), encoding="utf-8")
     upstream = ManagedProcess(
         "capacity-upstream",
-        pinning.taskset(pinning.OTHER_CORE, _nginx_args(upstream_dir, conf)),
+        pinning.taskset(pinning.OTHER_CORE, nginx_args(upstream_dir, conf)),
         ctx.log_path("capacity-upstream"),
     ).start()
     try:

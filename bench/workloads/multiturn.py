@@ -44,20 +44,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
-
-from bench.context import BenchContext, StartupError, wait_healthy, wait_until
+from bench.context import BenchContext, StartupError
+from bench.fleet import (
+    Processes,
+    model_words,
+    server_counters,
+    start_corral,
+    start_llama_servers,
+    tiny_model,
+)
 from bench.loadgen import LoadGenerator, RequestResult, RequestSpec
-from bench.procs import ManagedProcess, free_port
 from bench.report import md_table
 from bench.stats import percentile
-from bench.systems.corral import corral_command
 from bench.systems.litellm import LITELLM_REQUIREMENT, ensure_installed, start_proxy
 from bench.workloads import Section
 
@@ -81,7 +83,7 @@ MODEL_NAME = "chat"
 REQUEST_LIMIT = 300.0
 
 POLICIES = ("prefix", "least_busy", "round_robin")
-METRIC = re.compile(r"^llamacpp:(prompt_tokens_total|tokens_predicted_total)\s+([0-9.e+]+)", re.M)
+PROMPT, PREDICTED = "prompt_tokens_total", "tokens_predicted_total"  # llama-server counters
 
 
 @dataclass
@@ -101,141 +103,7 @@ class Outcome:
 
 
 def _model(ctx: BenchContext) -> Path:
-    from corral.catalog.tiny import make_tiny_model
-
-    path = ctx.run_dir / "models" / f"{MODEL_NAME}.gguf"
-    if not path.is_file():
-        make_tiny_model(path, name=MODEL_NAME, seed=7, **MODEL_SHAPE)
-    return path
-
-
-def _vocabulary(model: Path) -> list[str]:
-    """Whole words of the tiny model's vocabulary (prompts made of them tokenize
-    predictably, about two tokens a word)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(model)
-    field_ = reader.fields["tokenizer.ggml.tokens"]
-    words = []
-    for index in field_.data:
-        token = bytes(field_.parts[index]).decode("utf-8", errors="replace")
-        word = token.lstrip("\u2581 ").strip()
-        if word.isalpha() and len(word) > 2:
-            words.append(word)
-    return sorted(set(words)) or ["hello", "world"]
-
-
-def _llama_server(ctx: BenchContext, model: Path, name: str, port: int) -> ManagedProcess:
-    args = [
-        str(ctx.llama_server),
-        "--model",
-        str(model),
-        "--alias",
-        MODEL_NAME,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--parallel",
-        str(PARALLEL),
-        "--ctx-size",
-        str(CONTEXT),
-        "--threads",
-        "1",
-        "--threads-batch",
-        "1",
-        "--metrics",
-    ]
-    return ManagedProcess(name, args, ctx.log_path(name))
-
-
-async def _metrics(url: str) -> tuple[float, float]:
-    """(prompt tokens processed, tokens predicted) so far, from llama-server /metrics."""
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
-        session.get(url + "/metrics") as response,
-    ):
-        text = await response.text()
-    found = {name: float(value) for name, value in METRIC.findall(text)}
-    return found.get("prompt_tokens_total", 0.0), found.get("tokens_predicted_total", 0.0)
-
-
-async def _start_corral(
-    ctx: BenchContext, policy: str, backends: list[str], procs: list[ManagedProcess]
-) -> tuple[str, dict[str, str]]:
-    inference, management = free_port(), free_port()
-    state = ctx.run_dir / f"multiturn-state-{policy}"
-    state.mkdir(parents=True, exist_ok=True)
-    env = {
-        "CORRAL_MANAGEMENT_TOKEN": secrets.token_urlsafe(24),
-        "CORRAL_CLUSTER_TOKEN": secrets.token_urlsafe(24),
-        "CORRAL_STATE_DIR": str(state),
-    }
-    name = f"multiturn-corral-{policy}"
-    balancer = ManagedProcess(
-        name,
-        [
-            *corral_command(),
-            "balancer",
-            "--policy",
-            policy,
-            "--inference-addr",
-            f"127.0.0.1:{inference}",
-            "--management-addr",
-            f"127.0.0.1:{management}",
-        ],
-        ctx.log_path(name),
-        env=env,
-    ).start()
-    procs.append(balancer)
-    for index, backend in enumerate(backends):
-        agent = f"{name}-agent{index}"
-        procs.append(
-            ManagedProcess(
-                agent,
-                [
-                    *corral_command(),
-                    "agent",
-                    "--local-llama-server",
-                    backend,
-                    "--balancer",
-                    f"127.0.0.1:{management}",
-                    "--name",
-                    f"server{index}",
-                ],
-                ctx.log_path(agent),
-                env=env,
-            ).start()
-        )
-    url = f"http://127.0.0.1:{inference}"
-    headers = {"Authorization": f"Bearer {env['CORRAL_MANAGEMENT_TOKEN']}"}
-
-    async def all_usable() -> bool:
-        timeout = aiohttp.ClientTimeout(total=5)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(
-                f"http://127.0.0.1:{management}/api/v1/instances", headers=headers
-            ) as response,
-        ):
-            body = await response.json()
-        return sum(1 for i in body.get("instances", []) if i.get("usable")) == SERVERS
-
-    await wait_until(all_usable, what="three usable instances", within=60, proc=balancer)
-    return url, {}
-
-
-async def _start_litellm(
-    ctx: BenchContext, backends: list[str], procs: list[ManagedProcess]
-) -> tuple[str, dict[str, str]]:
-    ensure_installed()
-
-    def spawn(proc: ManagedProcess) -> ManagedProcess:
-        procs.append(proc.start())
-        return proc
-
-    return await start_proxy(ctx, "multiturn-litellm", MODEL_NAME, backends, spawn)
+    return tiny_model(ctx, MODEL_NAME, seed=7, **MODEL_SHAPE)
 
 
 def _conversation_plan(vocabulary: list[str], count: int) -> list[tuple[str, list[str]]]:
@@ -296,32 +164,39 @@ async def _measure(
     plans: list[tuple[str, list[str]]],
     in_flight: int,
 ) -> Outcome:
-    procs: list[ManagedProcess] = []
+    processes = Processes()
     label = f"corral `{system}`" if system in POLICIES else "LiteLLM proxy (simple-shuffle)"
     outcome = Outcome(label)
     try:
-        backends = []
-        for index in range(SERVERS):
-            port = free_port()
-            proc = _llama_server(
-                ctx, model, f"multiturn-{system}-{in_flight}-llama{index}", port
-            ).start()
-            procs.append(proc)
-            backends.append(f"http://127.0.0.1:{port}")
-        for backend, proc in zip(backends, procs, strict=True):
-            await wait_healthy(f"{backend}/health", what=f"{proc.name} /health", proc=proc)
+        backends = await start_llama_servers(
+            ctx,
+            processes,
+            model,
+            MODEL_NAME,
+            f"multiturn-{system}-{in_flight}",
+            [PARALLEL] * SERVERS,
+            CONTEXT,
+        )
         if system in POLICIES:
-            url, headers = await _start_corral(ctx, system, backends, procs)
+            name = f"multiturn-corral-{system}"
+            url, headers = await start_corral(ctx, processes, name, system, backends)
         else:
-            url, headers = await _start_litellm(ctx, backends, procs)
-        before = [await _metrics(b) for b in backends]
+            ensure_installed()
+            url, headers = await start_proxy(
+                ctx, "multiturn-litellm", MODEL_NAME, backends, processes.spawn
+            )
+        before = [await server_counters(b) for b in backends]
         outcome.turns, outcome.wall = await _run_conversations(url, headers, plans, in_flight)
-        after = [await _metrics(b) for b in backends]
-        outcome.processed = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
-        outcome.answered = [(a[1] - b[1]) / MAX_TOKENS for a, b in zip(after, before, strict=True)]
+        after = [await server_counters(b) for b in backends]
+        outcome.processed = [
+            a.get(PROMPT, 0.0) - b.get(PROMPT, 0.0) for a, b in zip(after, before, strict=True)
+        ]
+        outcome.answered = [
+            (a.get(PREDICTED, 0.0) - b.get(PREDICTED, 0.0)) / MAX_TOKENS
+            for a, b in zip(after, before, strict=True)
+        ]
     finally:
-        for proc in reversed(procs):
-            proc.stop()
+        processes.stop()
     return outcome
 
 
@@ -450,7 +325,7 @@ def _load_section(
 
 async def run(ctx: BenchContext) -> Section:
     model = _model(ctx)
-    plans = _conversation_plan(_vocabulary(model), ctx.count(CONVERSATIONS, minimum=12))
+    plans = _conversation_plan(model_words(model), ctx.count(CONVERSATIONS, minimum=12))
     wanted: list[str] = []
     if not ctx.systems or "corral" in ctx.systems:
         wanted += POLICIES
