@@ -13,6 +13,7 @@ import re
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -23,7 +24,7 @@ from bench.systems.corral import corral_command
 COUNTER = re.compile(r"^llamacpp:(\w+_total)\s+([0-9.e+]+)", re.M)
 
 
-def tiny_model(ctx: BenchContext, name: str, *, seed: int, **shape: int) -> Path:
+def tiny_model(ctx: BenchContext, name: str, *, seed: int, **shape: Any) -> Path:
     """The bench's tiny llama in another shape (``n_embd``, ``n_layer``, ...: see
     :func:`corral.catalog.tiny.make_tiny_model`), written once a run under the run's
     ``models/`` as ``{name}.gguf`` (its alias is ``name``)."""

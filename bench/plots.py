@@ -152,3 +152,42 @@ def readiness_plot(docs_dir: Path, trials: list[Trial]) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
+
+
+def load_lines(
+    path: Path,
+    title: str,
+    xlabel: str,
+    panels: list[tuple[str, dict[str, list[tuple[float, float]]]]],
+) -> list[Path]:
+    """Side-by-side panels of one line per series (label -> (x, y) points), log y: a
+    figure against offered load. Panels are (y label, series)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not panels or not any(points for _, series in panels for points in series.values()):
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*X"
+    for ax, (ylabel, series) in zip(axes[0], panels, strict=True):
+        for index, (label, points) in enumerate(series.items()):
+            valid = [(x, y) for x, y in points if not math.isnan(y) and y > 0]
+            if not valid:
+                continue
+            xs, ys = zip(*valid, strict=True)
+            ax.plot(
+                xs,
+                ys,
+                marker=markers[index % len(markers)],
+                color=cycle[index % len(cycle)],
+                label=label,
+            )
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

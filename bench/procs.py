@@ -102,6 +102,21 @@ class ManagedProcess:
         except psutil.Error:
             return []
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time this process and its live descendants have used."""
+        if not self.alive():
+            return 0.0
+        total = 0.0
+        try:
+            procs = [psutil.Process(self.pid), *self.descendants()]
+        except psutil.Error:
+            return 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
     def stop(self, grace: float = STOP_GRACE) -> int | None:
         """SIGTERM the group, wait ``grace`` s, SIGKILL it, then sweep stray descendants."""
         if self.popen is None:

@@ -5,6 +5,9 @@ Round-robin upstream (nginx's default) over the one llama-server, upstream keep-
 llama-server closes a connection after a stream while advertising keep-alive, a
 request that lands on such a dead pooled connection is retried
 (``proxy_next_upstream error timeout non_idempotent``), as corral resends one.
+Over several llama-servers (:func:`start_proxy`), each is a ``server ...
+max_fails=0``: by default one such dead connection would count as a failure and take
+that server out of the rotation for 10 s, which is not round robin any more.
 Skipped, with a note, where nginx is not installed (CI doesn't run the bench).
 """
 
@@ -60,8 +63,11 @@ def nginx_binary() -> Path | None:
 
 def proxy_config(prefix: Path, backends: Sequence[str], port: int) -> str:
     """:data:`CONFIG` for nginx listening on ``port``, files under ``prefix``, the
-    ``backends`` (base URLs) as one round-robin upstream."""
-    servers = "\n".join(f"        server {b.removeprefix('http://')};" for b in backends)
+    ``backends`` (base URLs) as one round-robin upstream, never marked failed (nginx
+    ignores ``max_fails`` for a lone server)."""
+    servers = "\n".join(
+        f"        server {b.removeprefix('http://')} max_fails=0;" for b in backends
+    )
     return CONFIG.format(dir=prefix, servers=servers, port=port)
 
 
