@@ -35,7 +35,7 @@ core), and its rate divided by that share gives what one fully busy core relays:
 fair figure where core 1 (upstream and ``wrk``), not the proxy, ran out first, as it
 does for the streaming cells and for nginx on this machine.
 
-Takes about 4 minutes (LiteLLM's two start-ups are a good part of it); ``--quick``
+Takes about 2.5 minutes (LiteLLM's two start-ups are a good part of it); ``--quick``
 shortens each cell to 2 s.
 """
 
