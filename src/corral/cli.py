@@ -689,21 +689,35 @@ def cmd_top(args: argparse.Namespace) -> int:
         return 1
     console = Console(width=160)
     refreshes = 0
+    stopped = False
+
+    def stop(signum: int, frame: object) -> None:
+        # a flag, not KeyboardInterrupt: an exception raised wherever the signal lands
+        # (inside an HTTP read, inside rich) could leave the terminal or a socket behind
+        nonlocal stopped
+        stopped = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with Live(_fleet_view(fleet), console=console, auto_refresh=False) as live:
-            while True:
+            while not stopped:
                 refreshes += 1
                 if args.iterations and refreshes >= args.iterations:
                     break
-                time.sleep(args.interval)
+                deadline = time.monotonic() + args.interval
+                while not stopped and time.monotonic() < deadline:
+                    time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                if stopped:
+                    break
                 try:
                     fleet = read()
                     view = _fleet_view(fleet)
                 except FleetUnavailable as exc:  # keep the last view, say what is wrong
                     view = Group(_fleet_view(fleet), Text(f"stale: {exc}", style="bold red"))
                 live.update(view, refresh=True)
-    except KeyboardInterrupt:
-        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
