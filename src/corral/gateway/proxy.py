@@ -1032,6 +1032,18 @@ class Gateway:
                     await response.write(chunk)
             await response.write_eof()
             clean = True
+        except ConnectionResetError:
+            # the client went away. Often it had everything: the openai client closes a
+            # stream at `data: [DONE]`, racing the final chunk. What the server generated
+            # still counts (tokens, cache feedback) before the error goes on.
+            usage = tail.usage() if response.status == 200 else TokenUsage()
+            if usage.generated is not None:
+                self._record(
+                    response.status, request_id, model, route, started, lease.instance.id,
+                    waited, ttft, usage,
+                )  # fmt: skip
+                self._learn(usage, lease, placement, time.monotonic() - started)
+            raise
         finally:
             if watch is not None:
                 watch.cancel()
