@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from bench import pinning
 from bench.context import BenchContext, wait_healthy, wait_until
 from bench.procs import ManagedProcess, free_port
 from bench.systems.corral import corral_command
@@ -132,11 +133,24 @@ async def server_counters(url: str) -> dict[str, float]:
 
 
 async def start_corral(
-    ctx: BenchContext, processes: Processes, name: str, policy: str, backends: Sequence[str]
+    ctx: BenchContext,
+    processes: Processes,
+    name: str,
+    policy: str,
+    backends: Sequence[str],
+    *,
+    balancer_args: Sequence[str] = (),
+    pinned: bool = False,
 ) -> tuple[str, dict[str, str]]:
-    """``corral balancer --policy POLICY`` with one ``corral agent --local-llama-server``
-    per backend (default settings otherwise); return the inference URL and the headers
-    a client sends, once the balancer counts every backend as a usable instance."""
+    """``corral balancer --policy POLICY [BALANCER_ARGS]`` with one ``corral agent
+    --local-llama-server`` per backend; return the inference URL and the headers a
+    client sends, once the balancer counts every backend as a usable instance. The
+    balancer is the first process this spawns. ``pinned``: the balancer on
+    :data:`pinning.PROXY_CORE`, the agents on :data:`pinning.OTHER_CORE`."""
+
+    def on(core: int, args: list[str]) -> list[str]:
+        return pinning.taskset(core, args) if pinned else args
+
     inference, management = free_port(), free_port()
     state = ctx.run_dir / f"{name}-state"
     state.mkdir(parents=True, exist_ok=True)
@@ -148,16 +162,20 @@ async def start_corral(
     balancer = processes.spawn(
         ManagedProcess(
             name,
-            [
-                *corral_command(),
-                "balancer",
-                "--policy",
-                policy,
-                "--inference-addr",
-                f"127.0.0.1:{inference}",
-                "--management-addr",
-                f"127.0.0.1:{management}",
-            ],
+            on(
+                pinning.PROXY_CORE,
+                [
+                    *corral_command(),
+                    "balancer",
+                    "--policy",
+                    policy,
+                    "--inference-addr",
+                    f"127.0.0.1:{inference}",
+                    "--management-addr",
+                    f"127.0.0.1:{management}",
+                    *balancer_args,
+                ],
+            ),
             ctx.log_path(name),
             env=env,
         )
@@ -167,16 +185,19 @@ async def start_corral(
         processes.spawn(
             ManagedProcess(
                 agent,
-                [
-                    *corral_command(),
-                    "agent",
-                    "--local-llama-server",
-                    backend,
-                    "--balancer",
-                    f"127.0.0.1:{management}",
-                    "--name",
-                    f"server{index}",
-                ],
+                on(
+                    pinning.OTHER_CORE,
+                    [
+                        *corral_command(),
+                        "agent",
+                        "--local-llama-server",
+                        backend,
+                        "--balancer",
+                        f"127.0.0.1:{management}",
+                        "--name",
+                        f"server{index}",
+                    ],
+                ),
                 ctx.log_path(agent),
                 env=env,
             )

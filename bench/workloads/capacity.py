@@ -45,7 +45,6 @@ import asyncio
 import json
 import logging
 import re
-import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -56,10 +55,10 @@ import psutil
 
 from bench import pinning
 from bench.context import BenchContext, StartupError, wait_healthy
+from bench.fleet import Processes, start_corral
 from bench.procs import ManagedProcess, free_port
 from bench.report import md_table
 from bench.stats import DASH
-from bench.systems.corral import corral_command
 from bench.systems.litellm import (
     LITELLM_REQUIREMENT,
     ensure_installed,
@@ -337,15 +336,15 @@ async def _wrk(url: str, script: Path, connections: int, duration: int) -> str:
     return out.decode(errors="replace")
 
 
-class Running:
-    """The processes of one system under test (and what to measure the core of)."""
+class Running(Processes):
+    """The processes of one system under test, and the one whose core is measured."""
 
     def __init__(self) -> None:
-        self.procs: list[ManagedProcess] = []
+        super().__init__()
         self.measured: psutil.Process | None = None
 
     def add(self, proc: ManagedProcess, measured: bool = False) -> ManagedProcess:
-        self.procs.append(proc.start())
+        self.spawn(proc)
         if measured:
             self.measured = psutil.Process(proc.pid)
         return proc
@@ -367,58 +366,17 @@ class Running:
 async def _start_corral(
     ctx: BenchContext, upstream: str, running: Running
 ) -> tuple[str, dict[str, str]]:
-    inference, management = free_port(), free_port()
-    state = ctx.run_dir / "capacity-state"
-    state.mkdir(parents=True, exist_ok=True)
-    env = {
-        "CORRAL_MANAGEMENT_TOKEN": secrets.token_urlsafe(24),
-        "CORRAL_CLUSTER_TOKEN": secrets.token_urlsafe(24),
-        "CORRAL_STATE_DIR": str(state),
-        "CORRAL_LOG_LEVEL": "WARNING",
-    }
-    balancer = running.add(
-        ManagedProcess(
-            "capacity-corral",
-            pinning.taskset(
-                pinning.PROXY_CORE,
-                [
-                    *corral_command(),
-                    "balancer",
-                    "--inference-addr",
-                    f"127.0.0.1:{inference}",
-                    "--management-addr",
-                    f"127.0.0.1:{management}",
-                    "--max-buffered-requests",
-                    str(SLOTS),
-                ],
-            ),
-            ctx.log_path("capacity-corral"),
-            env=env,
-        ),
-        measured=True,
+    url, headers = await start_corral(
+        ctx,
+        running,
+        "capacity-corral",
+        "least_busy",
+        [upstream],
+        balancer_args=["--max-buffered-requests", str(SLOTS)],
+        pinned=True,
     )
-    running.add(
-        ManagedProcess(
-            "capacity-corral-agent",
-            pinning.taskset(
-                pinning.OTHER_CORE,
-                [
-                    *corral_command(),
-                    "agent",
-                    "--local-llama-server",
-                    upstream,
-                    "--balancer",
-                    f"127.0.0.1:{management}",
-                ],
-            ),
-            ctx.log_path("capacity-corral-agent"),
-            env=env,
-        )
-    )
-    url = f"http://127.0.0.1:{inference}"
-
-    await wait_healthy(f"{url}/health", what="corral balancer /health 200", proc=balancer)
-    return url, {}
+    running.measured = psutil.Process(running.procs[0].pid)  # the balancer: spawned first
+    return url, headers
 
 
 async def _start_nginx(

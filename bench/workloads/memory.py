@@ -36,6 +36,7 @@ import aiohttp
 import psutil
 
 from bench.context import BenchContext, StartupError, wait_healthy
+from bench.fleet import Processes, start_corral
 from bench.loadgen import chat_request
 from bench.procs import ManagedProcess, free_port
 from bench.report import md_table
@@ -184,7 +185,7 @@ async def _start_balancer(
 ) -> tuple[str, int]:
     """``corral balancer`` with one ``corral agent`` watching the fake, each its own
     process; (inference URL, the balancer's pid)."""
-    fake_port, inference, management = free_port(), free_port(), free_port()
+    fake_port = free_port()
     fake = ManagedProcess(
         "memory-fake",
         [
@@ -201,44 +202,21 @@ async def _start_balancer(
         ctx.log_path("memory-fake"),
     )
     procs.append(fake.start())
-    env = {
-        "CORRAL_MANAGEMENT_TOKEN": secrets.token_urlsafe(24),
-        "CORRAL_CLUSTER_TOKEN": secrets.token_urlsafe(24),
-        "CORRAL_STATE_DIR": str(work / "balancer-state"),
-    }
-    balancer = ManagedProcess(
-        "memory-balancer",
-        [
-            *corral_command(),
-            "balancer",
-            "--inference-addr",
-            f"127.0.0.1:{inference}",
-            "--management-addr",
-            f"127.0.0.1:{management}",
-            "--max-buffered-requests",
-            str(MAX_BUFFERED),
-        ],
-        ctx.log_path("memory-balancer"),
-        env=env,
-    )
-    procs.append(balancer.start())
-    agent = ManagedProcess(
-        "memory-agent",
-        [
-            *corral_command(),
-            "agent",
-            "--local-llama-server",
-            f"http://127.0.0.1:{fake_port}",
-            "--balancer",
-            f"127.0.0.1:{management}",
-        ],
-        ctx.log_path("memory-agent"),
-        env=env,
-    )
-    procs.append(agent.start())
-    base = f"http://127.0.0.1:{inference}"
-    await wait_healthy(f"{base}/health", what="balancer /health 200", proc=balancer, within=60)
-    return base, balancer.pid
+    base = f"http://127.0.0.1:{fake_port}"
+    await wait_healthy(f"{base}/health", what="fake llama-server /health", proc=fake)
+    fleet = Processes()
+    try:
+        url, _ = await start_corral(
+            ctx,
+            fleet,
+            "memory-balancer",
+            "least_busy",
+            [base],
+            balancer_args=["--max-buffered-requests", str(MAX_BUFFERED)],
+        )
+    finally:
+        procs.extend(fleet.procs)  # stopped with the rest
+    return url, fleet.procs[0].pid  # the balancer: start_corral spawns it first
 
 
 SETUPS = {"balancer": _start_balancer, "serve": _start_serve}
