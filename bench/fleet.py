@@ -70,10 +70,17 @@ class Processes:
 
 
 def llama_server_args(
-    ctx: BenchContext, model: Path, alias: str, port: int, *, parallel: int, context: int
+    ctx: BenchContext,
+    model: Path,
+    alias: str,
+    port: int,
+    *,
+    parallel: int,
+    context: int,
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """One llama-server on loopback: one thread for generation and for prompts (the
-    machine has two cores and a fleet shares them), ``/metrics`` on."""
+    machine has two cores and a fleet shares them), ``/metrics`` on, then ``extra``."""
     return [
         str(ctx.llama_server),
         "--model",
@@ -93,6 +100,7 @@ def llama_server_args(
         "--threads-batch",
         "1",
         "--metrics",
+        *extra,
     ]
 
 
@@ -104,15 +112,18 @@ async def start_llama_servers(
     name: str,
     parallels: Sequence[int],
     context: int,
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """Start one llama-server per entry of ``parallels`` (its ``--parallel``), all at
-    once; return their base URLs once every one answers ``/health``. Logs are
-    ``{name}-llama{i}``."""
+    once, each with ``extra`` arguments; return their base URLs once every one answers
+    ``/health``. Logs are ``{name}-llama{i}``."""
     backends, started = [], []
     for index, parallel in enumerate(parallels):
         port = free_port()
         proc_name = f"{name}-llama{index}"
-        args = llama_server_args(ctx, model, alias, port, parallel=parallel, context=context)
+        args = llama_server_args(
+            ctx, model, alias, port, parallel=parallel, context=context, extra=extra
+        )
         started.append(processes.spawn(ManagedProcess(proc_name, args, ctx.log_path(proc_name))))
         backends.append(f"http://127.0.0.1:{port}")
     for backend, proc in zip(backends, started, strict=True):

@@ -7,17 +7,22 @@ Set-up, the same for every system and fresh for each (new llama-server processes
 no system inherits another's caches):
 
 - three real llama-servers on one model, each ``--parallel 2 -c 8192 --threads 1
-  --metrics`` (the default ``--cache-ram``, so a server also keeps prompts of
-  finished requests in RAM and restores them when a prompt matches);
+  --metrics``;
 - the model is the bench's tiny llama made wider (``n_embd 256``, 4 layers) so that
-  prefill dominates: about 1,200 prompt tokens take several hundred ms to prefill on
-  one thread, and a turn whose prefix is cached takes a few tens;
+  prefill dominates: about 2,500 prompt tokens take about 800 ms to prefill on one
+  thread, and a turn whose prefix is cached about 70;
 - 24 conversations, each with its own long system prompt (600 words of the model's
-  vocabulary, about 1,200 tokens), 8 turns each; the user's next turn is sent after the
+  vocabulary, about 2,500 tokens), 8 turns each; the user's next turn is sent after the
   previous answer arrived (with the answer in the history), and all conversations run
-  at once with at most 4 requests in flight (two thirds of the fleet's 6 slots), then
-  again with 6 (every slot), so turns of different conversations interleave. Streams,
-  ``max_tokens`` 8.
+  at once with at most 4 requests in flight (two thirds of the fleet's 6 slots), so
+  turns of different conversations interleave. Streams, ``max_tokens`` 8.
+
+Two scenarios (:data:`SCENARIOS`). llama-server keeps finished requests' prompts in a
+RAM cache (``--cache-ram``, 8192 MiB by default) and restores the longest match for a
+new prompt. The tiny model's KV cache is 80 times smaller a token than a 70B model's,
+so with the default every server's RAM cache holds the whole workload: the first
+scenario. The second scales ``--cache-ram`` by that factor, so a server holds about as
+many conversations as it would serving a 70B model (:data:`SCALED_CACHE_RAM_MIB`).
 
 Systems: ``corral balancer`` with three ``corral agent``s, once per policy
 (``prefix``, ``least_busy``, ``round_robin``), and the LiteLLM proxy with the three
@@ -45,6 +50,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +80,38 @@ PARALLEL = 2
 CONTEXT = 8192
 CONVERSATIONS = 24
 TURNS = 8
-LOADS = (4, SERVERS * PARALLEL)  # requests in flight: two thirds of the slots, and all
+IN_FLIGHT = 4  # requests in flight: two thirds of the fleet's slots
+#: The tiny model's KV cache takes 4 KiB a token (4 layers x K and V x 256 x f16); a
+#: 70B-class model with grouped-query attention (80 layers, 8 KV heads of 128) takes
+#: 320 KiB, 80 times as much. llama-server's default ``--cache-ram`` of 8192 MiB thus
+#: holds as many of a 70B model's tokens as 8192 / 80 ≈ 100 MiB holds of the tiny one's.
+SCALED_CACHE_RAM_MIB = 100
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One measurement: the servers' extra arguments and the systems compared."""
+
+    key: str
+    title: str
+    server_args: tuple[str, ...]
+    systems: tuple[str, ...]
+
+
+SCENARIOS = (
+    Scenario(
+        "default",
+        "Default RAM prompt cache (llama-server's 8 GiB: the whole workload fits)",
+        (),
+        ("prefix", "least_busy", "round_robin", "litellm"),
+    ),
+    Scenario(
+        "scaled",
+        f"RAM prompt cache sized like a 70B model's (`--cache-ram {SCALED_CACHE_RAM_MIB}`)",
+        ("--cache-ram", str(SCALED_CACHE_RAM_MIB)),
+        ("prefix", "least_busy", "litellm"),
+    ),
+)
 SYSTEM_WORDS = 600
 USER_WORDS = 12
 MAX_TOKENS = 8
@@ -163,6 +200,7 @@ async def _measure(
     model: Path,
     plans: list[tuple[str, list[str]]],
     in_flight: int,
+    server_args: Sequence[str] = (),
 ) -> Outcome:
     processes = Processes()
     label = f"corral `{system}`" if system in POLICIES else "LiteLLM proxy (simple-shuffle)"
@@ -176,6 +214,7 @@ async def _measure(
             f"multiturn-{system}-{in_flight}",
             [PARALLEL] * SERVERS,
             CONTEXT,
+            server_args,
         )
         if system in POLICIES:
             name = f"multiturn-corral-{system}"
@@ -249,10 +288,10 @@ def _ms(values: list[float], q: float) -> str:
     return f"{percentile(values, q) * 1000:.0f}" if values else "-"
 
 
-def _load_section(
-    in_flight: int, outcomes: dict[str, Outcome], figures: dict[str, Figures]
+def _scenario_section(
+    scenario: Scenario, outcomes: dict[str, Outcome], figures: dict[str, Figures]
 ) -> tuple[str, float]:
-    """One load level's table and target check; also the oracle's fraction."""
+    """One scenario's table and target check; also the oracle's fraction."""
     rows = []
     for system, f in figures.items():
         rows.append(
@@ -309,7 +348,7 @@ def _load_section(
         if "least_busy" in figures and figures["least_busy"].throughput:
             gain = p.throughput / figures["least_busy"].throughput
             lines.append(("(no target) throughput against `least_busy`", f"{gain:.2f}x", None))
-        targets = f"\n\nTargets, corral `prefix` at {in_flight} in flight:\n\n" + md_table(
+        targets = f"\n\nTargets, corral `prefix`, {scenario.key} RAM cache:\n\n" + md_table(
             ["target", "measured", "met"],
             [[t, m, "n/a" if ok is None else "yes" if ok else "**no**"] for t, m, ok in lines],
         )
@@ -320,7 +359,7 @@ def _load_section(
             "(`prompt_tokens_details.cached_tokens`) add up to "
             f"{figures['prefix'].reported_fraction:.1%} of the prompt tokens under `prefix`."
         )
-    return f"**{in_flight} requests in flight**\n\n" + table + targets + check, oracle
+    return f"**{scenario.title}**\n\n" + table + targets + check, oracle
 
 
 async def run(ctx: BenchContext) -> Section:
@@ -334,30 +373,45 @@ async def run(ctx: BenchContext) -> Section:
     missing: dict[str, str] = {}
     parts = []
     oracle = 0.0
-    for in_flight in LOADS:
+    for scenario in SCENARIOS:
         outcomes: dict[str, Outcome] = {}
-        for system in wanted:
-            if system in missing:
+        for system in scenario.systems:
+            if system not in wanted or system in missing:
                 continue
-            log.info("multiturn: measuring %s at %d in flight", system, in_flight)
+            log.info("multiturn: measuring %s, %s RAM cache", system, scenario.key)
             try:
-                outcomes[system] = await _measure(ctx, system, model, plans, in_flight)
+                outcomes[system] = await _measure(
+                    ctx, system, model, plans, IN_FLIGHT, scenario.server_args
+                )
             except StartupError as exc:
                 missing[system] = str(exc)
         figures = {system: _figures(outcome) for system, outcome in outcomes.items()}
-        part, oracle = _load_section(in_flight, outcomes, figures)
+        part, oracle = _scenario_section(scenario, outcomes, figures)
         parts.append(part)
     markdown = (
         f"{len(plans)} conversations x {TURNS} turns, each with its own ~{SYSTEM_WORDS}-word "
-        f"system prompt, over {SERVERS} llama-servers (`--parallel {PARALLEL} -c {CONTEXT} "
-        f"--threads 1`, {SERVERS * PARALLEL} slots in all; a tiny llama with n_embd "
-        f"{MODEL_SHAPE['n_embd']} and {MODEL_SHAPE['n_layer']} layers), streamed, "
-        f"`max_tokens` {MAX_TOKENS}, at two loads: {LOADS[0]} requests in flight (two "
-        f"thirds of the slots) and {LOADS[1]} (every slot). Fresh servers for every system "
-        "and load. Times in ms; TTFT is measured by the client, so it includes any wait in "
-        "a front door's buffer. Cached tokens are measured at the servers "
-        "(`llamacpp:prompt_tokens_total` is what they had to prefill); the oracle, which "
-        f"always finds the previous turn's prompt cached, gets {oracle:.1%}. LiteLLM: "
-        f"{LITELLM_REQUIREMENT}, the three servers as one model group.\n\n" + "\n\n".join(parts)
+        f"system prompt (about 2,500 tokens), over {SERVERS} llama-servers (`--parallel "
+        f"{PARALLEL} -c {CONTEXT} --threads 1`, {SERVERS * PARALLEL} slots in all; a tiny "
+        f"llama with n_embd {MODEL_SHAPE['n_embd']} and {MODEL_SHAPE['n_layer']} layers), "
+        f"streamed, `max_tokens` {MAX_TOKENS}, {IN_FLIGHT} requests in flight (two thirds "
+        "of the slots). Fresh servers for every system. Times in ms; TTFT is measured by "
+        "the client, so it includes any wait in a front door's buffer. Cached tokens are "
+        "measured at the servers (`llamacpp:prompt_tokens_total` is what they had to "
+        "prefill); the oracle, which always finds the previous turn's prompt cached, gets "
+        f"{oracle:.1%}. LiteLLM: {LITELLM_REQUIREMENT}, the three servers as one model "
+        "group.\n\n"
+        "llama-server keeps the prompts of finished requests in RAM (`--cache-ram`, "
+        "8192 MiB by default) and restores one when a new prompt starts with it, so a turn "
+        "sent to a server that saw its conversation before finds it there even if another "
+        "conversation took the slot since. The tiny model's KV cache is 80 times smaller "
+        "a token than a 70B model's, so with the default the whole workload fits in every "
+        "server's RAM cache, and a placement that spreads each conversation over all three "
+        "servers still finds most of it: that is the first table. In production, with a "
+        "large model, the same 8 GiB holds a few conversations; the second table scales "
+        f"the RAM cache by the same factor of 80 (`--cache-ram {SCALED_CACHE_RAM_MIB}`, "
+        "about 26,000 of the tiny model's tokens, or 8 of these conversations, a server), "
+        "which is the case cache-aware placement is for. `round_robin` is left out of the "
+        "second table to keep the run short; it behaves like `least_busy` in the first.\n\n"
+        + "\n\n".join(parts)
     )
     return Section(TITLE, markdown, missing=missing)

@@ -73,3 +73,17 @@ async def test_a_session_header_keeps_different_prompts_on_one_instance(fleet: F
             served[session].add(headers["X-Corral-Instance"])
     assert len(served["a"]) == 1 and len(served["b"]) == 1
     assert served["a"] != served["b"]  # and the sessions were still spread
+
+
+async def test_a_clients_own_id_slot_reaches_the_server(fleet: Fleet) -> None:
+    # corral does not pin slots itself (see the prefix policy's docstring), but a client
+    # that pins one gets it: the body is forwarded as sent.
+    await fleet.add_fake(model="tiny", slots=4)
+    used = []
+    for slot in (2, 0, 3, 2):
+        status, data, _ = await fleet.post(
+            "/completion", {"model": "tiny", "prompt": f"pinned to {slot}", "id_slot": slot}
+        )
+        assert status == 200, data
+        used.append(data["id_slot"])
+    assert used == [2, 0, 3, 2]

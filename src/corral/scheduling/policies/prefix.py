@@ -86,18 +86,31 @@ restart_misses         3         zero-cache predictions in a row before forgetti
 max_predictions        4096      placements remembered for feedback (LRU)
 =====================  ========  ===================================================
 
-Per-slot pinning (designed, not done here)
-------------------------------------------
-llama-server pins a request to a slot by ``id_slot`` in the body; without it, it picks
-the idle slot most similar to the prompt (``--slot-prompt-similarity``), which is the
-right slot whenever that slot is idle. Pinning pays only when the holding slot is idle,
-and a pin to a busy slot makes the request wait inside llama-server, so the policy would
-need (a) which slot served each request (``id_slot`` in ``/completion`` responses, or
-the agent's ``/slots`` reading), passed to :meth:`PrefixPolicy.record_cached`, so tree
-holders become ``instance#slot``; (b) slot occupancy: the scheduler's lease would carry
-the slot index, claimed at dispatch and freed at release; (c) the gateway writing
-``id_slot`` into the body it forwards, which today is relayed byte for byte. None of
-those is reachable through ``Policy.choose``, so this policy routes to instances only.
+Why not pin slots (``id_slot``)
+-------------------------------
+llama-server takes ``id_slot`` in a request body to run it on one slot, and the policy
+could track prompts per slot and pin each request to the slot holding its prefix. It
+does not, because there is nothing left to win and something to lose:
+
+- Without a pin, llama-server (b11434, ``get_available_slot``) already runs a request on
+  the idle slot whose cached prompt shares the longest prefix with it
+  (``--slot-prompt-similarity``), which is the slot a pin would name whenever that slot
+  is idle. When it is busy, a pin would make the request wait inside llama-server
+  (``defer``), invisible to the balancer's buffer and timeouts, while another slot is
+  free; and the busy slot's prompt is usually another conversation's by then anyway.
+- llama-server's RAM prompt cache (``--cache-ram``, on by default) saves a slot's prompt
+  before the slot takes other work and restores the longest match into whichever slot a
+  request gets, so a prefix survives a slot change on the same instance.
+- In ``bench multiturn`` the policy's cached-token fraction equals a perfect oracle's
+  (which always finds the previous turn cached), with the default RAM cache and with
+  one sized like a 70B model's: a slot pin has no cached token left to gain.
+- A pin is only safe when the balancer knows every slot's occupancy exactly. With two
+  balancers over the same agents (high availability), or clients reaching llama-server
+  directly, both would pin to a slot they each think free, and one request would wait
+  behind the other while a slot idles.
+
+Per-instance placement with the wait rule above is what decides cache hits; a client
+that wants a slot anyway can still send ``id_slot`` itself: corral forwards it as is.
 """
 
 from __future__ import annotations
