@@ -357,6 +357,28 @@ async def test_a_steady_stream_longer_than_the_idle_timeout_is_not_cut() -> None
         await fleet.close()
 
 
+async def test_a_stream_leaves_a_spare_connection_for_the_next_request(fleet: Fleet) -> None:
+    # The fake closes a connection after a stream, as llama-server does. corral opens a
+    # spare one (GET /health) while a stream runs, so the next request needs no connect.
+    node = await fleet.add_fake(model="m", slots=2, tokens=4, token_delay=0.02)
+    assert fleet.http is not None
+    for _ in range(4):
+        async with fleet.http.post(
+            fleet.base + "/v1/chat/completions", json={**CHAT, "model": "m", "stream": True}
+        ) as response:
+            assert response.status == 200
+            assert (await response.read()).decode().rstrip().endswith("data: [DONE]")
+    chats = [
+        requests
+        for requests in node.fake.connections.values()
+        if "POST /v1/chat/completions" in requests
+    ]
+    assert len(chats) == 4  # one connection per stream: each was closed after it
+    # every stream after the first came on a connection opened before it was sent
+    assert chats[0] == ["POST /v1/chat/completions"], chats
+    assert all(c == ["GET /health", "POST /v1/chat/completions"] for c in chats[1:]), chats
+
+
 async def test_instance_leaves_the_pool_when_its_agent_disconnects(fleet: Fleet) -> None:
     node = await fleet.add_fake(model="m", slots=1)
     await node.stop_agent()

@@ -81,6 +81,7 @@ import struct
 import sys
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -455,6 +456,15 @@ class _ProcessHooks:
 class FakeLlamaServer:
     """All state of one fake instance; lives on one event loop, touched only from it."""
 
+    def note_connection(self, request: web.Request) -> None:
+        """Add ``request`` to :attr:`connections`."""
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        key = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.connections.setdefault(key, []).append(f"{request.method} {request.path}")
+        self.connections.move_to_end(key)
+        while len(self.connections) > 256:
+            self.connections.popitem(last=False)
+
     def __init__(self, options: FakeOptions) -> None:
         if options.slots < 1:
             raise ValueError("slots must be >= 1")
@@ -467,6 +477,9 @@ class FakeLlamaServer:
         self.slots = [_Slot(id=i, n_ctx=n_ctx) for i in range(options.slots)]
         self.counters = _Counters()
         self.metrics = _Metrics()
+        self.connections: OrderedDict[str, list[str]] = OrderedDict()
+        """Requests by the connection they came on (its peer address), in order, for
+        the last 256 connections: shows whether a client reused or pre-opened them."""
         self.fault = Fault(options.fault)
         self.fault_remaining = options.fault_count
         self.hooks: _ProcessHooks | None = None
@@ -1471,6 +1484,7 @@ def _middleware(server: FakeLlamaServer) -> Any:
             if request.path.startswith("/_fake/"):
                 return await handler(request)
             server.counters.requests_total += 1
+            server.note_connection(request)
             if server.refusing:
                 if request.transport is not None:
                     request.transport.abort()
