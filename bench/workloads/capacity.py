@@ -387,7 +387,6 @@ async def _start_nginx(
     port = free_port()
     conf = prefix / "nginx.conf"
     text = proxy_config(prefix, [upstream], port)
-    text = text.replace("access_log " + str(prefix / "access.log") + ";", "access_log off;")
     text = text.replace("keepalive 16;", "keepalive 1024;")
     text = text.replace("worker_connections 1024;", "worker_connections 8192;")
     conf.write_text(text, encoding="utf-8")
@@ -596,7 +595,9 @@ def _report(ctx: BenchContext, outcome: Outcome, canned: Canned) -> str:
         f"{duration} s per cell after {WARMUP} s of warm-up, at "
         f"{' and '.join(map(str, NON_STREAM_CONNECTIONS))} connections (non-streaming) and "
         f"{' and '.join(map(str, STREAM_CONNECTIONS))} (streaming). The system under test "
-        "runs alone on core 0; the upstream, `wrk` and corral's agent share core 1.",
+        "runs alone on core 0; the upstream, `wrk` and corral's agent share core 1. "
+        "corral and the nginx proxy each write an access log line per request to a file "
+        "(corral's default; nginx's `access_log`); the aiohttp pass-through logs nothing.",
         "",
         "### Headline: the most each system relayed",
         "",
