@@ -80,6 +80,8 @@ PARALLEL = 2
 CONTEXT = 8192
 CONVERSATIONS = 24
 TURNS = 8
+POLICIES = ("prefix", "least_busy", "round_robin")
+PINNED = "prefix_pinned"  # corral prefix with --pin-slots
 IN_FLIGHT = 4  # requests in flight: two thirds of the fleet's slots
 #: The tiny model's KV cache takes 4 KiB a token (4 layers x K and V x 256 x f16); a
 #: 70B-class model with grouped-query attention (80 layers, 8 KV heads of 128) takes
@@ -103,13 +105,13 @@ SCENARIOS = (
         "default",
         "Default RAM prompt cache (llama-server's 8 GiB: the whole workload fits)",
         (),
-        ("prefix", "least_busy", "round_robin", "litellm"),
+        ("prefix", PINNED, "least_busy", "round_robin", "litellm"),
     ),
     Scenario(
         "scaled",
         f"RAM prompt cache sized like a 70B model's (`--cache-ram {SCALED_CACHE_RAM_MIB}`)",
         ("--cache-ram", str(SCALED_CACHE_RAM_MIB)),
-        ("prefix", "least_busy", "litellm"),
+        ("prefix", PINNED, "least_busy", "litellm"),
     ),
 )
 SYSTEM_WORDS = 600
@@ -119,7 +121,6 @@ MODEL_SHAPE = {"n_embd": 256, "n_layer": 4, "n_head": 4, "n_ctx": CONTEXT}
 MODEL_NAME = "chat"
 REQUEST_LIMIT = 300.0
 
-POLICIES = ("prefix", "least_busy", "round_robin")
 PROMPT, PREDICTED = "prompt_tokens_total", "tokens_predicted_total"  # llama-server counters
 
 
@@ -203,7 +204,12 @@ async def _measure(
     server_args: Sequence[str] = (),
 ) -> Outcome:
     processes = Processes()
-    label = f"corral `{system}`" if system in POLICIES else "LiteLLM proxy (simple-shuffle)"
+    if system == PINNED:
+        label = "corral `prefix` + `--pin-slots`"
+    elif system in POLICIES:
+        label = f"corral `{system}`"
+    else:
+        label = "LiteLLM proxy (simple-shuffle)"
     outcome = Outcome(label)
     try:
         backends = await start_llama_servers(
@@ -216,9 +222,12 @@ async def _measure(
             CONTEXT,
             server_args,
         )
-        if system in POLICIES:
+        if system in POLICIES or system == PINNED:
             name = f"multiturn-corral-{system}"
-            url, headers = await start_corral(ctx, processes, name, system, backends)
+            policy, extra = ("prefix", ["--pin-slots"]) if system == PINNED else (system, [])
+            url, headers = await start_corral(
+                ctx, processes, name, policy, backends, balancer_args=extra
+            )
         else:
             ensure_installed()
             url, headers = await start_proxy(
@@ -367,7 +376,7 @@ async def run(ctx: BenchContext) -> Section:
     plans = _conversation_plan(model_words(model), ctx.count(CONVERSATIONS, minimum=12))
     wanted: list[str] = []
     if not ctx.systems or "corral" in ctx.systems:
-        wanted += POLICIES
+        wanted += [*POLICIES, PINNED]
     if not ctx.systems or "litellm" in ctx.systems:
         wanted.append("litellm")
     missing: dict[str, str] = {}
@@ -410,7 +419,8 @@ async def run(ctx: BenchContext) -> Section:
         "large model, the same 8 GiB holds a few conversations; the second table scales "
         f"the RAM cache by the same factor of 80 (`--cache-ram {SCALED_CACHE_RAM_MIB}`, "
         "about 26,000 of the tiny model's tokens, or 8 of these conversations, a server), "
-        "which is the case cache-aware placement is for. `round_robin` is left out of the "
+        "which is the case cache-aware placement is for. `--pin-slots` adds slot pins "
+        "(`id_slot`) to `prefix`. `round_robin` is left out of the "
         "second table to keep the run short; it behaves like `least_busy` in the first.\n\n"
         + "\n\n".join(parts)
     )

@@ -54,7 +54,7 @@ class Balancer:
     ) -> None:
         self.settings = settings
         self.scheduler = scheduler or Scheduler(
-            make_policy(settings.policy),
+            make_policy(settings.policy, pin_slots=settings.pin_slots),
             max_buffered=settings.max_buffered_requests,
             buffer_timeout=settings.buffered_request_timeout,
             report_timeout=settings.agent_report_timeout,

@@ -264,6 +264,7 @@ def _balancer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "inference_addr": args.inference_addr,
         "management_addr": args.management_addr,
         "policy": args.policy,
+        "pin_slots": True if args.pin_slots else None,
         "max_buffered_requests": args.max_buffered_requests,
         "buffered_request_timeout": args.buffered_request_timeout,
         "management_token_file": args.management_token_file,
@@ -318,6 +319,13 @@ def _add_balancer_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=["least_busy", "round_robin", "random", "prefix"],
         help="placement policy (least_busy)",
+    )
+    parser.add_argument(
+        "--pin-slots",
+        action="store_true",
+        default=None,
+        help="with --policy prefix: pin requests to the slot holding their prefix (id_slot); "
+        "only where this balancer is the llama-servers' one client",
     )
     parser.add_argument(
         "--max-buffered-requests",

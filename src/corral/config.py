@@ -211,6 +211,12 @@ class Settings(BaseModel):
         default=None, description="File holding the cluster token."
     )
     policy: PolicyName = Field(default="least_busy", description="Placement policy.")
+    pin_slots: bool = Field(
+        default=False,
+        description="With the prefix policy: send each chat or completion request to the "
+        "llama-server slot holding its prefix (id_slot). Only where this balancer is the "
+        "servers' one client.",
+    )
     max_buffered_requests: int = Field(
         default=30, ge=0, description="Requests a model's buffer holds; 0 disables buffering."
     )

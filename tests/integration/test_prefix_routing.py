@@ -87,3 +87,34 @@ async def test_a_clients_own_id_slot_reaches_the_server(fleet: Fleet) -> None:
         assert status == 200, data
         used.append(data["id_slot"])
     assert used == [2, 0, 3, 2]
+
+
+async def test_pinned_requests_run_on_the_slot_corral_chose() -> None:
+    fleet = await start_fleet(policy="prefix", pin_slots=True)
+    try:
+        node = await fleet.add_fake(model="tiny", slots=3)
+        # someone else's prompt on slot 0, behind corral's back: left to itself the
+        # server would now put a new prompt on a fresh slot (1), not on 0
+        assert fleet.http is not None
+        direct = str(node.server.make_url("/completion"))
+        async with fleet.http.post(direct, json={"prompt": "zz " * 30, "n_predict": 1}) as r:
+            assert (await r.json())["id_slot"] == 0
+        prompts = {
+            topic: f"{topic} " + " ".join(f"{topic}{i}" for i in range(40)) for topic in ("a", "b")
+        }
+        slots: dict[str, set[str]] = {"a": set(), "b": set()}
+        for turn in range(3):
+            for topic, prompt in prompts.items():
+                prompts[topic] = prompt + f" more {topic} {turn}"
+                status, data, headers = await fleet.post(
+                    "/completion", {"model": "tiny", "prompt": prompts[topic], "n_predict": 2}
+                )
+                assert status == 200, data
+                assert str(data["id_slot"]) == headers["X-Corral-Slot"]  # the pin was honoured
+                slots[topic].add(headers["X-Corral-Slot"])
+        assert slots == {"a": {"0"}, "b": {"1"}}
+        # embeddings do not run on a pinned slot (the route ignores id_slot)
+        status, _, headers = await fleet.post("/v1/embeddings", {"model": "tiny", "input": "x"})
+        assert status == 200 and "X-Corral-Slot" not in headers
+    finally:
+        await fleet.close()

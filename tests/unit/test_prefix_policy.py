@@ -493,3 +493,115 @@ async def test_no_wait_when_buffering_is_off_or_the_cached_instance_leaves() -> 
     assert scheduler.apply_snapshot("g", 2, snapshot)  # its home went away
     lease = await asyncio.wait_for(task, 1)
     assert lease.instance.id == f"g/{other}"
+
+
+# -- slot pinning (pin_slots) -----------------------------------------------------------------
+
+
+def pinnable(topic: str, turns: int, **extra: Any) -> Placement:
+    body = {"model": "m", "messages": conversation(topic, turns), **extra}
+    return Placement("m", body, {}, pinnable=True)
+
+
+def _one_instance_scheduler(policy: PrefixPolicy, slots: int) -> Scheduler:
+    scheduler = Scheduler(policy)
+    scheduler.register_agent("g", "agent")
+    snapshot = [{"id": "x", "url": "http://x", "model": "m", "total_slots": slots, "busy": 0}]
+    assert scheduler.apply_snapshot("g", 1, snapshot)
+    return scheduler
+
+
+def test_slot_pinning_is_off_unless_asked_for() -> None:
+    scheduler = _one_instance_scheduler(PrefixPolicy(), slots=2)
+    lease = scheduler.try_lease("m", pinnable("tea", 1))
+    assert lease is not None and lease.slot is None
+    assert lease.instance.unpinned == 1 and not lease.instance.pinned_slots
+    scheduler.release(lease)
+    assert lease.instance.unpinned == 0
+    assert make_policy("prefix", pin_slots=True).settings.pin_slots  # type: ignore[attr-defined]
+    assert load_settings(environ={}, overrides={"pin_slots": True}).pin_slots
+    assert build_parser().parse_args(["serve", "--pin-slots"]).pin_slots is True
+
+
+def test_each_conversation_is_pinned_to_the_slot_that_last_held_it() -> None:
+    policy = PrefixPolicy(PrefixSettings(pin_slots=True))
+    scheduler = _one_instance_scheduler(policy, slots=3)
+    homes: dict[str, set[int | None]] = {}
+    for turns in (1, 2, 3):
+        for topic in ("tea", "rust", "jazz"):  # one after another: every slot is free
+            lease = scheduler.try_lease("m", pinnable(topic, turns))
+            assert lease is not None
+            homes.setdefault(topic, set()).add(lease.slot)
+            scheduler.release(lease)
+    assert homes == {"tea": {0}, "rust": {1}, "jazz": {2}}  # never-used slots first
+    assert policy.decisions["slot_lru"] == 3 and policy.decisions["slot_match"] == 6
+
+
+def test_a_busy_home_slot_sends_the_turn_to_the_least_recently_used_free_one() -> None:
+    policy = PrefixPolicy(PrefixSettings(pin_slots=True))
+    scheduler = _one_instance_scheduler(policy, slots=3)
+    for topic in ("tea", "rust", "jazz"):
+        lease = scheduler.try_lease("m", pinnable(topic, 1))
+        assert lease is not None
+        scheduler.release(lease)  # tea on 0, rust on 1, jazz on 2; 0 is least recent
+    rust = scheduler.try_lease("m", pinnable("rust", 2))
+    assert rust is not None and rust.slot == 1
+    other = scheduler.try_lease("m", pinnable("rust", 2, temperature=0.5))
+    assert other is not None and other.slot == 0  # rust's slot is busy: the LRU free one
+    assert rust.instance.pinned_slots == {0, 1}
+    scheduler.release(rust)
+    scheduler.release(other)
+    assert not rust.instance.pinned_slots
+
+
+def test_nothing_is_pinned_where_the_slot_picture_is_not_exact() -> None:
+    policy = PrefixPolicy(PrefixSettings(pin_slots=True))
+    scheduler = _one_instance_scheduler(policy, slots=4)
+    # a route that does not run on a slot (or ignores id_slot), a body without a prompt,
+    # or a client's own id_slot: llama-server picks
+    plain = scheduler.try_lease("m", chat("tea", 1))
+    assert plain is not None and plain.slot is None
+    own = scheduler.try_lease("m", pinnable("tea", 1, id_slot=3))
+    assert own is not None and own.slot is None
+    empty = scheduler.try_lease("m", Placement("m", {"input": "x"}, {}, pinnable=True))
+    assert empty is not None and empty.slot is None
+    # while unpinned requests run there, which slots they took is unknown
+    unknown = scheduler.try_lease("m", pinnable("rust", 1))
+    assert unknown is not None and unknown.slot is None
+    for lease in (plain, own, empty, unknown):
+        scheduler.release(lease)
+    instance = plain.instance
+    assert instance.unpinned == 0 and instance.in_flight == 0
+    alone = scheduler.try_lease("m", pinnable("rust", 1))
+    assert alone is not None and alone.slot == 0  # all known again: pinned
+    scheduler.release(alone)
+    instance.apply_report(4, busy=1)  # another client's request busy on some slot
+    lease = scheduler.try_lease("m", pinnable("jazz", 1))
+    assert lease is not None and lease.slot is None
+
+
+async def test_a_slot_whose_client_left_is_not_pinned_again_at_once() -> None:
+    policy = PrefixPolicy(PrefixSettings(pin_slots=True))
+    scheduler = _one_instance_scheduler(policy, slots=2)
+    lease = scheduler.try_lease("m", pinnable("tea", 1))
+    assert lease is not None and lease.slot == 0
+    scheduler.release(lease, outcome="client_gone")  # llama-server may still generate
+    assert lease.instance.pinned_slots == {0}
+    again = scheduler.try_lease("m", pinnable("tea", 2))
+    assert again is not None and again.slot == 1  # not the slot that may still be busy
+    scheduler.release(again)
+    assert lease.instance.pinned_slots == {0}
+
+
+def test_a_restarted_instance_forgets_what_its_slots_held() -> None:
+    policy = PrefixPolicy(PrefixSettings(pin_slots=True))
+    scheduler = _one_instance_scheduler(policy, slots=2)
+    for topic in ("tea", "rust"):
+        lease = scheduler.try_lease("m", pinnable(topic, 1))
+        assert lease is not None
+        scheduler.release(lease)
+    policy.forget_instance("g/x")
+    lease = scheduler.try_lease("m", pinnable("rust", 2))
+    assert lease is not None
+    assert lease.slot == 0  # nothing known: the first free slot, not rust's old one
+    assert policy.decisions["slot_match"] == 0

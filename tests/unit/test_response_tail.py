@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from corral.gateway.proxy import ResponseTail
+from corral.gateway.proxy import ResponseTail, with_id_slot
 
 
 def sse(*events: object) -> bytes:
@@ -75,3 +75,12 @@ def test_the_last_usage_event_wins_and_an_unterminated_one_counts() -> None:
     tail.add(b"data: " + json.dumps(first).encode() + b"\n\n")
     tail.add(b"data: " + json.dumps(second).encode())  # the stream ends without "\n\n"
     assert tail.prompt_usage() == (4, 5, None)
+
+
+def test_id_slot_is_spliced_into_the_body_as_sent() -> None:
+    body = b'  {"model": "m", "messages": [{"role": "user", "content": "{x}"}]}'
+    pinned = with_id_slot(body, 3)
+    assert json.loads(pinned) == {**json.loads(body), "id_slot": 3}
+    assert pinned.endswith(body.lstrip()[1:])  # the rest is untouched, byte for byte
+    assert json.loads(with_id_slot(b"{ }", 0)) == {"id_slot": 0}
+    assert with_id_slot(b"[1]", 2) == b"[1]"  # not an object: left alone

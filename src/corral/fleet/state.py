@@ -106,6 +106,10 @@ class Instance:
     """The supervised process's pid when draining began (a new pid: it restarted)."""
     breaker: Breaker = field(default_factory=Breaker)
     served: int = 0
+    pinned_slots: set[int] = field(default_factory=set)
+    """Slots this balancer's requests in flight were pinned to (``id_slot``)."""
+    unpinned: int = 0
+    """This balancer's requests in flight here without a pin (llama-server chose)."""
     last_used: float = 0.0
     """Scheduler clock when a request last started or ended here (LRU, idle TTL)."""
     started_at: float = field(default_factory=time.time)

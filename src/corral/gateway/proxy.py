@@ -75,6 +75,18 @@ MODEL_ROUTES = (
     "/detokenize",
     "/apply-template",
 )
+#: Routes that run on a llama-server slot and honour ``id_slot`` in the body (b11434:
+#: ``handle_completions_impl``; ``/v1/messages`` drops it in its conversion).
+PIN_ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/chat/completions",
+        "/v1/completions",
+        "/completions",
+        "/completion",
+        "/infill",
+    }
+)
 
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -307,6 +319,21 @@ def _under(path: str, prefixes: list[str]) -> bool:
     if any(segment in (".", "..") for segment in path.split("/")):
         return False
     return any(path.startswith(prefix) for prefix in prefixes)
+
+
+def with_id_slot(body: bytes, slot: int) -> bytes:
+    """``body`` (a JSON object) with ``"id_slot": slot`` as its first member.
+
+    Spliced into the bytes rather than re-serialised, so the rest reaches llama-server
+    exactly as the client sent it. The caller pins only bodies that parsed as an object
+    without an ``id_slot`` of their own.
+    """
+    start = body.find(b"{")
+    if start < 0:
+        return body
+    rest = body[start + 1 :]
+    separator = b"" if rest.lstrip().startswith(b"}") else b","
+    return b'{"id_slot":%d%s%s' % (slot, separator, rest)
 
 
 @dataclass
@@ -616,8 +643,12 @@ class Gateway:
             return self._finish(flags_error, request_id, model, route, started)
         model = flags_error
         session = request.headers.get("X-Session-Id")
+        command = self.host.command_config(model) if self.host is not None else None
         placement = Placement(
-            model=model, body=parsed, headers={"x-session-id": session} if session else {}
+            model=model,
+            body=parsed,
+            headers={"x-session-id": session} if session else {},
+            pinnable=route in PIN_ROUTES and (command is None or command.cmd is None),
         )
         try:
             notices = self._notices(request, parsed, model, request_id)
@@ -800,6 +831,8 @@ class Gateway:
         """
         assert self.session is not None
         url = lease.instance.url.rstrip("/") + request.rel_url.raw_path_qs
+        if lease.slot is not None:
+            body = with_id_slot(body, lease.slot)
         for attempt in (0, 1):
             response: aiohttp.ClientResponse | None = None
             try:
@@ -1022,6 +1055,8 @@ class Gateway:
                     response.headers.add(key, value)
             response.headers["X-Request-Id"] = request_id
             response.headers["X-Corral-Instance"] = lease.instance.id
+            if lease.slot is not None:
+                response.headers["X-Corral-Slot"] = str(lease.slot)
             if upstream.content_length is not None and not is_sse:
                 response.content_length = upstream.content_length
         ttft = time.monotonic() - started

@@ -24,7 +24,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from corral.fleet.state import Agent, Breaker, Fleet, Instance, InstanceIssue, InstanceState
+from corral.fleet.state import (
+    RELEASE_MEMORY,
+    Agent,
+    Breaker,
+    Fleet,
+    Instance,
+    InstanceIssue,
+    InstanceState,
+)
 from corral.scheduling.policies import Placement, Policy
 
 if TYPE_CHECKING:
@@ -100,6 +108,8 @@ class Lease:
     waited: float = 0.0
     released: bool = False
     probe: bool = False  # the one half-open probe of a tripped breaker
+    slot: int | None = None
+    """The slot the request is pinned to (``id_slot``), or None: llama-server picks."""
 
 
 @dataclass(eq=False)
@@ -191,7 +201,9 @@ class Scheduler:
         self, model: str, placement: Placement, exclude: frozenset[str] = frozenset()
     ) -> Lease | None:
         """Claim a slot now if one is free, else None."""
-        return self._grant(self.policy.choose(self._candidates(model, exclude), placement))
+        return self._grant(
+            self.policy.choose(self._candidates(model, exclude), placement), placement
+        )
 
     def _lease_pinned(self, waiter: Waiter) -> Lease | None:
         """A slot on the instance ``waiter`` waits for, if one is free now."""
@@ -201,7 +213,7 @@ class Scheduler:
             return None
         if instance.free_slots <= 0:
             return None
-        return self._grant(self.policy.choose([instance], waiter.placement))
+        return self._grant(self.policy.choose([instance], waiter.placement), waiter.placement)
 
     def _wait_advice(
         self, model: str, placement: Placement, exclude: frozenset[str]
@@ -223,16 +235,24 @@ class Scheduler:
         if decisions is not None:
             decisions[reason] += 1
 
-    def _grant(self, chosen: Instance | None) -> Lease | None:
+    def _grant(self, chosen: Instance | None, placement: Placement) -> Lease | None:
         if chosen is None:
             return None
+        choose_slot = getattr(self.policy, "choose_slot", None)
+        slot = choose_slot(chosen, placement) if choose_slot is not None else None
+        if slot is None:
+            chosen.unpinned += 1
+        else:
+            chosen.pinned_slots.add(slot)
         chosen.in_flight += 1
         chosen.served += 1
         chosen.last_used = self.clock()
         probe = bool(chosen.breaker.failures)
         if probe:
             chosen.breaker.probing = True  # this request is the half-open probe
-        return Lease(instance=chosen, model=chosen.model, granted_at=self.clock(), probe=probe)
+        return Lease(
+            instance=chosen, model=chosen.model, granted_at=self.clock(), probe=probe, slot=slot
+        )
 
     def buffered(self, model: str | None = None) -> int:
         if model is not None:
@@ -365,6 +385,17 @@ class Scheduler:
         lease.released = True
         instance = lease.instance
         instance.in_flight = max(0, instance.in_flight - 1)
+        if lease.slot is None:
+            instance.unpinned = max(0, instance.unpinned - 1)
+        elif outcome == "client_gone":
+            # llama-server may still be generating for the client that left; a request
+            # pinned to that slot would wait inside it. Keep the slot out of pins until
+            # the agent's reports can show it busy (then nothing is pinned there at all).
+            asyncio.get_running_loop().call_later(
+                RELEASE_MEMORY, instance.pinned_slots.discard, lease.slot
+            )
+        else:
+            instance.pinned_slots.discard(lease.slot)
         instance.note_release(self.clock())
         instance.last_used = self.clock()
         if outcome == "upstream_failed":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from corral.scheduling.policies.base import Placement, Policy
 from corral.scheduling.policies.least_busy import LeastBusy
-from corral.scheduling.policies.prefix import PrefixPolicy
+from corral.scheduling.policies.prefix import PrefixPolicy, PrefixSettings
 from corral.scheduling.policies.random import RandomPolicy
 from corral.scheduling.policies.round_robin import RoundRobin
 
@@ -21,7 +21,10 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, *, pin_slots: bool = False) -> Policy:
+    """The policy called ``name``; ``pin_slots`` applies to ``prefix`` only."""
+    if name == "prefix":
+        return PrefixPolicy(PrefixSettings(pin_slots=pin_slots))
     try:
         return POLICIES[name]()
     except KeyError:

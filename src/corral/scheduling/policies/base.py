@@ -16,6 +16,8 @@ class Placement:
     model: str
     body: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    pinnable: bool = False
+    """The route runs on a slot and honours ``id_slot`` (chat and completions)."""
 
 
 class Policy(Protocol):
@@ -23,4 +25,13 @@ class Policy(Protocol):
 
     def choose(self, candidates: Sequence[Instance], request: Placement) -> Instance | None:
         """Pick one of ``candidates`` (all usable, all with a free slot), or None."""
+        ...
+
+
+class SlotPolicy(Policy, Protocol):
+    """A policy that may also pin a request to one slot of the instance it chose."""
+
+    def choose_slot(self, instance: Instance, request: Placement) -> int | None:
+        """The slot (``id_slot``) to run ``request`` on, or None to let llama-server
+        pick; called right after :meth:`choose` picked ``instance``."""
         ...

@@ -84,33 +84,41 @@ learn_rate             0.2       EWMA weight of each feedback sample
 reliability_floor      0.1       an instance's matches never count less than this
 restart_misses         3         zero-cache predictions in a row before forgetting
 max_predictions        4096      placements remembered for feedback (LRU)
+pin_slots              False     also pin each request to a slot (``pin_slots``)
 =====================  ========  ===================================================
 
-Why not pin slots (``id_slot``)
--------------------------------
-llama-server takes ``id_slot`` in a request body to run it on one slot, and the policy
-could track prompts per slot and pin each request to the slot holding its prefix. It
-does not, because there is nothing left to win and something to lose:
+Slot pinning (``pin_slots``, off by default)
+--------------------------------------------
+llama-server runs a request on the slot named by ``id_slot`` in its body. With
+``pin_slots`` the policy keeps, per instance and slot, the prompt it last pinned there,
+and :meth:`PrefixPolicy.choose_slot` (called by the scheduler once the instance is
+chosen) names the free slot whose prompt shares the longest prefix with this one, else
+the least recently used free slot (never-used first). The scheduler's lease carries the
+slot (free again when the response ends; 1.5 s later when the client left, since
+llama-server may still be generating for it) and the gateway writes ``"id_slot": N``
+into the forwarded body (response header ``X-Corral-Slot``). Only chat and completion
+routes are pinned (``/v1/messages`` drops ``id_slot`` in llama-server's conversion), never
+a body with its own ``id_slot``, and nothing is pinned on an instance running requests
+corral did not pin (unpinned routes, other clients: ``foreign_busy``), because then
+which slots are free is not known exactly. Counted as ``slot_match`` / ``slot_lru``.
+
+Why it is off by default:
 
 - Without a pin, llama-server (b11434, ``get_available_slot``) already runs a request on
   the idle slot whose cached prompt shares the longest prefix with it
-  (``--slot-prompt-similarity``), which is the slot a pin would name whenever that slot
-  is idle. When it is busy, a pin would make the request wait inside llama-server
-  (``defer``), invisible to the balancer's buffer and timeouts, while another slot is
-  free; and the busy slot's prompt is usually another conversation's by then anyway.
-- llama-server's RAM prompt cache (``--cache-ram``, on by default) saves a slot's prompt
-  before the slot takes other work and restores the longest match into whichever slot a
-  request gets, so a prefix survives a slot change on the same instance.
-- In ``bench multiturn`` the policy's cached-token fraction equals a perfect oracle's
-  (which always finds the previous turn cached), with the default RAM cache and with
-  one sized like a 70B model's: a slot pin has no cached token left to gain.
-- A pin is only safe when the balancer knows every slot's occupancy exactly. With two
-  balancers over the same agents (high availability), or clients reaching llama-server
-  directly, both would pin to a slot they each think free, and one request would wait
-  behind the other while a slot idles.
-
-Per-instance placement with the wait rule above is what decides cache hits; a client
-that wants a slot anyway can still send ``id_slot`` itself: corral forwards it as is.
+  (``--slot-prompt-similarity``, 0.1 by default), and its RAM prompt cache
+  (``--cache-ram``) saves a slot's prompt before the slot takes other work and restores
+  it into whichever slot the prompt's next request gets. In ``bench multiturn`` the
+  instance-level policy already gets every cached token a perfect oracle would, so a
+  pin has no cached token left to win; what it saves is the RAM cache's save and
+  restore when a conversation changes slot (``bench multiturn`` compares both). With
+  ``--cache-ram 0`` llama-server b11434 reused no prompt at all in that workload (0.7%
+  cached, with or without pins), so pins cannot make up for a missing RAM cache.
+- A pin is safe only when the balancer knows every slot's occupancy. Two balancers over
+  the same agents (high availability), or clients reaching llama-server directly,
+  could both pin to a slot they think free, and one request would wait inside
+  llama-server (``defer``), outside the buffer's timeouts, while another slot idles.
+  Under ``corral serve`` corral is the one client: there it is safe.
 """
 
 from __future__ import annotations
@@ -155,6 +163,7 @@ class PrefixSettings:
     reliability_floor: float = 0.1
     restart_misses: int = 3
     max_predictions: int = 4096
+    pin_slots: bool = False
 
 
 @dataclass(frozen=True)
@@ -294,6 +303,10 @@ class PrefixPolicy:
         self._stats: dict[str, _InstanceStats] = {}
         self._seen: dict[str, tuple[str, int | None, float]] = {}
         self._chars_per_token = self.settings.chars_per_token
+        self._slots: dict[str, dict[int, tuple[list[int], int]]] = {}
+        """Per instance, per slot: the block chain last pinned there and when (a tick)."""
+        self._tick = 0
+        self._last_blocks: tuple[Placement, list[int]] | None = None
 
     # -- placement ------------------------------------------------------------------------
 
@@ -304,6 +317,7 @@ class PrefixPolicy:
         self._notice(candidates)
         least = min(candidates, key=_least_busy_key)
         blocks = self.blocks(request.model, request.body)
+        self._last_blocks = (request, blocks)
         session = self._session_key(request)
         chosen: Instance | None = None
         reason = "no_prompt" if not blocks else "least_busy"
@@ -380,6 +394,52 @@ class PrefixPolicy:
             return None
         return WaitAdvice(holder.id, wait_s, saved_s, min(saved_s, self.settings.max_wait_s))
 
+    def choose_slot(self, instance: Instance, request: Placement) -> int | None:
+        """The slot of ``instance`` to pin ``request`` to, or None (see "Slot pinning").
+
+        Only with ``pin_slots``, for a pinnable route with a prompt key and no
+        ``id_slot`` of the client's own, and only while every busy slot there is one of
+        this balancer's pinned requests (so the free ones are known exactly). Among the
+        free slots: the one whose last pinned prompt shares the longest prefix with this
+        one, else the one used least recently (never-used first).
+        """
+        if not self.settings.pin_slots or not request.pinnable:
+            return None
+        body = request.body
+        if body is None or "id_slot" in body:
+            return None
+        if instance.unpinned or instance.foreign_busy or instance.total_slots <= 0:
+            return None
+        free = [s for s in range(instance.total_slots) if s not in instance.pinned_slots]
+        if not free:
+            return None
+        cached = self._last_blocks
+        if cached is not None and cached[0] is request:
+            blocks = cached[1]
+        else:
+            blocks = self.blocks(request.model, body)
+        if not blocks:
+            return None
+        held = self._slots.setdefault(instance.id, {})
+        best, best_key = free[0], (0, 0)
+        for slot in free:
+            chain, used = held.get(slot, ([], -1))
+            shared = 0
+            for mine, theirs in zip(blocks, chain, strict=False):
+                if mine != theirs:
+                    break
+                shared += 1
+            key = (shared, -used)  # longest match, then least recently used
+            if key > best_key or slot == free[0]:
+                best, best_key = slot, key
+        self._tick += 1
+        held[best] = (blocks, self._tick)
+        if len(held) > instance.total_slots:  # the server came back with fewer slots
+            for gone in [s for s in held if s >= instance.total_slots]:
+                del held[gone]
+        self.decisions["slot_match" if best_key[0] else "slot_lru"] += 1
+        return best
+
     # -- feedback ---------------------------------------------------------------------------
 
     def record_cached(
@@ -449,6 +509,7 @@ class PrefixPolicy:
         blocks, sessions, pending predictions and learned figures."""
         self.tree.forget(instance_id)
         self._stats.pop(instance_id, None)
+        self._slots.pop(instance_id, None)
         for session in [k for k, v in self._sessions.items() if v == instance_id]:
             del self._sessions[session]
         for placed in [k for k in self._predictions if k[0] == instance_id]:
