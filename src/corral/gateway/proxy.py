@@ -643,12 +643,11 @@ class Gateway:
             return self._finish(flags_error, request_id, model, route, started)
         model = flags_error
         session = request.headers.get("X-Session-Id")
-        command = self.host.command_config(model) if self.host is not None else None
         placement = Placement(
             model=model,
             body=parsed,
             headers={"x-session-id": session} if session else {},
-            pinnable=route in PIN_ROUTES and (command is None or command.cmd is None),
+            pinnable=route in PIN_ROUTES and not self._is_command(model),
         )
         try:
             notices = self._notices(request, parsed, model, request_id)
@@ -692,6 +691,10 @@ class Gateway:
             scheduler=self.scheduler,
             host=self.host,
         )
+
+    def _is_command(self, model: str) -> bool:
+        """``model`` is started from a command template (another server, not llama-server)."""
+        return self.host is not None and self.host.command_config(model) is not None
 
     def _command_refusal(self, request: web.Request, model: str) -> web.Response | None:
         """For a model started from a command template (another server, not
