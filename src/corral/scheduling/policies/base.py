@@ -26,12 +26,3 @@ class Policy(Protocol):
     def choose(self, candidates: Sequence[Instance], request: Placement) -> Instance | None:
         """Pick one of ``candidates`` (all usable, all with a free slot), or None."""
         ...
-
-
-class SlotPolicy(Policy, Protocol):
-    """A policy that may also pin a request to one slot of the instance it chose."""
-
-    def choose_slot(self, instance: Instance, request: Placement) -> int | None:
-        """The slot (``id_slot``) to run ``request`` on, or None to let llama-server
-        pick; called right after :meth:`choose` picked ``instance``."""
-        ...

@@ -421,23 +421,24 @@ class PrefixPolicy:
         if not blocks:
             return None
         held = self._slots.setdefault(instance.id, {})
-        best, best_key = free[0], (0, 0)
-        for slot in free:
+
+        def rank(slot: int) -> tuple[int, int]:
+            """Blocks shared with what the slot last held, then least recently used."""
             chain, used = held.get(slot, ([], -1))
-            shared = 0
-            for mine, theirs in zip(blocks, chain, strict=False):
-                if mine != theirs:
-                    break
-                shared += 1
-            key = (shared, -used)  # longest match, then least recently used
-            if key > best_key or slot == free[0]:
-                best, best_key = slot, key
+            shared = next(
+                (i for i, (a, b) in enumerate(zip(blocks, chain, strict=False)) if a != b),
+                min(len(blocks), len(chain)),
+            )
+            return shared, -used
+
+        best = max(free, key=rank)  # ties: the lowest free slot
+        matched = rank(best)[0]
         self._tick += 1
         held[best] = (blocks, self._tick)
         if len(held) > instance.total_slots:  # the server came back with fewer slots
             for gone in [s for s in held if s >= instance.total_slots]:
                 del held[gone]
-        self.decisions["slot_match" if best_key[0] else "slot_lru"] += 1
+        self.decisions["slot_match" if matched else "slot_lru"] += 1
         return best
 
     # -- feedback ---------------------------------------------------------------------------
