@@ -8,10 +8,6 @@ whose ``id_task`` changed), never from corral.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,17 +19,12 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
+from tests.real.serve_process import start_serve
+
 pytestmark = pytest.mark.real
 
 READY_TIMEOUT_S = 60.0
 TOKEN = "pin-test-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _get(url: str, token: str | None = None) -> Any:
@@ -60,41 +51,29 @@ class Pinned:
 def pinned(
     llama_server_bin: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pinned]:
-    tmp = tmp_path_factory.mktemp("pin-slots")
-    inference, management = _free_port(), _free_port()
-    log_path = tmp / "corral.log"
-    env = {**os.environ, "CORRAL_MANAGEMENT_TOKEN": TOKEN, "CORRAL_STATE_DIR": str(tmp)}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable, "-m", "corral.cli", "serve",
-                "--model", str(tiny_model),
-                "--llama-server", str(llama_server_bin),
-                "--inference-addr", f"127.0.0.1:{inference}",
-                "--management-addr", f"127.0.0.1:{management}",
-                "--policy", "prefix", "--pin-slots",
-                "--", "--parallel", "3", "--ctx-size", "3072",
-            ],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{inference}"
+    corral = start_serve(
+        tmp_path_factory.mktemp("pin-slots"),
+        llama_server_bin,
+        tiny_model,
+        TOKEN,
+        serve_args=["--policy", "prefix", "--pin-slots"],
+        llama_args=["--parallel", "3", "--ctx-size", "3072"],
+    )
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             try:
-                fleet = _get(f"http://127.0.0.1:{management}/api/v1/fleet", TOKEN)
+                fleet = _get(corral.management + "/api/v1/fleet", TOKEN)
                 if fleet["instances"] and fleet["instances"][0]["usable"]:
                     break
             except (urllib.error.URLError, OSError, KeyError):
                 pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"corral serve did not become ready:\n{log_path.read_text()[-4000:]}")
+            if corral.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"corral serve did not become ready:\n{corral.log()}")
             time.sleep(0.05)
-        yield Pinned(base, str(fleet["instances"][0]["url"]).rstrip("/"))
+        yield Pinned(corral.base, str(fleet["instances"][0]["url"]).rstrip("/"))
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+        corral.stop()
 
 
 def _tasks(server: str) -> dict[int, int | None]:

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -27,29 +22,15 @@ import psutil
 import pytest
 from openai import OpenAI
 
+from tests.real.serve_process import ServeProcess, start_serve
+
 pytestmark = pytest.mark.real
 
 READY_TIMEOUT_S = 60.0
 TOKEN = "real-test-token"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Corral:
-    process: subprocess.Popen[bytes]
-    base: str
-    management: str
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
+class Corral(ServeProcess):
     def fleet(self) -> dict[str, object]:
         request = urllib.request.Request(
             self.management + "/api/v1/fleet", headers={"Authorization": f"Bearer {TOKEN}"}
@@ -71,36 +52,23 @@ def _healthy(base: str) -> bool:
 def corral(
     llama_server_bin: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Corral]:
-    tmp = tmp_path_factory.mktemp("serve")
-    inference, management = _free_port(), _free_port()
-    log_path = tmp / "corral.log"
-    env = {**os.environ, "CORRAL_MANAGEMENT_TOKEN": TOKEN, "CORRAL_STATE_DIR": str(tmp)}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable, "-m", "corral.cli", "serve",
-                "--model", str(tiny_model),
-                "--llama-server", str(llama_server_bin),
-                "--inference-addr", f"127.0.0.1:{inference}",
-                "--management-addr", f"127.0.0.1:{management}",
-                "--", "--parallel", "4", "--ctx-size", "4096",
-            ],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-    server = Corral(
-        process, f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}", log_path
+    started = start_serve(
+        tmp_path_factory.mktemp("serve"),
+        llama_server_bin,
+        tiny_model,
+        TOKEN,
+        llama_args=["--parallel", "4", "--ctx-size", "4096"],
     )
+    server = Corral(started.process, started.base, started.management, started.log_path)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not _healthy(server.base):
-            if process.poll() is not None or time.monotonic() > deadline:
+            if server.process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"corral serve did not become ready:\n{server.log()}")
             time.sleep(0.05)
         yield server
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+        server.stop()
 
 
 def test_serve_reports_the_real_servers_slots(corral: Corral) -> None:
