@@ -22,7 +22,8 @@ import pytest
 from openai import OpenAI
 
 from corral.catalog.tiny import make_tiny_model
-from tests.real.test_serve_real import READY_TIMEOUT_S, _free_port
+from tests.real.serve_process import free_port as _free_port
+from tests.real.test_serve_real import READY_TIMEOUT_S
 
 pytestmark = pytest.mark.real
 

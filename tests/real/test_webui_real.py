@@ -24,7 +24,8 @@ from playwright.async_api import Browser, expect
 
 from corral.catalog.tiny import make_tiny_model
 from corral.supervisor.binary import InstallError, cached_binary, install_ui, ui_beside
-from tests.real.test_serve_real import READY_TIMEOUT_S, _free_port
+from tests.real.serve_process import free_port as _free_port
+from tests.real.test_serve_real import READY_TIMEOUT_S
 
 pytestmark = pytest.mark.real
 
