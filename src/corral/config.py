@@ -326,6 +326,12 @@ class Settings(BaseModel):
     restart_failure_window: float = Field(
         default=300.0, gt=0, description="Seconds over which restart failures are counted."
     )
+    start_attempts: int = Field(
+        default=2,
+        ge=1,
+        description="Failed starts in a row after which a server that has never been ready "
+        "is marked failed (bad flags or a bad file fail the same way every time).",
+    )
     stop_grace: float = Field(
         default=10.0, ge=0, description="Seconds between SIGTERM and SIGKILL when stopping."
     )
@@ -382,6 +388,7 @@ class Settings(BaseModel):
             backoff_max=self.restart_backoff_max,
             max_failures=self.restart_max_failures,
             failure_window=self.restart_failure_window,
+            start_attempts=self.start_attempts,
             stop_grace=self.stop_grace,
         )
 

@@ -8,7 +8,6 @@ stop is a real process and every request real HTTP.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -374,11 +373,21 @@ async def test_a_model_that_cannot_start_fails_its_waiting_requests_with_the_rea
     models = {"bad": {"args": ["--parallel", "many"]}}
     async with serving(
         tmp_path, monkeypatch, models, restart_max_failures=1, buffered_request_timeout=30
-    ) as (_local, base, http):
+    ) as (local, base, http):
         status, body = await complete(http, base, "bad")
         assert status == 503
-        assert "failed to start" in body["error"]["message"]
-        assert "many" in json.dumps(body)
+        message = body["error"]["message"]
+        assert "failed to start" in message and "exited with code" in message
+        assert "last log lines:" not in message  # the short reason; the log is kept
+        management = f"http://{local.balancer.addresses.management}"
+        async with http.get(management + "/api/v1/models", headers=AUTH) as response:
+            rows = await response.json()
+        (row,) = [r for r in _rows(rows) if r["id"] == "bad"]
+        assert "many" in row["error"]  # the server's own complaint, for the operator
+
+
+def _rows(listing: Any) -> list[dict[str, Any]]:
+    return listing["models"] if isinstance(listing, dict) else listing
 
 
 def test_settings_reject_an_unknown_group(tmp_path: Path) -> None:
@@ -479,3 +488,69 @@ async def test_a_bare_balancer_answers_model_actions_with_501(tmp_path: Path) ->
                 assert error["code"] == 501 and "corral serve" in error["message"]
     finally:
         await balancer.stop()
+
+
+async def test_per_request_flags_out_of_range_are_a_400_and_start_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serving(tmp_path, monkeypatch, {"a": {}}) as (local, base, http):
+        url = base + "/v1/chat/completions"
+        assert local.host is not None
+        for flags, named in (
+            ("-np 512", "-np"),
+            ("-c -5", "-c"),
+            ("-c 99999999999999999999999", "-c"),
+            ("--top-p 7", "--top-p"),
+        ):
+            async with http.post(url, json=chat("a"), headers={"X-Corral-Flags": flags}) as r:
+                body = await r.json()
+            assert r.status == 400, (flags, body)
+            assert f"flag {named}:" in body["error"]["message"]
+            assert "allowed:" in body["error"]["message"]
+        # within the syntax, but more memory than the machine has in all: also a 400
+        local.host.total_memory = lambda: 1024
+        async with http.post(url, json=chat("a"), headers={"X-Corral-Flags": "-c 8192"}) as r:
+            body = await r.json()
+        assert r.status == 400, body
+        assert "more than this host's" in body["error"]["message"]
+        assert local.host.loads == 0
+        async with http.post(url, json=chat("a"), headers={"X-Corral-Flags": "-c 2048"}) as r:
+            assert r.status == 400  # 1 KiB still holds no model: nothing started
+        assert local.host.loads == 0
+
+
+async def test_flags_that_fail_to_start_are_refused_at_once_and_hold_up_no_other_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = {}
+    for model_id in ("a", "b"):
+        path = tmp_path / f"{model_id}.gguf"
+        path.write_bytes(b"GGUF")
+        table[model_id] = {"path": str(path)}
+    binary = fake_binary(tmp_path, "--kv-limit", "8192")  # -c above 8192 cannot start
+    async with serving_table(tmp_path, monkeypatch, table, binary, buffered_request_timeout=30) as (
+        local,
+        base,
+        http,
+    ):
+        assert local.host is not None
+        url = base + "/v1/chat/completions"
+        headers = {"X-Corral-Flags": "-c 65536"}
+        async with http.post(url, json=chat("a"), headers=headers) as r:
+            body = await r.json()
+        assert r.status == 400, body
+        message = body["error"]["message"]
+        assert "failed to start" in message
+        assert "0x" not in message and "last log lines:" not in message
+        launches = local.host.loads
+        assert launches == 1  # tried once (start_attempts launches), then given up
+        # the same flags again: refused at once with the reason, nothing started
+        async with http.post(
+            url, json=chat("a"), headers={"X-Corral-Flags": "--ctx-size 65536"}
+        ) as r:
+            again = await r.json()
+        assert r.status == 400
+        assert "failed within the last" in again["error"]["message"]
+        assert local.host.loads == launches
+        # another model loads and serves meanwhile
+        assert (await complete(http, base, "b"))[0] == 200

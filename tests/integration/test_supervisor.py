@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -61,7 +62,7 @@ async def test_instance_is_ready_only_once_health_answers_200() -> None:
     assert instance.state == "stopped"
 
 
-async def test_a_crashing_server_is_restarted_then_marked_failed_with_its_log() -> None:
+async def test_a_server_that_never_starts_is_tried_start_attempts_times_then_failed() -> None:
     crash = [sys.executable, "-c", "import sys; print('model file is corrupt'); sys.exit(3)"]
     instance, states = supervised(crash, free_port())
     instance.start()
@@ -70,9 +71,68 @@ async def test_a_crashing_server_is_restarted_then_marked_failed_with_its_log() 
     assert instance.last_exit_code == 3
     assert "exited with code 3 before it was ready" in instance.last_error
     assert "model file is corrupt" in instance.last_error
-    assert instance.restarts == FAST.max_failures - 1
+    assert instance.launches == FAST.start_attempts < FAST.max_failures
+    assert instance.restarts == FAST.start_attempts - 1
     assert states[-1] == "failed"
     await instance.stop()
+
+
+async def test_a_server_that_was_ready_is_restarted_until_max_failures(tmp_path: Path) -> None:
+    """Crashes after a ready run count towards max_failures, not start_attempts."""
+    port = free_port()
+    marker = tmp_path / "ran"
+    # ready on the first run only; every later run crashes before it is ready
+    script = (
+        "import os, sys, runpy\n"
+        f"marker = {str(marker)!r}\n"
+        "if os.path.exists(marker):\n"
+        "    print('crash after a ready run'); sys.exit(4)\n"
+        "open(marker, 'w').close()\n"
+        f"sys.argv = ['fake', '--port', '{port}']\n"
+        "runpy.run_module('corral.testing.fake_llama_server', run_name='__main__')\n"
+    )
+    instance, _ = supervised([sys.executable, "-c", script], port)
+    instance.start()
+    try:
+        assert await asyncio.wait_for(instance.wait_ready(), 15)
+        assert instance.child is not None and instance.child.pid is not None
+        psutil.Process(instance.child.pid).kill()
+        await wait_for(lambda: instance.state == "failed", "the supervisor to give up")
+        assert instance.launches == FAST.max_failures
+        assert "crash after a ready run" in instance.last_error
+    finally:
+        await instance.stop()
+
+
+async def test_the_first_crash_restarts_at_once_then_the_backoff_applies() -> None:
+    port = free_port()
+    slow = SupervisorOptions(
+        startup_timeout=10.0, backoff_initial=30.0, max_failures=5, stop_grace=1.0
+    )
+    instance, _ = supervised(fake_args(port), port, slow)
+    instance.start()
+    try:
+        assert await asyncio.wait_for(instance.wait_ready(), 15)
+        assert instance.child is not None and instance.child.pid is not None
+        first_pid = instance.child.pid
+        psutil.Process(first_pid).kill()
+        # with a 30 s backoff, only an immediate restart is ready within the wait below
+        await wait_for(
+            lambda: instance.state == "ready" and instance.child is not None
+            and instance.child.pid != first_pid,
+            "a restarted, ready server",
+        )  # fmt: skip
+        second_pid = instance.child.pid
+        assert second_pid is not None
+        psutil.Process(second_pid).kill()
+        await wait_for(lambda: instance.state == "starting", "the second crash noticed")
+        # an immediate restart would have launched a new child before the state read
+        # "starting" again; with the backoff the crashed one is still the last child
+        assert instance.child.pid == second_pid, "the second crash waits for the backoff"
+        assert "exited with code -9" in instance.last_error
+        assert instance.restarts == 1
+    finally:
+        await instance.stop()
 
 
 async def test_a_server_that_never_gets_ready_times_out_and_is_killed() -> None:

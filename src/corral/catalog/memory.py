@@ -82,6 +82,11 @@ def available_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def total_bytes() -> int:
+    """This machine's memory in all: what no eviction can go beyond."""
+    return int(psutil.virtual_memory().total)
+
+
 def format_bytes(value: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(value) < 1024 or unit == "GiB":

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
+from aiohttp.web_protocol import RequestPayloadError
 
 from corral.gateway.auth import key_matches, presented_key
 from corral.gateway.errors import error_response, sse_error_event
@@ -105,13 +107,26 @@ HOP_BY_HOP = frozenset(
         "x-api-key",
         "X-Model-Id",
         NOTICES_HEADER,
+        # aiohttp decodes the body (gzip, deflate, ...): what goes upstream is plain
+        "Content-Encoding",
     )
+)
+#: Request Content-Encodings aiohttp decodes before the body reaches corral; anything
+#: else is refused with a 415 rather than forwarded (llama-server decodes none).
+DECODED_ENCODINGS = frozenset(
+    {"", "identity", "gzip", "deflate"}
+    | ({"br"} if HAS_BROTLI else set())
+    | ({"zstd"} if HAS_ZSTD else set())
 )
 RESPONSE_DROP = frozenset(
     h.lower()
     for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Server", "Date")
 )
 RETRY_STATUSES = frozenset({502, 503})
+#: The status recorded for a response its client did not stay for (nginx's 499).
+CLIENT_GONE = 499
+#: Set on a request once its response is counted, so a cancellation counts it once.
+RECORDED: web.RequestKey[bool] = web.RequestKey("corral_recorded", bool)
 
 _request_ids = itertools.count(1)
 _REQUEST_PREFIX = os.urandom(3).hex()
@@ -572,6 +587,16 @@ class Gateway:
         denied = self._preflight(request) or self._unauthorized(request)
         if denied is not None:
             return self._finish(denied, request_id, "", route, started)
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in DECODED_ENCODINGS:
+            request.content.feed_eof()  # the rest of the body is not read: no lingering
+            unsupported = error_response(
+                415,
+                f"Content-Encoding {encoding!r} is not supported; send the body as is, or "
+                "encoded with one of: " + ", ".join(sorted(DECODED_ENCODINGS - {"", "identity"})),
+            )
+            unsupported.force_close()
+            return self._finish(unsupported, request_id, "", route, started)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -584,6 +609,17 @@ class Gateway:
                 route,
                 started,
             )
+        except RequestPayloadError as exc:
+            # a body its Content-Encoding does not decode (or a broken chunk): the
+            # client's fault. The rest is unreadable, so the connection closes after this.
+            request.content.feed_eof()
+            unreadable = error_response(
+                400,
+                f"request body could not be read: {str(exc).splitlines()[-1].strip()} "
+                f"(Content-Encoding: {encoding or 'none'})",
+            )
+            unreadable.force_close()
+            return self._finish(unreadable, request_id, "", route, started)
         parsed: dict[str, Any] | None = None
         if body and request.method == "POST" and route != "other":
             try:
@@ -591,6 +627,14 @@ class Gateway:
             except (ValueError, UnicodeDecodeError) as exc:
                 return self._finish(
                     error_response(400, f"request body is not valid JSON: {exc}"),
+                    request_id,
+                    "",
+                    route,
+                    started,
+                )
+            except RecursionError:
+                return self._finish(
+                    error_response(400, "request body is not valid JSON: it is nested too deeply"),
                     request_id,
                     "",
                     route,
@@ -657,6 +701,11 @@ class Gateway:
             return await self._relay(
                 request, body, model, placement, request_id, route, started, notices
             )
+        except asyncio.CancelledError:
+            # the client left before its response began (in the buffer, say)
+            if not request.get(RECORDED):
+                self._record(CLIENT_GONE, request_id, model, route, started, "", 0.0)
+            raise
         except SchedulingError as exc:
             return self._finish(
                 error_response(exc.status, exc.message, exc.error_type, exc.headers),
@@ -733,7 +782,7 @@ class Gateway:
             return listed[0]
         raise ModelRequired(
             "this server serves several models and none is ready; set `model` to one of: "
-            + ", ".join(self.scheduler.known_models())
+            + ", ".join(self.scheduler.askable_names())
         )
 
     def _apply_flags(self, request: web.Request, model: str) -> str | web.Response:
@@ -752,7 +801,11 @@ class Gateway:
             flags = normalize_flags(raw)
         except RequestFlagError as exc:
             return error_response(400, str(exc))
-        return self.host.flagged_key(model, flags)
+        key = self.host.flagged_key(model, flags)
+        refused = self.host.refuse_flags(key)
+        if refused is not None:
+            return error_response(400, refused)
+        return key
 
     def _finish(
         self,
@@ -1111,18 +1164,30 @@ class Gateway:
                     await response.write(chunk)
             await response.write_eof()
             clean = True
-        except ConnectionResetError:
-            # the client went away. Often it had everything: the openai client closes a
-            # stream at `data: [DONE]`, racing the final chunk. What the server generated
-            # still counts (tokens, cache feedback) before the error goes on.
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
+            # the client went away (a write to its closed connection, or aiohttp
+            # cancelling this handler when it saw the disconnect): an ordinary event,
+            # logged without a traceback and counted as 499 (nginx's "client closed
+            # request"). Often it had everything: the openai client closes a stream at
+            # `data: [DONE]`, racing the final chunk; then it counts as what it was.
+            # What the server generated counts either way (tokens, cache feedback).
             usage = tail.usage() if response.status == 200 else TokenUsage()
+            status = response.status if usage.generated is not None else CLIENT_GONE
+            log.info(
+                "client went away mid-response request_id=%s instance=%s",
+                request_id,
+                lease.instance.id,
+            )
+            self._record(
+                status, request_id, model, route, started, lease.instance.id, waited, ttft,
+                usage,
+            )  # fmt: skip
             if usage.generated is not None:
-                self._record(
-                    response.status, request_id, model, route, started, lease.instance.id,
-                    waited, ttft, usage,
-                )  # fmt: skip
                 self._learn(usage, lease, placement, time.monotonic() - started)
-            raise
+            request[RECORDED] = True
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return response  # aiohttp sees the closed connection and writes nothing more
         finally:
             if watch is not None:
                 watch.cancel()

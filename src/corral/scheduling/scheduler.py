@@ -92,6 +92,10 @@ class Loader(Protocol):
         """Model ids clients may ask for (unlisted ones left out)."""
         ...
 
+    def names(self) -> list[str]:
+        """The ids and aliases of the listed models: what a client may put in ``model``."""
+        ...
+
     def request(self, model: str) -> bool:
         """A request for ``model`` is about to wait: start an instance if none is
         running or coming. True while one is being loaded (the wait may be longer)."""
@@ -165,6 +169,19 @@ class Scheduler:
             served.update(self.loader.listed())
         return sorted(served)
 
+    def askable_names(self) -> list[str]:
+        """The names a client may ask for, sorted: ids and aliases of the models served
+        and of those the loader can start. Pool names a client never chose (a model run
+        with per-request flags, ``ID+DIGEST``) are left out."""
+        names: set[str] = set()
+        for instance in self.fleet.instances.values():
+            if self.loader is not None and self.loader.resolve(instance.model) is not None:
+                continue  # the loader's own: listed below by id and alias, unless unlisted
+            names.update(name for name in instance.names if name)
+        if self.loader is not None:
+            names.update(self.loader.names())
+        return sorted(names)
+
     def resolve_model(self, requested: str | None) -> str:
         """The pool a request goes to, or an error a client can act on."""
         served = self.known_models()
@@ -178,14 +195,16 @@ class Scheduler:
             if not served:
                 return ANY_MODEL  # scale from zero: any model that appears will do
             raise ModelRequired(
-                "this server serves several models; set `model` to one of: " + ", ".join(served)
+                "this server serves several models; set `model` to one of: "
+                + ", ".join(self.askable_names())
             )
         resolved = self.fleet.resolve(requested)
         if resolved is not None:
             return resolved
         if not self.fleet.instances and not self.fleet.known_models:
             return requested  # nothing registered yet: wait for it (scale from zero)
-        listed = ", ".join(served) if served else "(none ready right now)"
+        askable = self.askable_names()
+        listed = ", ".join(askable) if askable else "(none ready right now)"
         raise UnknownModel(f"model {requested!r} is not served here; models: {listed}")
 
     # -- leases -----------------------------------------------------------------------

@@ -46,11 +46,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from corral.catalog.discovery import Catalog, CatalogModel
-from corral.catalog.memory import available_bytes, estimate_bytes, format_bytes
+from corral.catalog.memory import available_bytes, estimate_bytes, format_bytes, total_bytes
 from corral.config import ModelConfig, Settings
 from corral.control.tokens import state_dir
 from corral.fleet.state import Instance
-from corral.scheduling.scheduler import NoCapacity, Scheduler
+from corral.scheduling.scheduler import NoCapacity, Scheduler, SchedulingError
 from corral.supervisor.managed import ManagedInstance, ManagedOptions
 from corral.supervisor.process import PortLease, lease_port
 
@@ -65,8 +65,27 @@ TTL_CHECK_INTERVAL = 1.0
 HostedState = Literal["loading", "loaded", "unloading"]
 
 
+#: Seconds a model run with per-request flags that failed to start is refused at once
+#: (with the reason) instead of being started again.
+FAILED_FLAGS_HOLD = 60.0
+
+
 class LoadRefused(Exception):
-    """A model cannot be loaded here; the message says why and what to change."""
+    """A model cannot be loaded here; the message says why and what to change.
+
+    ``detail`` is the longer story for the operator (the server's last log lines): the
+    management API shows it; a client gets only the message."""
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message
+
+
+class FlagsRefused(SchedulingError):
+    """A request's per-request flags cannot run here: the client's to change (400)."""
+
+    status = 400
+    error_type = "invalid_request_error"
 
 
 @dataclass(eq=False)
@@ -121,6 +140,9 @@ class ModelHost:
         self.loads = 0
         """llama-servers started (one per load)."""
         self._flags: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._failed_flags: dict[str, tuple[float, str]] = {}
+        """Flagged keys whose start failed: (until, reason); refused at once till then."""
+        self.total_memory = total_bytes
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -139,6 +161,13 @@ class ModelHost:
 
     def listed(self) -> list[str]:
         return [m.id for m in self.catalog.models if not self._config(m).unlisted]
+
+    def names(self) -> list[str]:
+        names: list[str] = []
+        for model in self.catalog.models:
+            if not self._config(model).unlisted:
+                names += [model.id, *model.aliases]
+        return names
 
     def request(self, model: str) -> bool:
         """Queue a load of ``model`` unless an instance is up, coming or queued."""
@@ -176,6 +205,35 @@ class ModelHost:
         key = f"{model}+{digest}"
         self._flags[key] = (model, flags)
         return key
+
+    def refuse_flags(self, key: str) -> str | None:
+        """Why the flagged pool ``key`` must not start (a client's 400), or None: its
+        estimate is more than this machine's memory in all, or it failed to start
+        less than :data:`FAILED_FLAGS_HOLD` seconds ago."""
+        spec = self._spec(key)
+        if spec is None or not spec[1]:
+            return None
+        failed = self._failed_flags.get(key)
+        if failed is not None:
+            until, reason = failed
+            if time.monotonic() < until:
+                return (
+                    f"{reason} (these flags failed within the last {FAILED_FLAGS_HOLD:g} s; "
+                    "corral refuses them until then: change them)"
+                )
+            del self._failed_flags[key]
+        model, flags = spec
+        if self._config(model).cmd is not None or not self.settings.memory_check:
+            return None
+        estimate = estimate_bytes(model, self._args(model, flags))
+        total = self.total_memory()
+        if estimate > total:
+            return (
+                f"flags {' '.join(flags)} need about {format_bytes(estimate)} for model "
+                f"{model.id!r} (weights + KV cache), more than this host's "
+                f"{format_bytes(total)} in all: lower -c (--ctx-size) or --parallel"
+            )
+        return None
 
     def load(self, model: str) -> str:
         """Load ``model`` (an id or alias) even with nobody waiting; its key."""
@@ -333,7 +391,7 @@ class ModelHost:
                 try:
                     await self._load(key)
                 except LoadRefused as exc:
-                    self._refuse(key, str(exc))
+                    self._refuse(key, str(exc), exc.detail)
                 except Exception as exc:  # one bad load must not stop later ones
                     log.exception("load failed key=%s", key)
                     self._refuse(key, f"{type(exc).__name__}: {exc}")
@@ -341,10 +399,18 @@ class ModelHost:
                     self.loading = None
                     self.explicit.discard(key)
 
-    def _refuse(self, key: str, message: str) -> None:
-        self.last_error[key] = message
-        failed = self.scheduler.fail_waiters(key, NoCapacity(message))
-        log.error("load refused key=%s waiting=%d reason=%s", key, failed, message)
+    def _refuse(self, key: str, message: str, detail: str | None = None) -> None:
+        """Fail the load of ``key``: its waiters get ``message`` (a 400 when the flags
+        they asked for are to blame, else a 503); ``detail`` (log lines and all) is
+        kept for the management API and the log."""
+        self.last_error[key] = detail or message
+        spec = self._spec(key)
+        error: SchedulingError = NoCapacity(message)
+        if spec is not None and spec[1]:
+            self._failed_flags[key] = (time.monotonic() + FAILED_FLAGS_HOLD, message)
+            error = FlagsRefused(message)
+        failed = self.scheduler.fail_waiters(key, error)
+        log.error("load refused key=%s waiting=%d reason=%s", key, failed, detail or message)
         self.scheduler.emit({"type": "model", "model": key, "event": "load_failed"})
 
     async def _load(self, key: str) -> None:
@@ -488,7 +554,13 @@ class ModelHost:
             error = managed.supervisor.last_error or "did not start"
             del self.running[key]
             await managed.stop()
-            raise LoadRefused(f"model {key!r} failed to start: {error}")
+            short = error.split("; last log lines:", 1)[0].strip()
+            shown = f"{model.id!r} with flags {' '.join(flags)}" if flags else repr(key)
+            raise LoadRefused(
+                f"model {shown} failed to start: {short}; its last log lines are in the "
+                "management API (GET /api/v1/models, `error`) and corral's log",
+                f"model {key!r} failed to start: {error}",
+            )
         # ready for the balancer once its agent has reported it usable
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline and self.running.get(key) is hosted:

@@ -5,11 +5,15 @@ States follow ARCHITECTURE.md: ``starting -> ready -> (draining) -> stopped``, o
 server answers 503 while loading) and notices at once when the process exits first;
 after ``startup_timeout`` the start has failed, with the last log lines in the error.
 
-An unexpected exit restarts the server after a backoff that starts at
-``backoff_initial`` and doubles up to ``backoff_max``, reset once the server has stayed
-up for ``backoff_reset_after``. ``max_failures`` failures (crashes or failed starts)
-within ``failure_window`` seconds mark it ``failed`` for good, with the exit code and
-the last log lines; a manual :meth:`restart` clears that. Every state change calls
+An unexpected exit restarts the server at once the first time (requests are waiting
+for it, and one crash says little), then after a backoff that starts at
+``backoff_initial`` and doubles up to ``backoff_max``; the streak starts over once the
+server has stayed up for ``backoff_reset_after``. ``max_failures`` failures (crashes or
+failed starts) within ``failure_window`` seconds mark it ``failed`` for good, with the
+exit code and the last log lines; a manual :meth:`restart` clears that. A server that
+has never been ready is given up sooner, after ``start_attempts`` failed starts in a
+row: bad arguments or a bad file fail the same way every time, and a crash loop would
+only hold up whoever waits for it. Every state change calls
 ``on_change`` so whoever reports the instance (the agent) can do so at once.
 
 :meth:`as_dict` carries cumulative counts over the supervisor's life (``launches``,
@@ -59,6 +63,8 @@ class SupervisorOptions:
     """Seconds up after which the next crash starts the backoff over."""
     max_failures: int = 5
     failure_window: float = 300.0
+    start_attempts: int = 2
+    """Failed starts in a row after which a server that was never ready is ``failed``."""
     stop_grace: float = 10.0
     """Seconds between SIGTERM and SIGKILL when stopping."""
 
@@ -182,6 +188,7 @@ class SupervisedInstance:
 
     async def _supervise(self) -> None:
         backoff = self.options.backoff_initial
+        streak = 0  # failures since the server last stayed up for backoff_reset_after
         async with aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=2.0),
             connector=aiohttp.TCPConnector(force_close=True),
@@ -213,6 +220,7 @@ class SupervisedInstance:
                     error = f"exited with code {code}"
                     if time.monotonic() - launched > self.options.backoff_reset_after:
                         backoff = self.options.backoff_initial
+                        streak = 0
                 elif self.child.running():
                     await self.child.stop(self.options.stop_grace)
                 if self._stopping:
@@ -224,14 +232,19 @@ class SupervisedInstance:
                 self.failures.append(now)
                 while self.failures and now - self.failures[0] > self.options.failure_window:
                     self.failures.popleft()
-                if len(self.failures) >= self.options.max_failures:
+                streak += 1
+                never_ready = self.readies == 0 and streak >= self.options.start_attempts
+                if len(self.failures) >= self.options.max_failures or never_ready:
                     log.error("instance failed for good name=%s %s", self.name, message)
                     self._set("failed", message)
                     return
-                log.error("instance down name=%s restart_in=%.1fs %s", self.name, backoff, message)
+                delay = 0.0 if streak == 1 else backoff
+                if streak > 1:
+                    backoff = min(backoff * 2, self.options.backoff_max)
+                log.error("instance down name=%s restart_in=%.1fs %s", self.name, delay, message)
                 self._set("starting", message)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.options.backoff_max)
+                if delay:
+                    await asyncio.sleep(delay)
                 self.restarts += 1
 
     async def _until_ready(self, session: aiohttp.ClientSession) -> str | None:

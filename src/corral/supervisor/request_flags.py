@@ -37,15 +37,38 @@ class RequestFlagError(ValueError):
     """Flags a request may not use; the message names the flag and why."""
 
 
-def _int(value: str) -> str:
-    return str(int(value, 10))
+#: llama-server parses integer flags with ``std::stoi``: a 32-bit int, or it exits.
+INT32 = (-(2**31), 2**31 - 1)
+#: Finite single-precision floats (sampling parameters are ``float``).
+FLOAT32 = 3.4028234663852886e38
 
 
-def _float(value: str) -> str:
-    number = float(value)
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ValueError("not a finite number")
-    return repr(number).removesuffix(".0") if number.is_integer() else repr(number)
+def _int_in(low: int, high: int) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        number = int(value, 10)
+        if not low <= number <= high:
+            raise ValueError(f"allowed: {low} to {high}")
+        return str(number)
+
+    check.range = (low, high)  # type: ignore[attr-defined]
+    return check
+
+
+def _float_in(low: float, high: float) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        number = float(value)
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError("not a finite number")
+        if not low <= number <= high:
+            raise ValueError(f"allowed: {low:g} to {high:g}")
+        return repr(number).removesuffix(".0") if number.is_integer() else repr(number)
+
+    check.range = (low, high)  # type: ignore[attr-defined]
+    return check
+
+
+_int = _int_in(*INT32)
+_float = _float_in(-FLOAT32, FLOAT32)
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -58,6 +81,14 @@ def _choice(*choices: str) -> Callable[[str], str]:
 
 
 _ON_OFF = _choice("on", "off", "auto")
+
+#: Most sequences llama.cpp runs at once (``LLAMA_MAX_SEQ``); more and it exits.
+MAX_PARALLEL = 256
+#: Largest context a request may ask for (tokens, 2^24); the host's memory bounds it
+#: further (:meth:`corral.supervisor.host.ModelHost.refuse_flags`).
+MAX_CTX = 2**24
+#: Largest batch (tokens): larger ones only grow the compute buffers.
+MAX_BATCH = 2**17
 _CACHE_TYPES = _choice("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 
@@ -73,52 +104,52 @@ class Allowed:
 
 _TABLE: list[tuple[tuple[str, ...], Callable[[str], str] | None, str | None]] = [
     # sampling
-    (("--temp", "--temperature"), _float, None),
-    (("--top-k",), _int, None),
-    (("--top-p",), _float, None),
-    (("--min-p",), _float, None),
-    (("--typical", "--typical-p"), _float, None),
+    (("--temp", "--temperature"), _float_in(0.0, 100.0), None),
+    (("--top-k",), _int_in(0, INT32[1]), None),
+    (("--top-p",), _float_in(0.0, 1.0), None),
+    (("--min-p",), _float_in(0.0, 1.0), None),
+    (("--typical", "--typical-p"), _float_in(0.0, 1.0), None),
     (("--repeat-penalty",), _float, None),
-    (("--repeat-last-n",), _int, None),
+    (("--repeat-last-n",), _int_in(-1, INT32[1]), None),
     (("--presence-penalty",), _float, None),
     (("--frequency-penalty",), _float, None),
     (("--dry-multiplier",), _float, None),
     (("--dry-base",), _float, None),
-    (("--dry-allowed-length",), _int, None),
-    (("--xtc-probability",), _float, None),
+    (("--dry-allowed-length",), _int_in(0, INT32[1]), None),
+    (("--xtc-probability",), _float_in(0.0, 1.0), None),
     (("--xtc-threshold",), _float, None),
     (("--dynatemp-range",), _float, None),
     (("--dynatemp-exp",), _float, None),
-    (("--mirostat",), _int, None),
+    (("--mirostat",), _int_in(0, 2), None),
     (("--mirostat-lr",), _float, None),
     (("--mirostat-ent",), _float, None),
-    (("-s", "--seed"), _int, None),
-    (("-n", "--n-predict", "--predict"), _int, None),
+    (("-s", "--seed"), _int_in(-1, 2**32 - 1), None),
+    (("-n", "--n-predict", "--predict"), _int_in(-2, INT32[1]), None),
     # context and batching
-    (("-c", "--ctx-size"), _int, None),
-    (("-np", "--parallel"), _int, None),
-    (("-b", "--batch-size"), _int, None),
-    (("-ub", "--ubatch-size"), _int, None),
-    (("--keep",), _int, None),
+    (("-c", "--ctx-size"), _int_in(0, MAX_CTX), None),
+    (("-np", "--parallel"), _int_in(1, MAX_PARALLEL), None),
+    (("-b", "--batch-size"), _int_in(1, MAX_BATCH), None),
+    (("-ub", "--ubatch-size"), _int_in(1, MAX_BATCH), None),
+    (("--keep",), _int_in(-1, MAX_CTX), None),
     (("--rope-scaling",), _choice("none", "linear", "yarn"), None),
     (("--rope-freq-base",), _float, None),
     (("--rope-freq-scale",), _float, None),
-    (("--yarn-orig-ctx",), _int, None),
+    (("--yarn-orig-ctx",), _int_in(0, MAX_CTX), None),
     (("--yarn-ext-factor",), _float, None),
     (("--yarn-attn-factor",), _float, None),
     (("-fa", "--flash-attn"), _ON_OFF, "on"),
     (("--context-shift",), None, None),
     (("--no-context-shift",), None, None),
-    (("--reasoning-budget",), _int, None),
+    (("--reasoning-budget",), _int_in(-1, INT32[1]), None),
     (("--reasoning-format",), _choice("none", "deepseek", "deepseek-legacy", "auto"), None),
     # cache
     (("-ctk", "--cache-type-k"), _CACHE_TYPES, None),
     (("-ctv", "--cache-type-v"), _CACHE_TYPES, None),
-    (("--cache-reuse",), _int, None),
+    (("--cache-reuse",), _int_in(0, MAX_CTX), None),
     (("-nkvo", "--no-kv-offload"), None, None),
     (("-kvu", "--kv-unified"), None, None),
     (("--swa-full",), None, None),
-    (("-cram", "--cache-ram"), _int, None),
+    (("-cram", "--cache-ram"), _int_in(-1, INT32[1]), None),
     (("--no-cache-prompt",), None, None),
 ]
 
@@ -166,7 +197,11 @@ def normalize(raw: str) -> tuple[str, ...]:
         try:
             chosen[allowed.name] = allowed.value(value)
         except ValueError as exc:
-            raise RequestFlagError(f"flag {name}: bad value {value!r} ({exc})") from None
+            why = str(exc)
+            bounds = getattr(allowed.value, "range", None)
+            if bounds is not None and "allowed" not in why:
+                why = f"{why}; allowed: {bounds[0]:g} to {bounds[1]:g}"
+            raise RequestFlagError(f"flag {name}: bad value {value!r} ({why})") from None
     out: list[str] = []
     for name in sorted(chosen):
         out.append(name)

@@ -1485,6 +1485,9 @@ def _middleware(server: FakeLlamaServer) -> Any:
                 return await handler(request)
             server.counters.requests_total += 1
             server.note_connection(request)
+            if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+                # llama-server (cpp-httplib, built without zlib) decodes no request body
+                return web.Response(status=415, text="Unsupported Media Type")
             if server.refusing:
                 if request.transport is not None:
                     request.transport.abort()
@@ -1607,6 +1610,13 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[FakeOptions, str, int]:
         default=os.environ.get("LLAMA_ARG_STATIC_PATH") or None,
         help="serve DIR/index.html at / (llama-server's static files; env LLAMA_ARG_STATIC_PATH)",
     )
+    p.add_argument(
+        "--kv-limit",
+        type=int,
+        default=None,
+        help="fault: exit at start, as llama-server does when its KV cache cannot be "
+        "allocated, if --ctx-size is larger than this",
+    )
     p.add_argument("--log-level", default="INFO")
     # real llama-server flags the fake has no use for (sampling, cache ...) are accepted
     # and ignored, so corral can pass what it passes to the real one
@@ -1617,6 +1627,14 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[FakeOptions, str, int]:
         p.error("--slots, --tokens, --ctx-size and --n-embd must be >= 1")
     if a.load_delay < 0 or a.token_delay < 0:
         p.error("delays must be >= 0")
+    if a.kv_limit is not None and a.ctx_size > a.kv_limit:
+        print(
+            f"llama_kv_cache: failed to allocate buffer for {a.ctx_size} cells\n"
+            "common_init_from_params: failed to create context\n"
+            "srv load_model: failed to load model",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
     logging.basicConfig(
         level=a.log_level.upper(),
         stream=sys.stderr,

@@ -1,0 +1,180 @@
+"""Bad input at the front door: every class gets a clear OpenAI-shaped 4xx and loses
+nothing; the same llama-server keeps serving afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import zlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet, wait_for
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    fleet = await start_fleet(buffered_request_timeout=5.0, api_keys=["right-key"])
+    try:
+        yield fleet
+    finally:
+        await fleet.close()
+
+
+AUTH = {"Authorization": "Bearer right-key"}
+
+
+async def post_raw(
+    fleet: Fleet, path: str, data: bytes, headers: dict[str, str]
+) -> tuple[int, str, dict[str, object] | None]:
+    assert fleet.http is not None
+    async with fleet.http.post(fleet.base + path, data=data, headers=headers) as response:
+        content_type = response.content_type
+        body = (
+            await response.json(content_type=None) if content_type == "application/json" else None
+        )
+        return response.status, content_type, body
+
+
+async def assert_still_serves(fleet: Fleet) -> None:
+    status, body, _ = await fleet.post("/v1/chat/completions", {**CHAT, "model": "m"}, AUTH)
+    assert status == 200, body
+
+
+async def test_json_nested_a_hundred_thousand_deep_is_a_400(fleet: Fleet) -> None:
+    await fleet.add_fake(model="m", slots=1)
+    deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, content_type, body = await post_raw(
+        fleet, "/v1/chat/completions", deep, {**AUTH, "Content-Type": "application/json"}
+    )
+    assert (status, content_type) == (400, "application/json")
+    assert body is not None and "nested too deeply" in body["error"]["message"]  # type: ignore[index]
+    await assert_still_serves(fleet)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_its_content_encoding_does_not_decode_is_a_400(
+    fleet: Fleet, encoding: str
+) -> None:
+    await fleet.add_fake(model="m", slots=1)
+    status, content_type, body = await post_raw(
+        fleet,
+        "/v1/chat/completions",
+        b"this is not " + encoding.encode(),
+        {**AUTH, "Content-Type": "application/json", "Content-Encoding": encoding},
+    )
+    assert (status, content_type) == (400, "application/json")
+    assert body is not None
+    assert "could not be read" in body["error"]["message"]  # type: ignore[index]
+    assert body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    await assert_still_serves(fleet)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "encode"),
+    [("gzip", gzip.compress), ("deflate", zlib.compress)],
+)
+async def test_a_valid_encoded_body_reaches_llama_server_decoded(
+    fleet: Fleet, encoding: str, encode: object
+) -> None:
+    """aiohttp decodes the body; corral forwards the plain bytes without the header
+    (the fake, like llama-server, answers 415 to any Content-Encoding)."""
+    node = await fleet.add_fake(model="m", slots=1)
+    raw = json.dumps({**CHAT, "model": "m"}).encode()
+    status, _, body = await post_raw(
+        fleet,
+        "/v1/chat/completions",
+        encode(raw),  # type: ignore[operator]
+        {**AUTH, "Content-Type": "application/json", "Content-Encoding": encoding},
+    )
+    assert status == 200, body
+    assert node.fake.counters.requests_served >= 1
+
+
+async def test_a_content_encoding_corral_does_not_decode_is_a_415(fleet: Fleet) -> None:
+    await fleet.add_fake(model="m", slots=1)
+    status, content_type, body = await post_raw(
+        fleet,
+        "/v1/chat/completions",
+        b"\x00\x01compressed?",
+        {**AUTH, "Content-Type": "application/json", "Content-Encoding": "compress"},
+    )
+    assert (status, content_type) == (415, "application/json")
+    assert body is not None and "compress" in body["error"]["message"]  # type: ignore[index]
+    await assert_still_serves(fleet)
+
+
+async def raw_request(address: str, request: bytes) -> tuple[int, bytes, bytes]:
+    """Send ``request`` as bytes (headers no client library would encode) and read the
+    answer: status, head and body (the connection closes after it)."""
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+@pytest.mark.parametrize(
+    "header", [b"Authorization: Bearer \xff\xfe\xc3", b"x-api-key: \xff\xfe\xc3"]
+)
+async def test_a_key_that_is_not_utf8_is_a_401_on_inference_and_management(
+    fleet: Fleet, header: bytes
+) -> None:
+    await fleet.add_fake(model="m", slots=1)
+    addresses = fleet.balancer.addresses
+    for address, path in (
+        (addresses.inference, b"/v1/models"),
+        (addresses.management, b"/api/v1/instances"),
+    ):
+        status, head, body = await raw_request(
+            address,
+            b"GET "
+            + path
+            + b" HTTP/1.1\r\nHost: x\r\n"
+            + header
+            + b"\r\nConnection: close\r\n\r\n",
+        )
+        assert status == 401, (address, head, body)
+        assert json.loads(body)["error"]["type"] == "authentication_error"
+    assert fleet.http is not None
+    async with fleet.http.get(
+        fleet.management + "/api/v1/instances",
+        headers={"Authorization": f"Bearer {MANAGEMENT_TOKEN}"},
+    ) as response:
+        assert response.status == 200
+    await assert_still_serves(fleet)
+
+
+async def test_a_client_that_leaves_mid_stream_is_counted_as_499_without_a_traceback(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    await fleet.add_fake(model="m", slots=2, token_delay=0.05, tokens=200)
+    counted = fleet.balancer.metrics.requests.labels("m", "/v1/chat/completions", "499")
+    assert fleet.http is not None
+    caplog.set_level(logging.INFO)
+    leaving = 5
+    for _ in range(leaving):
+        async with fleet.http.post(
+            fleet.base + "/v1/chat/completions",
+            json={**CHAT, "model": "m", "stream": True},
+            headers=AUTH,
+        ) as response:
+            assert response.status == 200
+            await response.content.readany()  # the first chunk, then hang up
+    await wait_for(lambda: counted._value.get() == leaving, "every abandoned stream to be counted")
+    access = [r.getMessage() for r in caplog.records if r.name == "corral.access"]
+    assert sum("status=499" in line for line in access) == leaving
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    await wait_for(
+        lambda: all(i.in_flight == 0 for i in fleet.balancer.scheduler.fleet.instances.values()),
+        "the slots to be free",
+    )
+    await assert_still_serves(fleet)
