@@ -23,6 +23,7 @@ from aiohttp import web
 from corral.config import Settings
 from corral.control.management import Management
 from corral.gateway.proxy import Gateway, GatewayOptions
+from corral.observe import redact
 from corral.observe.metrics import BalancerMetrics
 from corral.observe.recent import RecentTraffic
 from corral.observe.statsd import StatsdPusher
@@ -52,6 +53,7 @@ class Balancer:
         cluster_token: str,
         scheduler: Scheduler | None = None,
     ) -> None:
+        redact.add_secrets([management_token, cluster_token, *settings.resolved_api_keys()])
         self.settings = settings
         self.scheduler = scheduler or Scheduler(
             make_policy(settings.policy, pin_slots=settings.pin_slots),

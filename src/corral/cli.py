@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral import __version__
 from corral.config import ConfigError, Settings, check_file, json_schema, load_settings
+from corral.observe import redact
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -1272,6 +1273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    redact.install()  # no key or token in any log line, whoever writes it
     func: Command = args.func
     try:
         return func(args)

@@ -4,15 +4,21 @@ nothing; the same llama-server keeps serving afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
 import zlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet, wait_for
+from tests.integration.test_serve import TOKEN as SERVE_TOKEN
+from tests.integration.test_serve import Serve, cleanup, start_serve
+
+__all__ = ["cleanup"]  # the fixture
 
 
 @pytest.fixture
@@ -178,3 +184,42 @@ async def test_a_client_that_leaves_mid_stream_is_counted_as_499_without_a_trace
         "the slots to be free",
     )
     await assert_still_serves(fleet)
+
+
+MALFORMED = [
+    # bare LF line endings
+    b"POST /v1/chat/completions HTTP/1.1\nHost: x\nAuthorization: Bearer {key}\n"
+    b"x-api-key: {key}\nContent-Length: 2\n\n{{}}",
+    # a broken chunk size
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n",
+    # Content-Length together with Transfer-Encoding
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    # NUL in a header value, after the key
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nX-Bad: a\x00b\r\n\r\n",
+    # an unknown method
+    b"BREW /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n",
+]
+
+
+async def test_no_key_or_token_reaches_the_log_whatever_the_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cleanup: list[Serve]
+) -> None:
+    api_key = "sk-corral-secret-api-key-0123456789"
+    monkeypatch.setenv("CORRAL_API_KEYS", api_key)
+    serve = await start_serve(tmp_path)
+    cleanup.append(serve)
+    inference = serve.base.removeprefix("http://")
+    management = serve.management.removeprefix("http://")
+    for address, secret in ((inference, api_key), (management, SERVE_TOKEN)):
+        for template in MALFORMED:
+            request = template.replace(b"{key}", secret.encode()).replace(b"{{}}", b"{}")
+            with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+                await raw_request(address, request)
+    # the malformed requests were logged (aiohttp logs them): the secrets are not
+    await wait_for(lambda: "Error handling request" in serve.log_path.read_text(), "the log")
+    log_text = serve.log_path.read_text(errors="replace")
+    assert api_key not in log_text
+    assert SERVE_TOKEN not in log_text
+    assert "[redacted]" in log_text

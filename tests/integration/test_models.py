@@ -412,6 +412,10 @@ async def test_per_request_flags_key_their_own_instance_and_bad_ones_are_refused
         (flagged,) = keys - {"a"}
         assert local.host is not None
         assert local.host.running[flagged].flags == ("--parallel", "3", "--temp", "0.5")
+        status, body = await complete(http, base, "nope")
+        assert status == 404
+        assert "models: a" in body["error"]["message"]
+        assert flagged not in body["error"]["message"]  # a pool name no client chose
         pool = local.balancer.scheduler.fleet.pool(flagged)
         assert [i.total_slots for i in pool] == [3]
         headers = {"X-Agent-Flags": "-c 4096 --slot-save-path /tmp"}

@@ -70,6 +70,7 @@ from yarl import URL
 
 from corral import __version__
 from corral.control.management import AGENT_SOCKET_PATH
+from corral.observe import redact
 
 __all__ = [
     "AWS_LOCAL_IPV4_HOST",
@@ -506,6 +507,7 @@ class Agent:
     """Watches one llama-server and reports it to every balancer; see the module doc."""
 
     def __init__(self, options: AgentOptions) -> None:
+        redact.add_secrets([options.cluster_token])
         self.options = options
         self.agent_id = uuid.uuid4().hex
         self.instance_id = options.instance_id
