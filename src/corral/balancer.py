@@ -22,6 +22,7 @@ from aiohttp import web
 
 from corral.config import Settings
 from corral.control.management import Management
+from corral.gateway.guard import ConnectionLimits, GuardedAppRunner
 from corral.gateway.proxy import Gateway, GatewayOptions
 from corral.observe import redact
 from corral.observe.metrics import BalancerMetrics
@@ -68,6 +69,7 @@ class Balancer:
             GatewayOptions(
                 api_keys=settings.resolved_api_keys(),
                 max_body=settings.max_request_body_bytes,
+                body_timeout=settings.client_body_timeout,
                 max_retries=settings.max_retries,
                 connect_timeout=settings.upstream_connect_timeout,
                 first_byte_timeout=settings.upstream_first_byte_timeout,
@@ -102,8 +104,12 @@ class Balancer:
             (self.gateway.app, self.settings.inference_host_port()),
             (self.management.app, self.settings.management_host_port()),
         ):
-            runner = web.AppRunner(
+            runner = GuardedAppRunner(
                 app,
+                ConnectionLimits(
+                    header_timeout=self.settings.client_header_timeout,
+                    max_connections=self.settings.max_client_connections,
+                ),
                 access_log=None,
                 handle_signals=False,
                 shutdown_timeout=self.settings.shutdown_timeout,

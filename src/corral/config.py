@@ -226,6 +226,23 @@ class Settings(BaseModel):
     max_request_body_bytes: int = Field(
         default=32 * 1024 * 1024, gt=0, description="Largest accepted request body (then 413)."
     )
+    client_header_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a client connection has to send a complete request head, from "
+        "its opening or its last response (then it is closed; idle keep-alive ones too).",
+    )
+    client_body_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a client has to send a request body in full (then 408).",
+    )
+    max_client_connections: int = Field(
+        default=4096,
+        ge=1,
+        description="Client connections open at once on each listener; more are answered "
+        "503 and closed.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS on the inference API."
     )

@@ -200,6 +200,13 @@ MALFORMED = [
     b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nX-Bad: a\x00b\r\n\r\n",
     # an unknown method
     b"BREW /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n",
+    # a duplicate Content-Length
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+    b"Content-Length: 2\r\nContent-Length: 2\r\n\r\n{{}}",
+    # a 100 KB header
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nX-Big: "
+    + b"a" * 100_000
+    + b"\r\n\r\n",
 ]
 
 
@@ -218,8 +225,105 @@ async def test_no_key_or_token_reaches_the_log_whatever_the_request(
             with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
                 await raw_request(address, request)
     # the malformed requests were logged (aiohttp logs them): the secrets are not
-    await wait_for(lambda: "Error handling request" in serve.log_path.read_text(), "the log")
+    await wait_for(lambda: "malformed request" in serve.log_path.read_text(), "the log")
     log_text = serve.log_path.read_text(errors="replace")
     assert api_key not in log_text
     assert SERVE_TOKEN not in log_text
     assert "[redacted]" in log_text
+
+
+@pytest.mark.parametrize("template", MALFORMED)
+async def test_parser_errors_are_openai_shaped_json_on_the_inference_port(
+    fleet: Fleet, template: bytes
+) -> None:
+    await fleet.add_fake(model="m", slots=1)
+    request = template.replace(b"{key}", b"right-key").replace(b"{{}}", b"{}")
+    status, head, body = await raw_request(fleet.balancer.addresses.inference, request)
+    assert status == 400, head
+    assert b"application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("malformed HTTP request")
+    await assert_still_serves(fleet)
+
+
+async def test_slow_clients_are_cut_while_normal_traffic_keeps_flowing() -> None:
+    fleet = await start_fleet(
+        buffered_request_timeout=5.0, client_header_timeout=1.0, client_body_timeout=1.0
+    )
+    try:
+        await fleet.add_fake(model="m", slots=4)
+        host, port = fleet.balancer.addresses.inference.rsplit(":", 1)
+
+        async def slow_headers() -> bytes:
+            _, writer = await asyncio.open_connection(host, int(port))
+            try:
+                for byte in (
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+                ):
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+                return b"never cut"
+            except ConnectionError:
+                return b""
+            finally:
+                writer.close()
+
+        async def slow_body() -> bytes:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                writer.write(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b"{" * 10
+                )
+                await writer.drain()
+                return await asyncio.wait_for(reader.read(), 15)
+            finally:
+                writer.close()
+
+        cut_headers = [asyncio.ensure_future(slow_headers()) for _ in range(10)]
+        cut_bodies = [asyncio.ensure_future(slow_body()) for _ in range(10)]
+        for _ in range(5):  # meanwhile, ordinary requests are served
+            status, body, _ = await fleet.chat("m")
+            assert status == 200, body
+        headers_outcomes = await asyncio.wait_for(asyncio.gather(*cut_headers), 30)
+        assert headers_outcomes == [b""] * 10  # every slow head was cut before its end
+        for answer in await asyncio.wait_for(asyncio.gather(*cut_bodies), 30):
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408"), answer
+            assert "client_body_timeout" in json.loads(body)["error"]["message"]
+        status, body, _ = await fleet.chat("m")
+        assert status == 200, body
+    finally:
+        await fleet.close()
+
+
+async def test_connections_beyond_the_bound_get_a_503_and_are_closed() -> None:
+    fleet = await start_fleet(buffered_request_timeout=5.0, max_client_connections=5)
+    try:
+        await fleet.add_fake(model="m", slots=1)
+        host, port = fleet.balancer.addresses.inference.rsplit(":", 1)
+        held = [await asyncio.open_connection(host, int(port)) for _ in range(5)]
+        try:
+            await wait_for(
+                lambda: len(fleet.balancer._runners[0].server.connections) >= 5,  # type: ignore[union-attr]
+                "the held connections to be open",
+            )
+            reader, writer = await asyncio.open_connection(host, int(port))
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503"), answer
+            assert "max_client_connections" in json.loads(body)["error"]["message"]
+        finally:
+            for _, w in held:
+                w.close()
+        await wait_for(
+            lambda: len(fleet.balancer._runners[0].server.connections) == 0,  # type: ignore[union-attr]
+            "the held connections to close",
+        )
+        status, body, _ = await fleet.chat("m")
+        assert status == 200, body
+    finally:
+        await fleet.close()

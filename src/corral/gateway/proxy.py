@@ -355,6 +355,8 @@ def with_id_slot(body: bytes, slot: int) -> bytes:
 class GatewayOptions:
     api_keys: list[str]
     max_body: int
+    body_timeout: float = 60.0
+    """Seconds a client has to send its whole request body (then 408)."""
     max_retries: int = 2
     connect_timeout: float = 5.0
     first_byte_timeout: float = 600.0
@@ -598,7 +600,17 @@ class Gateway:
             unsupported.force_close()
             return self._finish(unsupported, request_id, "", route, started)
         try:
-            body = await request.read()
+            async with asyncio.timeout(self.options.body_timeout):
+                body = await request.read()
+        except TimeoutError:
+            request.content.feed_eof()
+            late = error_response(
+                408,
+                f"the request body did not arrive within {self.options.body_timeout:g} s "
+                "(client_body_timeout)",
+            )
+            late.force_close()
+            return self._finish(late, request_id, "", route, started)
         except web.HTTPRequestEntityTooLarge:
             return self._finish(
                 error_response(
