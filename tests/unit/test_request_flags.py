@@ -67,3 +67,33 @@ def test_unsafe_or_unknown_flags_are_refused_by_name(raw: str, named: str) -> No
 def test_bad_values_are_refused_with_a_reason(raw: str, message: str) -> None:
     with pytest.raises(RequestFlagError, match=message):
         normalize(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "named", "allowed"),
+    [
+        ("-np 512", "-np", "1 to 256"),
+        ("--parallel 0", "--parallel", "1 to 256"),
+        ("-c -5", "-c", "0 to 16777216"),
+        ("-c 99999999999999999999999", "-c", "0 to 16777216"),
+        ("--mirostat 3", "--mirostat", "0 to 2"),
+        ("--top-p 1.5", "--top-p", "0 to 1"),
+        ("-b 0", "-b", "1 to 131072"),
+        ("--seed 4294967296", "--seed", "-1 to 4294967295"),
+        ("--repeat-penalty 1e39", "--repeat-penalty", "allowed"),
+        ("--top-k 2147483648", "--top-k", "0 to 2147483647"),
+    ],
+)
+def test_flag_values_out_of_range_are_refused_naming_the_flag_and_range(
+    raw: str, named: str, allowed: str
+) -> None:
+    with pytest.raises(RequestFlagError) as caught:
+        normalize(raw)
+    assert f"flag {named}:" in str(caught.value)
+    assert allowed in str(caught.value)
+
+
+def test_values_at_the_edges_of_their_ranges_pass() -> None:
+    assert normalize("-np 256 -c 0 --seed -1 --mirostat 2 --top-p 1") == (
+        "--ctx-size", "0", "--mirostat", "2", "--parallel", "256", "--seed", "-1", "--top-p", "1",
+    )  # fmt: skip
