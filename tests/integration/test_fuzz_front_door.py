@@ -178,7 +178,8 @@ def test_generated_requests_to_the_management_api_get_no_5xx(
         headers = {**headers, "Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
         headers.pop("x-api-key", None)
     status, _, data = send(running.fleet.balancer.addresses.management, method, path, headers, body)
-    assert status < 500, (status, data[:300])
+    # 501: an action this balancer does not have (model loads need a model host)
+    assert status < 500 or status == 501, (status, data[:300])
 
 
 def test_after_the_fuzz_the_same_llama_server_still_serves(running: Running) -> None:
