@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,3 +153,45 @@ def test_a_swap_under_the_real_llama_server_streams_loading_notices_then_tokens(
     assert f"corral: unloading {loaded} to make room for {other}…\n" in reasoning
     assert f"corral: {other} ready after " in reasoning
     assert content, "the real model's tokens followed the notices"
+
+
+def _chat_with_flags(base: str, model: str, flags: str) -> tuple[int, dict[str, object]]:
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    ).encode()
+    request = urllib.request.Request(
+        base + "/v1/chat/completions",
+        data=body,
+        headers={"Content-Type": "application/json", "X-Corral-Flags": flags},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_flags_the_real_llama_server_cannot_start_with_are_a_400_then_refused_at_once(
+    swapping: tuple[str, str, Path],
+) -> None:
+    """Out-of-range values never reach llama-server; allowed values it still cannot
+    start with (a quantized V cache without flash attention) fail once, quickly, with
+    a short reason, and are refused at once afterwards; the model serves plainly."""
+    base, _, log_path = swapping
+    status, body = _chat_with_flags(base, "alpha", "-np 512")
+    assert status == 400, body
+    assert "flag -np" in str(body) and "1 to 256" in str(body)
+    status, body = _chat_with_flags(base, "alpha", "-ctv q4_0 -fa off")
+    assert status == 400, body
+    message = str(body["error"]["message"])  # type: ignore[index]
+    assert "failed to start" in message and "exited with code 1" in message
+    assert "last log lines:" not in message  # llama-server's lines stay in the log
+    assert "failed to create" in log_path.read_text(errors="replace")
+    status, body = _chat_with_flags(base, "alpha", "--cache-type-v q4_0 --flash-attn off")
+    assert status == 400, body
+    assert "failed within the last" in str(body)
+    client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert reply.choices[0].message is not None
