@@ -8,6 +8,7 @@ start the other. Alternating concurrent requests must all succeed.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import subprocess
@@ -195,3 +196,21 @@ def test_flags_the_real_llama_server_cannot_start_with_are_a_400_then_refused_at
         model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
     assert reply.choices[0].message is not None
+
+
+def test_a_gzip_body_reaches_the_real_llama_server_decoded(
+    swapping: tuple[str, str, Path],
+) -> None:
+    """llama-server answers 415 to any Content-Encoding; corral decodes and forwards."""
+    base, _, _ = swapping
+    body = json.dumps(
+        {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    ).encode()
+    request = urllib.request.Request(
+        base + "/v1/chat/completions",
+        data=gzip.compress(body),
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200
+        assert json.loads(response.read())["choices"]

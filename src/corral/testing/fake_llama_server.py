@@ -1487,7 +1487,7 @@ def _middleware(server: FakeLlamaServer) -> Any:
             server.note_connection(request)
             if request.headers.get("Content-Encoding", "identity").lower() != "identity":
                 # llama-server (cpp-httplib, built without zlib) decodes no request body
-                return web.Response(status=415, text="Unsupported Media Type")
+                return web.Response(status=415)  # as llama-server: no body
             if server.refusing:
                 if request.transport is not None:
                     request.transport.abort()
