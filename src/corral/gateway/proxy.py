@@ -591,26 +591,22 @@ class Gateway:
             return self._finish(denied, request_id, "", route, started)
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if encoding not in DECODED_ENCODINGS:
-            request.content.feed_eof()  # the rest of the body is not read: no lingering
-            unsupported = error_response(
-                415,
+            return self._unread_body(
+                request, 415,
                 f"Content-Encoding {encoding!r} is not supported; send the body as is, or "
                 "encoded with one of: " + ", ".join(sorted(DECODED_ENCODINGS - {"", "identity"})),
-            )
-            unsupported.force_close()
-            return self._finish(unsupported, request_id, "", route, started)
+                request_id, route, started,
+            )  # fmt: skip
         try:
             async with asyncio.timeout(self.options.body_timeout):
                 body = await request.read()
         except TimeoutError:
-            request.content.feed_eof()
-            late = error_response(
-                408,
+            return self._unread_body(
+                request, 408,
                 f"the request body did not arrive within {self.options.body_timeout:g} s "
                 "(client_body_timeout)",
-            )
-            late.force_close()
-            return self._finish(late, request_id, "", route, started)
+                request_id, route, started,
+            )  # fmt: skip
         except web.HTTPRequestEntityTooLarge:
             return self._finish(
                 error_response(
@@ -623,15 +619,13 @@ class Gateway:
             )
         except RequestPayloadError as exc:
             # a body its Content-Encoding does not decode (or a broken chunk): the
-            # client's fault. The rest is unreadable, so the connection closes after this.
-            request.content.feed_eof()
-            unreadable = error_response(
-                400,
+            # client's fault, and the rest of it is unreadable
+            return self._unread_body(
+                request, 400,
                 f"request body could not be read: {str(exc).splitlines()[-1].strip()} "
                 f"(Content-Encoding: {encoding or 'none'})",
-            )
-            unreadable.force_close()
-            return self._finish(unreadable, request_id, "", route, started)
+                request_id, route, started,
+            )  # fmt: skip
         parsed: dict[str, Any] | None = None
         if body and request.method == "POST" and route != "other":
             try:
@@ -818,6 +812,23 @@ class Gateway:
         if refused is not None:
             return error_response(400, refused)
         return key
+
+    def _unread_body(
+        self,
+        request: web.Request,
+        status: int,
+        message: str,
+        request_id: str,
+        route: str,
+        started: float,
+    ) -> web.StreamResponse:
+        """corral's error for a request whose body it will not read to the end: what is
+        left of the body is dropped (aiohttp would linger reading it) and the connection
+        closes after the answer."""
+        request.content.feed_eof()
+        response = error_response(status, message)
+        response.force_close()
+        return self._finish(response, request_id, "", route, started)
 
     def _finish(
         self,
