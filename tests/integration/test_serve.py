@@ -33,8 +33,14 @@ class Serve:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def llama_servers(self) -> list[psutil.Process]:
-        children = psutil.Process(self.process.pid).children(recursive=True)
-        return [c for c in children if "llama-server" in " ".join(c.cmdline())]
+        """The live llama-server children (one that exits while they are listed, such
+        as a killed one being reaped as its restart begins, is not one)."""
+        found = []
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "llama-server" in " ".join(child.cmdline()):
+                    found.append(child)
+        return found
 
 
 def fake_binary(tmp_path: Path, *flags: str) -> Path:
