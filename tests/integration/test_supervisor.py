@@ -50,6 +50,19 @@ def supervised(
     return instance, states
 
 
+async def kill_and_await_restart(instance: SupervisedInstance) -> None:
+    """SIGKILL the ready server and wait until another process of it is ready."""
+    assert await asyncio.wait_for(instance.wait_ready(), 15)
+    assert instance.child is not None and instance.child.pid is not None
+    first_pid = instance.child.pid
+    psutil.Process(first_pid).kill()
+    await wait_for(
+        lambda: instance.state == "ready" and instance.child is not None
+        and instance.child.pid != first_pid,
+        "a restarted, ready server",
+    )  # fmt: skip
+
+
 async def test_instance_is_ready_only_once_health_answers_200() -> None:
     port = free_port()
     instance, states = supervised(fake_args(port, "--load-delay", "0.5"), port)
@@ -112,16 +125,9 @@ async def test_the_first_crash_restarts_at_once_then_the_backoff_applies() -> No
     instance, _ = supervised(fake_args(port), port, slow)
     instance.start()
     try:
-        assert await asyncio.wait_for(instance.wait_ready(), 15)
-        assert instance.child is not None and instance.child.pid is not None
-        first_pid = instance.child.pid
-        psutil.Process(first_pid).kill()
-        # with a 30 s backoff, only an immediate restart is ready within the wait below
-        await wait_for(
-            lambda: instance.state == "ready" and instance.child is not None
-            and instance.child.pid != first_pid,
-            "a restarted, ready server",
-        )  # fmt: skip
+        # with a 30 s backoff, only an immediate restart is ready within the wait
+        await kill_and_await_restart(instance)
+        assert instance.child is not None
         second_pid = instance.child.pid
         assert second_pid is not None
         psutil.Process(second_pid).kill()
@@ -150,15 +156,7 @@ async def test_an_unexpected_exit_restarts_the_server() -> None:
     instance, states = supervised(fake_args(port), port)
     instance.start()
     try:
-        assert await asyncio.wait_for(instance.wait_ready(), 15)
-        assert instance.child is not None and instance.child.pid is not None
-        first_pid = instance.child.pid
-        psutil.Process(first_pid).kill()
-        await wait_for(
-            lambda: instance.state == "ready" and instance.child is not None
-            and instance.child.pid != first_pid,
-            "a restarted, ready server",
-        )  # fmt: skip
+        await kill_and_await_restart(instance)
         assert instance.restarts == 1
         assert instance.last_exit_code == -9
         assert states == ["starting", "ready", "starting", "ready"]
