@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -101,6 +102,14 @@ async def test_agent_without_the_cluster_token_is_refused_and_gets_no_traffic(
     assert "not-the-token" not in rogue.log()
 
 
+def all_idle(balancer: BalancerProc, http: aiohttp.ClientSession) -> Callable[[], Awaitable[bool]]:
+    async def condition() -> bool:
+        fleet = await fleet_of(http, balancer)
+        return all(i["slots_free"] == i["slots_total"] for i in fleet["instances"])
+
+    return condition
+
+
 async def test_two_balancers_over_the_same_agents_each_serve_alone(
     procs: Processes, http: aiohttp.ClientSession
 ) -> None:
@@ -111,6 +120,10 @@ async def test_two_balancers_over_the_same_agents_each_serve_alone(
     for balancer in (first, second):
         await wait_for(ready_count(balancer, http)(2), "both instances on each balancer")
     for balancer in (first, second):
+        # Agents report slot use late: wait until this balancer's picture shows the
+        # other balancer's last requests finished, or an instance still busy there
+        # rightly gets none of this round.
+        await wait_for(all_idle(balancer, http), "every slot idle on this balancer")
         results = [await chat(http, balancer) for _ in range(4)]
         assert [status for status, _, _ in results] == [200] * 4
         assert len({instance for _, _, instance in results}) == 2
