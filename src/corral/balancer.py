@@ -61,6 +61,7 @@ class Balancer:
             max_buffered=settings.max_buffered_requests,
             buffer_timeout=settings.buffered_request_timeout,
             report_timeout=settings.agent_report_timeout,
+            default_model=settings.default_model,
         )
         self.metrics = BalancerMetrics(self.scheduler)
         self.gateway = Gateway(

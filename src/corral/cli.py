@@ -271,6 +271,7 @@ def _balancer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "management_token_file": args.management_token_file,
         "cluster_token_file": args.cluster_token_file,
         "expose_slots": True if args.expose_slots else None,
+        "default_model": args.default_model,
         "loading_notices": args.loading_notices,
         "statsd_addr": args.statsd_addr,
         "statsd_prefix": args.statsd_prefix,
@@ -343,7 +344,15 @@ def _add_balancer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--management-token-file", type=Path, default=None)
     parser.add_argument("--cluster-token-file", type=Path, default=None)
     parser.add_argument(
-        "--expose-slots", action="store_true", help="serve the fleet's slots at GET /slots"
+        "--default-model",
+        default=None,
+        help="where a request goes that names no model or an unknown one (with one model "
+        "served: that one; with several and none set: 400 or 404)",
+    )
+    parser.add_argument(
+        "--expose-slots",
+        action="store_true",
+        help="serve the fleet's slots at GET /corral/slots (GET /slots is llama-server's own)",
     )
     parser.add_argument(
         "--loading-notices",

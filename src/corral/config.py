@@ -258,8 +258,16 @@ class Settings(BaseModel):
     max_retries: int = Field(
         default=2, ge=0, description="Retries on another instance before the first byte."
     )
+    default_model: str | None = Field(
+        default=None,
+        description="The model (id or alias) a request goes to when it names none, or names "
+        "a model no id, alias or alias pattern matches. Unset: with one model served, that "
+        "one (as llama-server answers any name); with several, 400 or 404.",
+    )
     expose_slots: bool = Field(
-        default=False, description="Serve the fleet's slots at GET /slots on the inference API."
+        default=False,
+        description="Serve the fleet's slots at GET /corral/slots on the inference API "
+        "(GET /slots is the instance's own, as llama-server answers it).",
     )
     loading_notices: bool = Field(
         default=False,

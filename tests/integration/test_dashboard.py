@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from corral.control.dashboard import ASSETS
-from tests.integration.fleet import MANAGEMENT_TOKEN, Fleet, start_fleet
+from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet
 
 AUTH = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
 
@@ -109,7 +109,7 @@ async def test_stream_shows_instances_coming_and_going_and_traffic(fleet: Fleet)
         for _ in range(3):
             status, _, _ = await fleet.chat("alpha")
             assert status == 200
-        assert (await fleet.chat("nope"))[0] == 404
+        assert (await fleet.post("/v1/chat/completions", {**CHAT, "model": 7}))[0] == 400
         traffic = await until(
             lambda k, d: k == "traffic" and d["models"].get("alpha", {}).get("requests") == 3,
             "the traffic of three requests",

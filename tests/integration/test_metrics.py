@@ -189,6 +189,7 @@ async def test_access_log_has_one_key_value_line_per_request(
 ) -> None:
     caplog.set_level(logging.INFO, logger="corral.access")
     await fleet.add_fake(model="m", slots=1)
+    await fleet.add_fake(model="other", slots=1)  # with one model any name would reach it
     instance = fleet.balancer.scheduler.fleet.pool("m")[0].id
     status, body, headers = await fleet.chat("m")
     assert status == 200

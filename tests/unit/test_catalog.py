@@ -302,6 +302,19 @@ def test_rescan_adds_new_files_and_removes_vanished_ones_but_never_manual_models
     assert any(p.path == tmp_path / "missing.gguf" for p in catalog.problems)
 
 
+def test_an_alias_pattern_names_a_model_after_every_exact_name(tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    manual = {
+        "chat": ModelConfig(path=tiny(folder / "chat.gguf"), aliases=["gpt-*"]),
+        "code": ModelConfig(path=tiny(folder / "code.gguf"), aliases=["gpt-4o-code"]),
+    }
+    catalog = Catalog([], manual)
+    models = by_id(catalog.models)
+    assert catalog.get("gpt-3.5-turbo") is models["chat"]
+    assert catalog.get("gpt-4o-code") is models["code"]  # exact beats the pattern
+    assert catalog.get("claude") is None
+
+
 def test_a_discovered_model_never_takes_a_manual_models_name(tmp_path: Path) -> None:
     tiny(tmp_path / "dir" / "chat.gguf")
     catalog = Catalog([tmp_path / "dir"], {"chat": ModelConfig(path=tmp_path / "other.gguf")})

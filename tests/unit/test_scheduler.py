@@ -436,6 +436,38 @@ async def test_alias_resolves_to_its_model_and_leases_its_instance() -> None:
     assert lease.instance.id == "a/i1" and lease.model == "llama-3b-q4"
 
 
+def test_any_name_goes_to_the_one_model_served_as_llama_server_answers_it() -> None:
+    s = Scheduler(LeastBusy())
+    report(s, inst("x", model="llama"))
+    assert s.resolve_model("gpt-3.5-turbo") == "llama"
+    report(s, inst("x", model="llama"), inst("y", model="qwen"))
+    with pytest.raises(UnknownModel):
+        s.resolve_model("gpt-3.5-turbo")
+
+
+def test_alias_patterns_match_names_and_an_exact_name_wins_over_any_pattern() -> None:
+    s = Scheduler(LeastBusy())
+    report(
+        s,
+        inst("x", model="llama", aliases=["gpt-*", "claude-?"]),
+        inst("y", model="qwen", aliases=["gpt-4o"]),
+    )
+    assert s.resolve_model("gpt-3.5-turbo") == "llama"
+    assert s.resolve_model("claude-3") == "llama"
+    assert s.resolve_model("gpt-4o") == "qwen"  # exact alias of another model
+    with pytest.raises(UnknownModel) as caught:
+        s.resolve_model("claude-35")  # ``?`` is one character
+    assert "gpt-*" in caught.value.message  # the 404 lists patterns as names to ask by
+
+
+def test_default_model_takes_unknown_and_missing_names_among_several() -> None:
+    s = Scheduler(LeastBusy(), default_model="q")
+    report(s, inst("x", model="llama"), inst("y", model="qwen", aliases=["q"]))
+    assert s.resolve_model("gpt-4o-mini") == "qwen"
+    assert s.resolve_model(None) == "qwen"
+    assert s.resolve_model("llama") == "llama"
+
+
 def test_model_served_before_but_gone_now_waits_instead_of_404() -> None:
     s = Scheduler(LeastBusy())
     report(s, inst(model="llama"))

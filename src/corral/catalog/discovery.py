@@ -66,6 +66,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import gguf
 
+from corral.catalog.names import pattern_matches
+
 if TYPE_CHECKING:
     from corral.config import ModelConfig, Settings
 
@@ -1071,7 +1073,10 @@ class Catalog:
         found = self._manual.get(name) or self._auto.get(name)
         if found is not None:
             return found
-        return next((m for m in self.models if name in m.aliases), None)
+        exact = next((m for m in self.models if name in m.aliases), None)
+        if exact is not None:
+            return exact
+        return next((m for m in self.models if pattern_matches(name, m.aliases)), None)
 
     def scan_folders(self) -> ScanResult:
         """Scan the folders (slow: stats every file, reads new headers); changes nothing."""

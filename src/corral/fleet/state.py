@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from corral.catalog.names import pattern_matches
+
 #: Seconds a slot release keeps explaining a busy slot in agents' reports: about the
 #: time from an agent reading ``/slots`` to the balancer applying it.
 RELEASE_MEMORY = 1.5
@@ -249,7 +251,12 @@ class Fleet:
         for instance in self.instances.values():
             if name in instance.names:
                 return instance.model
-        return name if name in self.known_models else None
+        if name in self.known_models:
+            return name
+        for instance in sorted(self.instances.values(), key=lambda i: i.id):
+            if pattern_matches(name, instance.aliases):
+                return instance.model
+        return None
 
     def upsert_instance(self, instance: Instance) -> None:
         self.instances[instance.id] = instance

@@ -66,6 +66,7 @@ MODEL_ROUTES = (
     "/embeddings",
     "/embedding",
     "/v1/responses",
+    "/responses",
     "/v1/messages",
     "/v1/messages/count_tokens",
     "/infill",
@@ -76,7 +77,18 @@ MODEL_ROUTES = (
     "/tokenize",
     "/detokenize",
     "/apply-template",
+    "/chat/completions/input_tokens",
+    "/v1/chat/completions/input_tokens",
+    "/responses/input_tokens",
+    "/v1/responses/input_tokens",
+    "/v1/systemone",
 )
+#: The fleet's slots on the inference port, with ``expose_slots`` (the management
+#: API's ``/api/v1/instances`` has them always); ``/slots`` is llama-server's own.
+SLOTS_AGGREGATE = "/corral/slots"
+#: Routes that take a slot but whose body is not JSON (multipart audio): the model is
+#: named by ``X-Model-Id`` or ``?model=``, or is the only one served.
+RAW_ROUTES = frozenset({"/v1/audio/transcriptions", "/audio/transcriptions"})
 #: Routes that run on a llama-server slot and honour ``id_slot`` in the body (b11434:
 #: ``handle_completions_impl``; ``/v1/messages`` drops it in its conversion).
 PIN_ROUTES = frozenset(
@@ -87,6 +99,22 @@ PIN_ROUTES = frozenset(
         "/completions",
         "/completion",
         "/infill",
+    }
+)
+
+#: Model routes llama-server answers in its HTTP thread, without a slot: like every
+#: other route (``/props``, ``/metrics``, ``/slots``, the web UI), they are answered
+#: while all slots are busy (see :meth:`corral.scheduling.scheduler.Scheduler.peek`).
+SLOTLESS_ROUTES = frozenset(
+    {
+        "/tokenize",
+        "/detokenize",
+        "/apply-template",
+        "/v1/messages/count_tokens",
+        "/chat/completions/input_tokens",
+        "/v1/chat/completions/input_tokens",
+        "/responses/input_tokens",
+        "/v1/responses/input_tokens",
     }
 )
 
@@ -389,7 +417,8 @@ class Gateway:
         self.app.router.add_get("/v1/health", self.health)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/models", self.models)
-        self.app.router.add_get("/slots", self.slots)
+        if options.expose_slots:
+            self.app.router.add_get(SLOTS_AGGREGATE, self.slots)
         for route in MODEL_ROUTES:
             self.app.router.add_post(route, self.forward)
         self.webui = WebUIRoutes(self)
@@ -564,8 +593,6 @@ class Gateway:
         denied = self._unauthorized(request)
         if denied is not None:
             return denied
-        if not self.options.expose_slots:
-            return error_response(501, "the /slots aggregate is off; start with --expose-slots")
         return web.json_response([i.as_dict() for i in self.scheduler.fleet.instances.values()])
 
     # -- forwarding ----------------------------------------------------------------------
@@ -585,7 +612,9 @@ class Gateway:
         request_id = (
             request.headers.get("X-Request-Id") or f"{_REQUEST_PREFIX}-{next(_request_ids)}"
         )
-        route = request.path if request.path in MODEL_ROUTES else "other"
+        route = (
+            request.path if request.path in MODEL_ROUTES or request.path in RAW_ROUTES else "other"
+        )
         denied = self._preflight(request) or self._unauthorized(request)
         if denied is not None:
             return self._finish(denied, request_id, "", route, started)
@@ -627,7 +656,7 @@ class Gateway:
                 request_id, route, started,
             )  # fmt: skip
         parsed: dict[str, Any] | None = None
-        if body and request.method == "POST" and route != "other":
+        if body and request.method == "POST" and route in MODEL_ROUTES:
             try:
                 value = json.loads(body)
             except (ValueError, UnicodeDecodeError) as exc:
@@ -698,6 +727,7 @@ class Gateway:
             body=parsed,
             headers={"x-session-id": session} if session else {},
             pinnable=route in PIN_ROUTES and not self._is_command(model),
+            slotless=route == "other" or route in SLOTLESS_ROUTES,
         )
         try:
             notices = self._notices(request, parsed, model, request_id)
@@ -970,6 +1000,11 @@ class Gateway:
         """A lease, as :meth:`Scheduler.acquire` gives it; with ``notices``, the wait
         for a model that is not ready is told to the client as it goes. Returns the
         lease and whether notices were written during this wait."""
+        if placement.slotless:
+            lease = self.scheduler.peek(model, exclude)
+            if lease is not None:
+                return lease, False
+            # nothing ready: wait for a slot like any request (and start the model)
         if notices is None:
             return await self.scheduler.acquire(model, placement, exclude), False
         notices.listen()  # before the wait begins: no event is missed

@@ -114,6 +114,8 @@ class Lease:
     probe: bool = False  # the one half-open probe of a tripped breaker
     slot: int | None = None
     """The slot the request is pinned to (``id_slot``), or None: llama-server picks."""
+    slotless: bool = False
+    """No slot was claimed (see :meth:`Scheduler.peek`): releasing it changes nothing."""
 
 
 @dataclass(eq=False)
@@ -143,9 +145,13 @@ class Scheduler:
         max_buffered: int = 30,
         buffer_timeout: float = 10.0,
         report_timeout: float = 3.0,
+        default_model: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.fleet = Fleet()
+        self.default_model = default_model
+        """Where a request goes that names no model, or one no model is called (with
+        one model served, that model is the default)."""
         self.policy = policy
         self.max_buffered = max_buffered
         self.buffer_timeout = buffer_timeout
@@ -182,27 +188,40 @@ class Scheduler:
             names.update(self.loader.names())
         return sorted(names)
 
-    def resolve_model(self, requested: str | None) -> str:
-        """The pool a request goes to, or an error a client can act on."""
-        served = self.known_models()
-        if requested and self.loader is not None:
-            loadable = self.loader.resolve(requested)
+    def _named(self, name: str) -> str | None:
+        """The pool ``name`` (an id, alias or alias pattern) refers to, or None."""
+        if self.loader is not None:
+            loadable = self.loader.resolve(name)
             if loadable is not None:
                 return loadable
+        return self.fleet.resolve(name)
+
+    def resolve_model(self, requested: str | None) -> str:
+        """The pool a request goes to, or an error a client can act on.
+
+        Like llama-server, which answers whatever ``model`` a client sends with its one
+        model, a name that is no model's id, alias or alias pattern goes to the default
+        model: ``default_model`` when set, else the one model served. With several
+        models and no default it is a 404 listing them (400 when no name is given).
+        """
+        if requested:
+            named = self._named(requested)
+            if named is not None:
+                return named
+        if self.default_model:
+            return self._named(self.default_model) or self.default_model
+        served = self.known_models()
+        if len(served) == 1:
+            return served[0]
+        if not served and not requested:
+            return ANY_MODEL  # scale from zero: any model that appears will do
+        if requested and not self.fleet.instances and not self.fleet.known_models:
+            return requested  # nothing registered yet: wait for it (scale from zero)
         if not requested:
-            if len(served) == 1:
-                return served[0]
-            if not served:
-                return ANY_MODEL  # scale from zero: any model that appears will do
             raise ModelRequired(
                 "this server serves several models; set `model` to one of: "
                 + ", ".join(self.askable_names())
             )
-        resolved = self.fleet.resolve(requested)
-        if resolved is not None:
-            return resolved
-        if not self.fleet.instances and not self.fleet.known_models:
-            return requested  # nothing registered yet: wait for it (scale from zero)
         askable = self.askable_names()
         listed = ", ".join(askable) if askable else "(none ready right now)"
         raise UnknownModel(f"model {requested!r} is not served here; models: {listed}")
@@ -223,6 +242,22 @@ class Scheduler:
         return self._grant(
             self.policy.choose(self._candidates(model, exclude), placement), placement
         )
+
+    def peek(self, model: str, exclude: frozenset[str] = frozenset()) -> Lease | None:
+        """A slotless lease on a ready instance of ``model``, busy or not, or None.
+
+        For requests llama-server answers without a slot (``/props``, ``/tokenize``,
+        ``/metrics``, the web UI's files, slot actions): like llama-server itself, corral
+        answers them at once while every slot is busy. Nothing is counted: the instance's
+        slots, its idle time and its breaker stay as they were.
+        """
+        now = self.clock()
+        pool = list(self.fleet.instances.values()) if model == ANY_MODEL else self.fleet.pool(model)
+        ready = [i for i in pool if i.id not in exclude and i.usable(now)]
+        if not ready:
+            return None
+        chosen = min(ready, key=lambda i: (i.in_flight + i.foreign_busy, i.id))
+        return Lease(instance=chosen, model=chosen.model, granted_at=now, slotless=True)
 
     def _lease_pinned(self, waiter: Waiter) -> Lease | None:
         """A slot on the instance ``waiter`` waits for, if one is free now."""
@@ -402,6 +437,8 @@ class Scheduler:
         if lease.released:
             return
         lease.released = True
+        if lease.slotless:
+            return
         instance = lease.instance
         instance.in_flight = max(0, instance.in_flight - 1)
         if lease.slot is None:

@@ -18,6 +18,8 @@ class Placement:
     headers: dict[str, str] = field(default_factory=dict)
     pinnable: bool = False
     """The route runs on a slot and honours ``id_slot`` (chat and completions)."""
+    slotless: bool = False
+    """llama-server answers the route without a slot (see :meth:`Scheduler.peek`)."""
 
 
 class Policy(Protocol):

@@ -1,0 +1,107 @@
+"""Drop-in: what works against one llama-server works through the balancer (issue 24).
+
+Fake llama-servers here, for speed and timing control; ``tests/real/test_drop_in_real.py``
+runs the same families against the real llama-server, side by side with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.integration.fleet import MANAGEMENT_TOKEN, Fleet, start_fleet, wait_for
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    fleet = await start_fleet(buffered_request_timeout=10.0)
+    try:
+        yield fleet
+    finally:
+        await fleet.close()
+
+
+async def get(fleet: Fleet, path: str, base: str | None = None) -> tuple[int, Any]:
+    assert fleet.http is not None
+    async with fleet.http.get((base or fleet.base) + path) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def test_with_one_model_any_name_reaches_it_and_the_answer_names_it(fleet: Fleet) -> None:
+    await fleet.add_fake(model="alpha", slots=1)
+    for name in ("gpt-3.5-turbo", "test", "TheBloke/Some-Model-GGUF", ""):
+        status, body, headers = await fleet.chat(name)
+        assert status == 200, (name, body)
+        assert headers["X-Corral-Instance"] == fleet.balancer.scheduler.fleet.pool("alpha")[0].id
+    await fleet.add_fake(model="beta", slots=1)
+    status, body, _ = await fleet.chat("gpt-3.5-turbo")
+    assert status == 404 and "alpha" in body["error"]["message"]
+
+
+async def test_default_model_takes_unknown_and_missing_names_among_several() -> None:
+    fleet = await start_fleet(default_model="beta")
+    try:
+        await fleet.add_fake(model="alpha", slots=1)
+        beta = await fleet.add_fake(model="beta", slots=1)
+        for name in ("gpt-4o-mini", None):
+            status, body, _ = await fleet.chat(name)
+            assert status == 200, body
+        assert beta.fake.counters.requests_served == 2
+        status, _, _ = await fleet.chat("alpha")
+        assert status == 200 and beta.fake.counters.requests_served == 2
+    finally:
+        await fleet.close()
+
+
+async def test_routes_that_take_no_slot_answer_while_every_slot_is_busy(fleet: Fleet) -> None:
+    """llama-server answers /props, /slots, /metrics, /tokenize and the like in its HTTP
+    thread; through corral they must not wait in the buffer for a slot."""
+    node = await fleet.add_fake(model="alpha", slots=1, token_delay=0.1, tokens=40)
+    running = asyncio.create_task(fleet.chat("alpha"))
+    await wait_for(lambda: node.fake.counters.in_flight == 1, "the chat to take the only slot")
+    status, props = await get(fleet, "/props")
+    assert status == 200 and props["total_slots"] == 1
+    status, slots = await get(fleet, "/slots")
+    assert status == 200 and [s["is_processing"] for s in slots] == [True]
+    status, _, _ = await fleet.post("/tokenize", {"content": "hello there"})
+    assert status == 200
+    assert fleet.http is not None
+    async with fleet.http.get(fleet.base + "/metrics") as response:
+        assert response.status == 200 and "llamacpp:" in await response.text()
+    assert not running.done()  # all of that while the slot was busy
+    assert node.fake.counters.in_flight == 1
+    status, _, _ = await running
+    assert status == 200
+
+
+async def test_slots_is_the_instance_own_and_the_aggregate_moved(fleet: Fleet) -> None:
+    node = await fleet.add_fake(model="alpha", slots=2)
+    status, slots = await get(fleet, "/slots")
+    status_direct, direct = await get(fleet, "/slots", base=node.url)
+    assert status == status_direct == 200
+    assert [sorted(s) for s in slots] == [sorted(s) for s in direct]
+    assert [s["id"] for s in slots] == [0, 1]
+    status, _ = await get(fleet, "/corral/slots")
+    assert status == 404  # the aggregate is off by default ...
+    assert fleet.http is not None
+    async with fleet.http.get(
+        fleet.management + "/api/v1/instances",
+        headers={"Authorization": f"Bearer {MANAGEMENT_TOKEN}"},
+    ) as response:  # ... and always on the management API
+        instances = await response.json()
+    assert [i["slots_total"] for i in instances["instances"]] == [2]
+
+
+async def test_expose_slots_puts_the_aggregate_under_corral() -> None:
+    fleet = await start_fleet(expose_slots=True)
+    try:
+        await fleet.add_fake(model="alpha", slots=3)
+        status, body = await get(fleet, "/corral/slots")
+        assert status == 200 and [i["slots_total"] for i in body] == [3]
+        status, slots = await get(fleet, "/slots")
+        assert status == 200 and len(slots) == 3  # still llama-server's own
+    finally:
+        await fleet.close()
