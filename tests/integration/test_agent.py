@@ -531,20 +531,21 @@ async def test_loading_llama_server_is_reported_starting_then_ready(
     assert ready.state.value == "ready"
 
 
-async def test_slots_endpoint_disabled_is_a_slots_disabled_issue(
+@pytest.mark.parametrize(("metrics", "source"), [(True, "metrics"), (False, "balancer")])
+async def test_a_no_slots_server_is_usable_with_its_slot_source_named(
     make_balancer: Callable[..., Awaitable[Balancer]],
     make_fake: Callable[..., Awaitable[TestServer]],
     agents: Agents,
+    metrics: bool,
+    source: str,
 ) -> None:
     balancer = await make_balancer()
-    fake = await make_fake(slots_endpoint=False)
+    fake = await make_fake(slots_endpoint=False, metrics=metrics)
     agent = agents.start(url_of(fake), [balancer])
 
-    await eventually(
-        lambda: balancer.issue_kinds(agent) == {"slots_disabled"},
-        "a slots_disabled issue appears",
-    )
-    assert not balancer.usable(agent)
+    await eventually(lambda: balancer.usable(agent), "the --no-slots instance to be usable")
+    instance = await ready_instance(balancer, agent)
+    assert instance.slot_source == source and balancer.issue_kinds(agent) == set()
 
 
 # ==================================================================== protocol
@@ -610,6 +611,7 @@ async def test_agent_registers_first_numbers_snapshots_by_one_and_deregisters_la
     (instance,) = middle[-1]["instances"]
     assert set(instance) == {
         "id", "url", "model", "aliases", "state", "total_slots", "busy", "n_ctx", "issues",
+        "slot_source",
     }  # fmt: skip
     assert instance["id"] == "0"
 

@@ -105,3 +105,27 @@ async def test_expose_slots_puts_the_aggregate_under_corral() -> None:
         assert status == 200 and len(slots) == 3  # still llama-server's own
     finally:
         await fleet.close()
+
+
+async def test_a_no_slots_server_serves_and_its_metrics_show_other_clients_load(
+    fleet: Fleet,
+) -> None:
+    node = await fleet.add_fake(
+        model="alpha", slots=1, slots_endpoint=False, token_delay=0.05, tokens=40
+    )
+    status, body, _ = await fleet.chat("alpha")
+    assert status == 200, body
+    (instance,) = fleet.balancer.scheduler.fleet.instances.values()
+    assert instance.slot_source == "metrics"
+    assert fleet.http is not None
+    direct = asyncio.create_task(
+        fleet.http.post(
+            node.url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+        )
+    )
+    await wait_for(lambda: instance.busy_slots == 1, "the direct client's slot to show")
+    assert instance.in_flight == 0  # seen through /metrics, not through this balancer
+    response = await direct
+    await response.read()
+    response.release()

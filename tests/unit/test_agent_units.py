@@ -60,6 +60,7 @@ def test_healthy_readings_make_a_ready_instance_with_busy_slots() -> None:
         "total_slots": 4,
         "busy": 3,
         "n_ctx": 1024,
+        "slot_source": "slots",
         "issues": [],
     }
 
@@ -103,9 +104,36 @@ def test_props_failures_become_typed_issues(reading: Reading, kind: str) -> None
     assert kinds(read(props=reading)) == [kind]
 
 
-def test_slots_501_is_slots_disabled_and_malformed_slots_a_bad_response() -> None:
+def test_a_no_slots_server_is_served_with_busy_slots_from_metrics_or_none_seen() -> None:
     disabled = Reading(status=501, body=b'{"error":{"message":"not supported"}}')
-    assert kinds(read(slots=disabled)) == ["slots_disabled"]
+    blind = read(slots=disabled)
+    assert kinds(blind) == [] and blind["state"] == "ready"
+    assert (blind["slot_source"], blind["busy"], blind["total_slots"]) == ("balancer", 0, 4)
+    metrics = Reading(
+        status=200,
+        body=b"# HELP llamacpp:requests_processing Number of requests processing.\n"
+        b"# TYPE llamacpp:requests_processing gauge\n"
+        b"llamacpp:requests_processing 3\nllamacpp:requests_deferred 1\n",
+    )
+    seen = instance_from_readings(
+        instance_id="0", url=URL, health=HEALTH_OK, props=Reading.ok(PROPS), slots=disabled,
+        metrics=metrics,
+    )  # fmt: skip
+    assert (seen["slot_source"], seen["busy"], kinds(seen)) == ("metrics", 3, [])
+    later = instance_from_readings(
+        instance_id="0",
+        url=URL,
+        health=HEALTH_OK,
+        props=Reading.ok(PROPS),
+        slots=None,
+        metrics=Reading(status=501, body=b"{}"),
+        previous=seen,
+    )  # fmt: skip: --metrics gone after a restart: nothing seen, nothing guessed
+    assert (later["slot_source"], later["busy"]) == ("balancer", 0)
+    assert read()["slot_source"] == "slots"
+
+
+def test_malformed_slots_is_a_bad_response() -> None:
     assert kinds(read(slots=Reading.ok([{"id": 0}]))) == ["bad_response"]
     assert kinds(read(slots=Reading.ok({"is_processing": True}))) == ["bad_response"]
 

@@ -14,8 +14,8 @@ one poll interval after llama-server does, whatever the number of balancers, and
 instance nobody reports for a while is taken out of its pool by the balancer.
 
 Anything that goes wrong reading llama-server becomes a typed issue in the snapshot
-(``unreachable``, ``unauthorized``, ``server_error``, ``loading``, ``bad_response``,
-``slots_disabled``); any issue makes the instance unusable on the balancers until a
+(``unreachable``, ``unauthorized``, ``server_error``, ``loading``,
+``bad_response``); any issue makes the instance unusable on the balancers until a
 later read clears it. :func:`instance_from_readings` is that translation, pure, so it
 is tested without servers.
 
@@ -264,12 +264,6 @@ def _classify(path: str, reading: Reading) -> dict[str, str] | None:
         )
     if status == 503 and "loading" in detail.lower():
         return _issue("loading", f"llama-server is loading its model (GET {path}: {detail})")
-    if status == 501 and path == "/slots":
-        return _issue(
-            "slots_disabled",
-            "llama-server answers /slots with 501 (started with --no-slots); corral needs "
-            "/slots to count busy slots: restart it without --no-slots",
-        )
     if status >= 500:
         return _issue("server_error", f"GET {path} answered HTTP {status}: {detail}")
     return _issue("bad_response", f"GET {path} answered unexpected HTTP {status}: {detail}")
@@ -339,6 +333,22 @@ def _parse_slots(reading: Reading) -> int:
     return sum(1 for s in data if s["is_processing"])
 
 
+_PROCESSING = re.compile(rb"^llamacpp:requests_processing(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$", re.M)
+
+
+def _parse_processing(reading: Reading) -> int | None:
+    """Busy slots from llama-server's ``/metrics`` (``llamacpp:requests_processing``),
+    or None when it does not say."""
+    match = _PROCESSING.search(reading.body)
+    if match is None:
+        return None
+    try:
+        value = float(match.group(1))
+    except ValueError:
+        return None
+    return max(0, int(value)) if value == value else None  # NaN says nothing
+
+
 def instance_from_readings(
     *,
     instance_id: str,
@@ -346,6 +356,7 @@ def instance_from_readings(
     health: Reading,
     props: Reading | None,
     slots: Reading | None,
+    metrics: Reading | None = None,
     previous: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One snapshot instance from what llama-server answered; pure.
@@ -353,6 +364,14 @@ def instance_from_readings(
     ``props`` or ``slots`` is None when it was not read (llama-server unreachable).
     What could not be read keeps its ``previous`` value, so an instance with a
     passing problem keeps its model (and its pool) while the issue sets it aside.
+
+    A llama-server started with ``--no-slots`` answers ``/slots`` with 501; it is
+    served all the same, and ``slot_source`` says where its busy count comes from:
+    ``slots`` (``/slots``, what it normally is), ``metrics`` (``/metrics``'
+    ``llamacpp:requests_processing``, read instead of ``/slots`` when the server has
+    ``--metrics``; ``metrics`` is that reading), or ``balancer``: the agent sees no slot
+    use at all and reports none busy, so each balancer counts only its own requests
+    there (other balancers' and direct clients' work is invisible).
     """
     known = dict(previous or {})
     instance: dict[str, Any] = {
@@ -364,9 +383,22 @@ def instance_from_readings(
         "total_slots": int(known.get("total_slots") or 0),
         "busy": int(known.get("busy") or 0),
         "n_ctx": int(known.get("n_ctx") or 0),
+        "slot_source": str(known.get("slot_source") or "slots"),
         "issues": [],
     }
     issues: dict[str, str] = {}  # kind -> message, first one kept
+    no_slots = (slots is None and metrics is not None) or (
+        slots is not None and slots.status == 501
+    )
+    if no_slots:
+        slots = None
+        processing = None
+        if metrics is not None and metrics.status == 200:
+            processing = _parse_processing(metrics)
+        instance["slot_source"] = "metrics" if processing is not None else "balancer"
+        instance["busy"] = processing or 0
+    elif slots is not None and slots.status == 200:
+        instance["slot_source"] = "slots"
     for path, reading in (("/health", health), ("/props", props), ("/slots", slots)):
         if reading is None:
             continue
@@ -525,6 +557,9 @@ class Agent:
         self._props: Reading | None = None
         self._props_at = 0.0
         self._props_health: int | None = None
+        self._no_slots = False
+        """llama-server answered /slots with 501 (``--no-slots``): poll /metrics instead
+        until /props is read again."""
         self._poll_now = asyncio.Event()
         """What a local supervisor reports about the process, if one runs it."""
 
@@ -647,6 +682,7 @@ class Agent:
         health = await self._get(session, "/health", authorize=False)
         props: Reading | None = None
         slots: Reading | None = None
+        metrics: Reading | None = None
         if health.status is not None:
             # /props (model, slot count, context) changes only when the server restarts:
             # re-read it after any change in health, an error, or every PROPS_REFRESH s
@@ -663,15 +699,23 @@ class Agent:
                     self._get(session, "/slots", authorize=True),
                 )
                 self._props, self._props_at, self._props_health = props, now, health.status
+            elif self._no_slots:
+                props = cached  # --no-slots: /metrics, when on, tells the busy slots
+                metrics = await self._get(session, "/metrics", authorize=True)
             else:
                 props = cached
                 slots = await self._get(session, "/slots", authorize=True)
+            if slots is not None and slots.status is not None:
+                self._no_slots = slots.status == 501
+                if self._no_slots:
+                    metrics = await self._get(session, "/metrics", authorize=True)
         return instance_from_readings(
             instance_id=self.instance_id,
             url=self.url,
             health=health,
             props=props,
             slots=slots,
+            metrics=metrics,
             previous=self.instance,
         )
 

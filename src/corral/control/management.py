@@ -13,7 +13,7 @@ Agent protocol (JSON text frames, agent -> balancer):
 - ``{"type": "deregister"}`` on shutdown.
 
 Each instance in a snapshot: ``id``, ``url`` (how the balancer reaches it), ``model``,
-``aliases``, ``state``, ``total_slots``, ``busy``, ``n_ctx``, ``issues`` (list of
+``aliases``, ``state``, ``total_slots``, ``busy``, ``n_ctx``, ``slot_source``, ``issues`` (list of
 ``{"kind", "message"}``; any issue makes the instance unusable), and ``supervisor``
 when the agent owns the process (``state``, ``pid``, ``restarts``, ``last_error``, ...;
 its cumulative ``launches``, ``restarts``, ``failed_runs``, ``readies`` and recent

@@ -108,6 +108,10 @@ class Instance:
     """The supervised process's pid when draining began (a new pid: it restarted)."""
     breaker: Breaker = field(default_factory=Breaker)
     served: int = 0
+    slot_source: str = "slots"
+    """Where the agent's busy count comes from: ``slots``, ``metrics`` or ``balancer``
+    (a ``--no-slots`` server without ``--metrics``: only this balancer's own requests
+    are counted; see :func:`corral.control.agent.instance_from_readings`)."""
     pinned_slots: set[int] = field(default_factory=set)
     """Slots this balancer's requests in flight were pinned to (``id_slot``)."""
     unpinned: int = 0
@@ -200,6 +204,7 @@ class Instance:
             "slots_busy": self.busy_slots,
             "slots_free": self.free_slots,
             "reported_busy": self.reported_busy,
+            "slot_source": self.slot_source,
             "in_flight": self.in_flight,
             "n_ctx": self.n_ctx,
             "issues": [i.as_dict() for i in self.issues],

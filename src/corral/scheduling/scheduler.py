@@ -559,6 +559,7 @@ class Scheduler:
             supervisor = data.get("supervisor")
             if isinstance(supervisor, dict):
                 instance.extra["supervisor"] = supervisor
+            instance.slot_source = str(data.get("slot_source") or "slots")
             instance.issues = [
                 InstanceIssue(str(i.get("kind", "unknown")), str(i.get("message", "")))
                 for i in data.get("issues", [])
