@@ -69,6 +69,11 @@ class Balancer:
             self.metrics,
             GatewayOptions(
                 api_keys=settings.resolved_api_keys(),
+                upstream_api_key=(
+                    settings.llama_server_api_key.get_secret_value()
+                    if settings.llama_server_api_key
+                    else None
+                ),
                 max_body=settings.max_request_body_bytes,
                 body_timeout=settings.client_body_timeout,
                 max_retries=settings.max_retries,

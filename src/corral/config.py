@@ -298,7 +298,10 @@ class Settings(BaseModel):
         default=None, description="URL the balancer uses to reach it, if different."
     )
     llama_server_api_key: SecretStr | None = Field(
-        default=None, description="API key of the watched llama-server."
+        default=None,
+        description="llama-server's --api-key: the agent reads /props and /slots with it, "
+        "and a balancer that checks api_keys sends it upstream in place of the client's "
+        "key (without api_keys, the client's own key goes through to llama-server).",
     )
     llama_server: Path | None = Field(
         default=None, description="llama-server binary (else LLAMA_SERVER, cache, PATH)."

@@ -80,7 +80,11 @@ class Fleet:
         now = self.balancer.scheduler.clock()
         return sum(1 for i in self.balancer.scheduler.fleet.instances.values() if i.usable(now))
 
-    async def add_fake(self, *, wait: bool = True, **options: Any) -> FakeNode:
+    async def add_fake(
+        self, *, wait: bool = True, agent_key: str | None = None, **options: Any
+    ) -> FakeNode:
+        """A fake llama-server (``options``: :class:`FakeOptions`) and an agent reporting
+        it, with ``agent_key`` as its llama-server API key."""
         server = TestServer(build_app(FakeOptions(**options)))
         await server.start_server()
         agent = Agent(
@@ -90,6 +94,7 @@ class Fleet:
                 cluster_token=CLUSTER_TOKEN,
                 poll_interval=0.05,
                 backoff_initial=0.05,
+                llama_server_api_key=agent_key,
             )
         )
         node = FakeNode(server, agent, asyncio.create_task(agent.run()))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.fleet import MANAGEMENT_TOKEN, Fleet, start_fleet, wait_for
+from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet, wait_for
 
 
 @pytest.fixture
@@ -129,3 +129,48 @@ async def test_a_no_slots_server_serves_and_its_metrics_show_other_clients_load(
     response = await direct
     await response.read()
     response.release()
+
+
+async def test_keys_only_on_llama_server_the_client_key_reaches_it(fleet: Fleet) -> None:
+    """corral checks no key, so it cannot keep one: llama-server checks the client's."""
+    await fleet.add_fake(model="alpha", api_keys=("server-key",), agent_key="server-key")
+    status, body, _ = await fleet.chat("alpha")
+    assert status == 401, body  # llama-server's own refusal, passed through
+    for headers in ({"Authorization": "Bearer server-key"}, {"x-api-key": "server-key"}):
+        status, body, _ = await fleet.post("/v1/chat/completions", CHAT, headers)
+        assert status == 200, (headers, body)
+
+
+async def test_keys_at_corral_and_on_llama_server_each_checks_its_own() -> None:
+    fleet = await start_fleet(api_keys=["client-key"], llama_server_api_key="server-key")
+    try:
+        await fleet.add_fake(model="alpha", api_keys=("server-key",), agent_key="server-key")
+        status, body, _ = await fleet.post(
+            "/v1/chat/completions", CHAT, {"Authorization": "Bearer client-key"}
+        )
+        assert status == 200, body  # corral sent llama-server's key in place of the client's
+        for headers in ({}, {"Authorization": "Bearer server-key"}):
+            status, body, _ = await fleet.post("/v1/chat/completions", CHAT, headers)
+            assert status == 401 and "send `Authorization" in body["error"]["message"], body
+        assert fleet.http is not None
+        async with fleet.http.get(
+            fleet.base + "/props", headers={"x-api-key": "client-key"}
+        ) as response:
+            assert response.status == 200  # a slotless route gets the server's key too
+    finally:
+        await fleet.close()
+
+
+async def test_keys_only_at_corral_never_reach_llama_server() -> None:
+    fleet = await start_fleet(api_keys=["client-key"])
+    try:
+        node = await fleet.add_fake(model="alpha")
+        status, body, _ = await fleet.post(
+            "/v1/chat/completions", CHAT, {"Authorization": "Bearer client-key"}
+        )
+        assert status == 200, body
+        assert all(
+            "client-key" not in " ".join(headers.values()) for headers in node.fake.request_headers
+        )
+    finally:
+        await fleet.close()

@@ -19,8 +19,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from email.message import Message
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 from typing import Any
 

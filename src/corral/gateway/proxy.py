@@ -118,6 +118,9 @@ SLOTLESS_ROUTES = frozenset(
     }
 )
 
+#: Where a client puts its API key (llama-server reads both).
+CLIENT_KEYS = frozenset({"authorization", "x-api-key"})
+
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
@@ -131,8 +134,6 @@ HOP_BY_HOP = frozenset(
         "Upgrade",
         "Host",
         "Content-Length",
-        "Authorization",
-        "x-api-key",
         "X-Model-Id",
         NOTICES_HEADER,
         # aiohttp decodes the body (gzip, deflate, ...): what goes upstream is plain
@@ -389,6 +390,8 @@ class GatewayOptions:
     connect_timeout: float = 5.0
     first_byte_timeout: float = 600.0
     idle_timeout: float = 300.0
+    upstream_api_key: str | None = None
+    """llama-server's ``--api-key``, sent upstream when corral checks keys itself."""
     cors_origins: tuple[str, ...] = ()
     expose_slots: bool = False
     loading_notices: bool = False
@@ -925,7 +928,21 @@ class Gateway:
             access_log.info("%s", logfmt(fields))
 
     def _upstream_headers(self, request: web.Request, request_id: str) -> dict[str, str]:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        """The client's headers as llama-server gets them.
+
+        Keys: when corral checks keys (``api_keys``), the client's key is corral's and
+        stays here; llama-server gets its own key (``llama_server_api_key``) when one is
+        set. When corral checks none, the client's key goes through untouched, so a
+        llama-server with ``--api-key`` checks it as it would without corral.
+        """
+        checked = bool(self.options.api_keys)
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in HOP_BY_HOP and not (checked and k.lower() in CLIENT_KEYS)
+        }
+        if checked and self.options.upstream_api_key:
+            headers["Authorization"] = f"Bearer {self.options.upstream_api_key}"
         headers["X-Request-Id"] = request_id
         return headers
 

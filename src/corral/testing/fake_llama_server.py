@@ -81,7 +81,7 @@ import struct
 import sys
 import time
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -476,6 +476,8 @@ class FakeLlamaServer:
         n_ctx = max(options.ctx_size // options.slots, 1)
         self.slots = [_Slot(id=i, n_ctx=n_ctx) for i in range(options.slots)]
         self.counters = _Counters()
+        self.request_headers: deque[dict[str, str]] = deque(maxlen=1000)
+        """The headers of the last requests (``/_fake/*`` aside), for tests."""
         self.metrics = _Metrics()
         self.connections: OrderedDict[str, list[str]] = OrderedDict()
         """Requests by the connection they came on (its peer address), in order, for
@@ -1484,6 +1486,7 @@ def _middleware(server: FakeLlamaServer) -> Any:
             if request.path.startswith("/_fake/"):
                 return await handler(request)
             server.counters.requests_total += 1
+            server.request_headers.append(dict(request.headers))
             server.note_connection(request)
             if request.headers.get("Content-Encoding", "identity").lower() != "identity":
                 # llama-server (cpp-httplib, built without zlib) decodes no request body
