@@ -377,6 +377,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             "balancers": args.balancer or None,
             "local_llama_server": args.local_llama_server,
             "external_llama_server": args.external_llama_server,
+            "slot_source": args.slot_source,
             "agent_name": args.name,
             "cluster_token_file": args.cluster_token_file,
             "log_dir": args.log_dir,
@@ -407,6 +408,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         balancers=list(settings.balancers),
         cluster_token=cluster_token,
         external_llama_server=settings.external_llama_server,
+        slot_source=settings.slot_source,
         llama_server_api_key=api_key.get_secret_value() if api_key else None,
     )
     if settings.agent_name:
@@ -1146,6 +1148,14 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--config", type=Path, default=None, help="YAML settings file")
     agent.add_argument(
         "--local-llama-server", default=None, help="URL of the llama-server this agent polls"
+    )
+    agent.add_argument(
+        "--slot-source",
+        choices=("slots", "metrics", "balancer"),
+        default=None,
+        help="how busy slots are counted: GET /slots (slots, the default), /metrics, or the "
+        "balancers' own requests (balancer); a llama-server with --sleep-idle-seconds sleeps "
+        "only with metrics or balancer, since /slots counts as activity",
     )
     agent.add_argument(
         "--external-llama-server",

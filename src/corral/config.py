@@ -297,6 +297,14 @@ class Settings(BaseModel):
     external_llama_server: str | None = Field(
         default=None, description="URL the balancer uses to reach it, if different."
     )
+    slot_source: Literal["slots", "metrics", "balancer"] = Field(
+        default="slots",
+        description="How an agent counts a watched llama-server's busy slots: slots (GET "
+        "/slots; /metrics under --no-slots), metrics (llamacpp:requests_processing) or "
+        "balancer (each balancer counts its own requests). /slots counts as activity, so a "
+        "llama-server with --sleep-idle-seconds needs metrics or balancer to ever sleep "
+        "(corral picks balancer itself for the servers it starts with that flag).",
+    )
     llama_server_api_key: SecretStr | None = Field(
         default=None,
         description="llama-server's --api-key: the agent reads /props and /slots with it, "

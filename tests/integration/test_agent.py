@@ -611,7 +611,7 @@ async def test_agent_registers_first_numbers_snapshots_by_one_and_deregisters_la
     (instance,) = middle[-1]["instances"]
     assert set(instance) == {
         "id", "url", "model", "aliases", "state", "total_slots", "busy", "n_ctx", "issues",
-        "slot_source",
+        "slot_source", "sleeping",
     }  # fmt: skip
     assert instance["id"] == "0"
 

@@ -174,3 +174,59 @@ async def test_keys_only_at_corral_never_reach_llama_server() -> None:
         )
     finally:
         await fleet.close()
+
+
+PREFLIGHT = {
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "content-type",
+}
+
+
+async def cors(fleet: Fleet, method: str, path: str, origin: str) -> tuple[int, dict[str, str]]:
+    assert fleet.http is not None
+    headers = {"Origin": origin, **(PREFLIGHT if method == "OPTIONS" else {})}
+    async with fleet.http.request(method, fleet.base + path, headers=headers) as response:
+        await response.read()
+        found = {
+            k: v for k, v in response.headers.items() if k.lower().startswith("access-control-")
+        }
+        return response.status, found
+
+
+async def test_without_cors_settings_the_instance_answers_cors_as_llama_server() -> None:
+    fleet = await start_fleet(api_keys=["client-key"])  # a preflight carries no key
+    try:
+        node = await fleet.add_fake(model="alpha", slots=1, token_delay=0.1, tokens=40)
+        running = asyncio.create_task(
+            fleet.post("/v1/chat/completions", CHAT, {"x-api-key": "client-key"})
+        )
+        await wait_for(lambda: node.fake.counters.in_flight == 1, "the only slot to be taken")
+        for origin in ("http://localhost:3000", "https://anywhere.example"):
+            status, headers = await cors(fleet, "OPTIONS", "/v1/chat/completions", origin)
+            assert status == 200, headers  # while the only slot is busy, too
+            assert headers["Access-Control-Allow-Origin"] == origin
+            assert headers["Access-Control-Allow-Credentials"] == "true"
+        assert not running.done()
+        assert (await running)[0] == 200
+    finally:
+        await fleet.close()
+
+
+async def test_with_cors_settings_corral_rules_and_the_instance_headers_are_dropped() -> None:
+    fleet = await start_fleet(cors_origins=["https://app.example"])
+    try:
+        await fleet.add_fake(model="alpha")
+        status, headers = await cors(
+            fleet, "OPTIONS", "/v1/chat/completions", "https://app.example"
+        )
+        assert status == 204 and headers["Access-Control-Allow-Origin"] == "https://app.example"
+        status, headers = await cors(
+            fleet, "OPTIONS", "/v1/chat/completions", "https://evil.example"
+        )
+        assert status == 403 and headers == {}
+        status, headers = await cors(fleet, "GET", "/props", "https://evil.example")
+        assert status == 200 and headers == {}  # the fake reflected it; corral dropped it
+        status, headers = await cors(fleet, "GET", "/props", "https://app.example")
+        assert headers == {"Access-Control-Allow-Origin": "https://app.example"}
+    finally:
+        await fleet.close()

@@ -13,6 +13,7 @@ from corral.control.agent import (
     balancer_socket_url,
     instance_from_readings,
     model_name_from_props,
+    sleeps,
 )
 
 URL = "http://10.0.0.5:8080"
@@ -61,6 +62,7 @@ def test_healthy_readings_make_a_ready_instance_with_busy_slots() -> None:
         "busy": 3,
         "n_ctx": 1024,
         "slot_source": "slots",
+        "sleeping": False,
         "issues": [],
     }
 
@@ -208,3 +210,34 @@ def test_options_name_the_field_in_error() -> None:
     for change, field_name in changes:
         with pytest.raises(ValueError, match=field_name):
             AgentOptions(**{**base, **change})
+
+
+def test_a_sleeping_server_stays_ready_and_says_so() -> None:
+    asleep = read(props=Reading.ok({**PROPS, "is_sleeping": True}))
+    assert (asleep["state"], asleep["sleeping"], kinds(asleep)) == ("ready", True, [])
+    assert read(props=Reading.ok({**PROPS, "is_sleeping": False}))["sleeping"] is False
+
+
+def test_blind_reads_no_busy_slots() -> None:
+    seen = instance_from_readings(
+        instance_id="0", url=URL, health=HEALTH_OK, props=Reading.ok(PROPS), slots=None,
+        blind=True,
+    )  # fmt: skip
+    assert (seen["slot_source"], seen["busy"], seen["total_slots"]) == ("balancer", 0, 4)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--sleep-idle-seconds", "30"], {}, True),
+        (["--sleep-idle-seconds=0"], {}, True),
+        (["--sleep-idle-seconds", "-1"], {}, False),
+        ([], {"LLAMA_ARG_SLEEP_IDLE_SECONDS": "5"}, True),
+        (["--sleep-idle-seconds", "-1"], {"LLAMA_ARG_SLEEP_IDLE_SECONDS": "5"}, False),
+        (["--parallel", "2"], {}, False),
+    ],
+)
+def test_sleeps_reads_llama_server_arguments_as_llama_server_does(
+    args: list[str], env: dict[str, str], expected: bool
+) -> None:
+    assert sleeps(args, env) is expected

@@ -61,7 +61,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -118,6 +118,25 @@ ServerKind = Literal["llama-server", "generic"]
 
 
 # ================================================================== options
+SlotSource = Literal["slots", "metrics", "balancer"]
+SLOT_SOURCES: tuple[str, ...] = ("slots", "metrics", "balancer")
+
+
+def sleeps(llama_args: Sequence[str], env: Mapping[str, str] | None = None) -> bool:
+    """The llama-server these arguments start sleeps when idle (``--sleep-idle-seconds``
+    N >= 0, or ``LLAMA_ARG_SLEEP_IDLE_SECONDS``)."""
+    value: str | None = (env or {}).get("LLAMA_ARG_SLEEP_IDLE_SECONDS")
+    for index, arg in enumerate(llama_args):
+        if arg == "--sleep-idle-seconds" and index + 1 < len(llama_args):
+            value = llama_args[index + 1]
+        elif arg.startswith("--sleep-idle-seconds="):
+            value = arg.split("=", 1)[1]
+    try:
+        return value is not None and int(value) >= 0
+    except ValueError:
+        return False
+
+
 @dataclass
 class AgentOptions:
     """How an agent watches its llama-server and whom it reports to."""
@@ -158,6 +177,15 @@ class AgentOptions:
     """A generic server's readiness path (200 when it serves)."""
     slots: int = 4
     """A generic server's slot count: requests it takes at once."""
+    slot_source: SlotSource = "slots"
+    """How busy slots are read. ``slots``: ``GET /slots`` (``/metrics`` when the server
+    has ``--no-slots``). ``/slots`` counts as activity for llama-server's
+    ``--sleep-idle-seconds``, so a server that should sleep needs one of the two that
+    do not: ``metrics`` (``llamacpp:requests_processing``; each read also restarts the
+    server's per-scrape rate gauges, ``prompt_tokens_seconds`` and
+    ``predicted_tokens_seconds``) or ``balancer`` (read nothing: each balancer counts
+    its own requests). With either, ``/props`` is read every poll to report
+    ``sleeping`` (it does not wake the server)."""
 
     def __post_init__(self) -> None:
         if not self.balancers:
@@ -170,6 +198,10 @@ class AgentOptions:
             value = getattr(self, name)
             if value is not None and not value.startswith(("http://", "https://")):
                 raise ValueError(f"{name}: expected an http:// or https:// URL, got {value!r}")
+        if self.slot_source not in SLOT_SOURCES:
+            raise ValueError(
+                f"slot_source: one of {', '.join(SLOT_SOURCES)}, got {self.slot_source!r}"
+            )
         if self.poll_interval <= 0:
             raise ValueError("poll_interval: must be > 0")
         if not 0 < self.report_interval <= 1.0:
@@ -320,6 +352,7 @@ def _parse_props(reading: Reading) -> dict[str, Any]:
         "aliases": aliases,
         "total_slots": _int_field(data, "total_slots", "GET /props"),
         "n_ctx": _int_field(settings, "n_ctx", "GET /props default_generation_settings"),
+        "sleeping": data.get("is_sleeping") is True,
     }
 
 
@@ -358,6 +391,7 @@ def instance_from_readings(
     slots: Reading | None,
     metrics: Reading | None = None,
     previous: Mapping[str, Any] | None = None,
+    blind: bool = False,
 ) -> dict[str, Any]:
     """One snapshot instance from what llama-server answered; pure.
 
@@ -371,7 +405,11 @@ def instance_from_readings(
     ``llamacpp:requests_processing``, read instead of ``/slots`` when the server has
     ``--metrics``; ``metrics`` is that reading), or ``balancer``: the agent sees no slot
     use at all and reports none busy, so each balancer counts only its own requests
-    there (other balancers' and direct clients' work is invisible).
+    there (other balancers' and direct clients' work is invisible); ``blind`` asks for
+    that without reading either (:attr:`AgentOptions.slot_source` ``balancer``).
+
+    ``sleeping`` is ``/props``' ``is_sleeping`` (``--sleep-idle-seconds``): the model
+    is unloaded until the next request, which wakes it; the instance stays usable.
     """
     known = dict(previous or {})
     instance: dict[str, Any] = {
@@ -384,13 +422,17 @@ def instance_from_readings(
         "busy": int(known.get("busy") or 0),
         "n_ctx": int(known.get("n_ctx") or 0),
         "slot_source": str(known.get("slot_source") or "slots"),
+        "sleeping": bool(known.get("sleeping")),
         "issues": [],
     }
     issues: dict[str, str] = {}  # kind -> message, first one kept
     no_slots = (slots is None and metrics is not None) or (
         slots is not None and slots.status == 501
     )
-    if no_slots:
+    if blind:
+        slots = None
+        instance["slot_source"], instance["busy"] = "balancer", 0
+    elif no_slots:
         slots = None
         processing = None
         if metrics is not None and metrics.status == 200:
@@ -683,7 +725,14 @@ class Agent:
         props: Reading | None = None
         slots: Reading | None = None
         metrics: Reading | None = None
-        if health.status is not None:
+        source = self.options.slot_source
+        if health.status is not None and source != "slots":
+            # a server that may sleep: nothing that counts as activity (/slots); /props
+            # every time, for is_sleeping
+            props = await self._get(session, "/props", authorize=True)
+            if source == "metrics":
+                metrics = await self._get(session, "/metrics", authorize=True)
+        elif health.status is not None:
             # /props (model, slot count, context) changes only when the server restarts:
             # re-read it after any change in health, an error, or every PROPS_REFRESH s
             now = time.monotonic()
@@ -717,6 +766,7 @@ class Agent:
             slots=slots,
             metrics=metrics,
             previous=self.instance,
+            blind=source == "balancer",
         )
 
     async def _poll_loop(self, session: aiohttp.ClientSession) -> None:

@@ -112,6 +112,9 @@ class Instance:
     """Where the agent's busy count comes from: ``slots``, ``metrics`` or ``balancer``
     (a ``--no-slots`` server without ``--metrics``: only this balancer's own requests
     are counted; see :func:`corral.control.agent.instance_from_readings`)."""
+    sleeping: bool = False
+    """llama-server unloaded its model for ``--sleep-idle-seconds``; the next request
+    wakes it, so the instance stays usable."""
     pinned_slots: set[int] = field(default_factory=set)
     """Slots this balancer's requests in flight were pinned to (``id_slot``)."""
     unpinned: int = 0
@@ -205,6 +208,7 @@ class Instance:
             "slots_free": self.free_slots,
             "reported_busy": self.reported_busy,
             "slot_source": self.slot_source,
+            "sleeping": self.sleeping,
             "in_flight": self.in_flight,
             "n_ctx": self.n_ctx,
             "issues": [i.as_dict() for i in self.issues],

@@ -484,14 +484,33 @@ class Gateway:
     # -- hygiene ------------------------------------------------------------------------
 
     async def _cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """CORS by corral's rules when ``cors_origins`` is set: llama-server's own
+        ``Access-Control-*`` headers are dropped (it reflects any origin by default) and
+        an allowed origin gets corral's. Unset, llama-server's pass through untouched,
+        preflights included (see :meth:`_preflight`), as if corral were not there."""
+        if not self.options.cors_origins:
+            return
+        for name in [h for h in response.headers if h.lower().startswith("access-control-")]:
+            del response.headers[name]
         origin = request.headers.get("Origin")
         if origin and (origin in self.options.cors_origins or "*" in self.options.cors_origins):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
 
+    @staticmethod
+    def _is_preflight(request: web.Request) -> bool:
+        return (
+            request.method == "OPTIONS"
+            and "Origin" in request.headers
+            and "Access-Control-Request-Method" in request.headers
+        )
+
     def _preflight(self, request: web.Request) -> web.Response | None:
+        """corral's answer to a CORS preflight when ``cors_origins`` is set; None for
+        any other request, and for every preflight when it is not (the instance answers
+        it, by llama-server's ``--cors-origins`` rules)."""
         origin = request.headers.get("Origin")
-        if request.method != "OPTIONS" or not origin:
+        if request.method != "OPTIONS" or not origin or not self.options.cors_origins:
             return None
         if origin not in self.options.cors_origins and "*" not in self.options.cors_origins:
             return error_response(403, f"origin {origin!r} is not allowed by CORS")
@@ -507,8 +526,8 @@ class Gateway:
         )
 
     def _unauthorized(self, request: web.Request) -> web.Response | None:
-        if not self.options.api_keys:
-            return None
+        if not self.options.api_keys or self._is_preflight(request):
+            return None  # a browser never sends credentials with a preflight
         if key_matches(presented_key(request), self.options.api_keys):
             return None
         return error_response(
@@ -730,7 +749,7 @@ class Gateway:
             body=parsed,
             headers={"x-session-id": session} if session else {},
             pinnable=route in PIN_ROUTES and not self._is_command(model),
-            slotless=route == "other" or route in SLOTLESS_ROUTES,
+            slotless=route == "other" or route in SLOTLESS_ROUTES or request.method != "POST",
         )
         try:
             notices = self._notices(request, parsed, model, request_id)

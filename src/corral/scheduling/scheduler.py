@@ -560,6 +560,7 @@ class Scheduler:
             if isinstance(supervisor, dict):
                 instance.extra["supervisor"] = supervisor
             instance.slot_source = str(data.get("slot_source") or "slots")
+            instance.sleeping = bool(data.get("sleeping"))
             instance.issues = [
                 InstanceIssue(str(i.get("kind", "unknown")), str(i.get("message", "")))
                 for i in data.get("issues", [])

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.control.agent import Agent, AgentOptions
+from corral.control.agent import Agent, AgentOptions, SlotSource, sleeps
 from corral.control.tokens import state_dir
 from corral.supervisor.binary import ui_beside
 from corral.supervisor.flags import FlagError, check_llama_args
@@ -133,6 +133,7 @@ class ManagedInstance:
                 server_kind="generic" if generic else "llama-server",
                 health_path=options.health_path if generic else "/health",
                 slots=options.slots,
+                slot_source=self._slot_source(),
             )
         )
         program = Path(options.command[0]).name if options.command else "llama-server"
@@ -151,6 +152,11 @@ class ManagedInstance:
         )
         self._agent_task: asyncio.Task[None] | None = None
         self._restart_task: asyncio.Task[None] | None = None
+
+    def _slot_source(self) -> SlotSource:
+        """``balancer`` for a llama-server that sleeps when idle: reading its /slots
+        would keep it awake (see :attr:`AgentOptions.slot_source`)."""
+        return "balancer" if sleeps(self.llama_args, self.options.env) else "slots"
 
     @property
     def health_path(self) -> str:
@@ -219,6 +225,7 @@ class ManagedInstance:
                     return {"ok": False, "detail": error}
             log.info("reconfigure model=%s port=%s args=%s", self.model_id, self.options.port, args)
             self.llama_args = args
+            self.agent.options.slot_source = self._slot_source()
             self.supervisor.args = self._args()
             self._begin_restart()
             return {"ok": True, "detail": "restarting with new settings", "args": args}

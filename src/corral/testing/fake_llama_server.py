@@ -1488,6 +1488,8 @@ def _middleware(server: FakeLlamaServer) -> Any:
             server.counters.requests_total += 1
             server.request_headers.append(dict(request.headers))
             server.note_connection(request)
+            if request.method == "OPTIONS":  # a preflight, on any path, before the key
+                return web.Response(status=200, content_type="text/html")
             if request.headers.get("Content-Encoding", "identity").lower() != "identity":
                 # llama-server (cpp-httplib, built without zlib) decodes no request body
                 return web.Response(status=415)  # as llama-server: no body
@@ -1545,6 +1547,13 @@ def build_app(options: FakeOptions) -> web.Application:
             server.instance_name = str(sockname[1]) if sockname else "fake"
         response.headers["X-Fake-Instance"] = server.instance_name
         response.headers["Server"] = "llama.cpp"
+        origin = request.headers.get("Origin")
+        if origin:  # llama-server's default CORS (--cors-origins *): any origin, reflected
+            response.headers["Access-Control-Allow-Origin"] = origin
+            if request.method == "OPTIONS":
+                response.headers["Access-Control-Allow-Credentials"] = "true"
+                response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+                response.headers["Access-Control-Allow-Headers"] = "*"
         if response.keep_alive:
             response.headers.setdefault("Keep-Alive", KEEP_ALIVE_HEADER)
 
