@@ -42,12 +42,18 @@ def start_serve(
     *,
     serve_args: Sequence[str] = (),
     llama_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> ServeProcess:
     """``corral serve --model MODEL [SERVE_ARGS] -- [LLAMA_ARGS]`` on free loopback
     ports, its state in ``tmp`` and its output in ``tmp/corral.log``; not yet ready."""
     inference, management = free_port(), free_port()
     log_path = tmp / "corral.log"
-    env = {**os.environ, "CORRAL_MANAGEMENT_TOKEN": token, "CORRAL_STATE_DIR": str(tmp)}
+    env = {
+        **os.environ,
+        "CORRAL_MANAGEMENT_TOKEN": token,
+        "CORRAL_STATE_DIR": str(tmp),
+        **(env or {}),
+    }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [

@@ -44,6 +44,8 @@ class Stack:
 
     tmp: Path
     procs: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
+    management: dict[str, str] = field(default_factory=dict)
+    """The management URL of each front door, by its inference URL."""
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         log = self.tmp / f"{name}.log"
@@ -78,8 +80,9 @@ class Stack:
         self.spawn(f"agent-{inference}", [
             sys.executable, "-m", "corral.cli", "agent", "--local-llama-server", llama_server,
             "--balancer", f"127.0.0.1:{management}", *agent_args,
-        ])  # fmt: skip
+        ], env=kw.get("agent_env"))  # fmt: skip
         base = f"http://127.0.0.1:{inference}"
+        self.management[base] = f"http://127.0.0.1:{management}"
         self.wait("the balancer's instance", lambda: _ready(base))
         return base
 
@@ -88,9 +91,10 @@ class Stack:
         tmp.mkdir()
         started = start_serve(
             tmp, binary, model, MANAGEMENT_TOKEN, serve_args=kw.get("args", ()),
-            llama_args=[*LLAMA_ARGS, *args],
+            llama_args=[*LLAMA_ARGS, *args], env=kw.get("env"),
         )  # fmt: skip
         self.procs.append((started.process, started.log_path))
+        self.management[started.base] = started.management
         self.wait("corral serve's instance", lambda: _ready(started.base))
         return started.base
 
@@ -330,3 +334,176 @@ def test_slots_and_slot_actions_are_the_instance_own(doors: dict[str, str]) -> N
         erased = ask(base, "POST", "/slots/1?action=erase", {})
         assert erased.status == 200 and erased.body["n_erased"] > 0, (door, erased.body)
         assert set(saved.body) == {"id_slot", "filename", "n_saved", "n_written", "timings"}
+
+
+# ------------------------------------------------------------------ other set-ups
+def _instances(stack: Stack, base: str) -> list[dict[str, Any]]:
+    status, _, body = _open(
+        "GET", stack.management[base] + "/api/v1/instances", None,
+        {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"},
+    )  # fmt: skip
+    assert status == 200
+    instances: list[dict[str, Any]] = json.loads(body)["instances"]
+    return instances
+
+
+CORS_ARGS = ("--cors-origins", "http://localhost:3000")
+
+
+@pytest.fixture(scope="module")
+def cors_doors(
+    llama_server_bin: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    stack = Stack(tmp_path_factory.mktemp("drop-in-cors"))
+    try:
+        direct = stack.llama_server(llama_server_bin, tiny_model, *CORS_ARGS)
+        yield {
+            "direct": direct,
+            "balancer": stack.balancer(direct),
+            "serve": stack.serve(llama_server_bin, tiny_model, *CORS_ARGS),
+        }
+    finally:
+        stack.close()
+
+
+@pytest.mark.parametrize("origin", ["http://localhost:3000", "https://elsewhere.example"])
+@pytest.mark.parametrize(
+    ("method", "path"), [("OPTIONS", "/v1/chat/completions"), ("GET", "/props")]
+)
+def test_cors_is_llama_server_own_for_an_allowed_and_a_refused_origin(
+    cors_doors: dict[str, str], origin: str, method: str, path: str
+) -> None:
+    headers = {"Origin": origin}
+    if method == "OPTIONS":
+        headers |= {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization",
+        }
+
+    def answer(base: str) -> tuple[int, dict[str, str]]:
+        status, head, _ = _open(method, base + path, None, headers)
+        cors = {k.lower(): v for k, v in head.items() if k.lower().startswith("access-control-")}
+        return status, cors
+
+    direct = answer(cors_doors["direct"])
+    allowed = origin == "http://localhost:3000"
+    # a refused origin gets the configured one back, which the browser then refuses
+    assert (direct[1].get("access-control-allow-origin") == origin) is allowed, direct
+    for door in ("balancer", "serve"):
+        assert answer(cors_doors[door]) == direct, door
+
+
+def _chat(base: str, **headers: str) -> Answer:
+    body = {"model": "gpt-4o-mini", "messages": HELLO, "max_tokens": 2}
+    return ask(base, "POST", "/v1/chat/completions", body, **headers)
+
+
+def test_a_no_slots_llama_server_is_served(
+    llama_server_bin: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    stack = Stack(tmp_path)
+    try:
+        direct = stack.llama_server(llama_server_bin, tiny_model, "--no-slots")
+        doors = {
+            "balancer": stack.balancer(direct),
+            "serve": stack.serve(llama_server_bin, tiny_model, "--no-slots"),
+        }
+        assert ask(direct, "GET", "/slots").status == 501
+        for door, base in doors.items():
+            assert _chat(base).compared() == _chat(direct).compared(), door
+            assert ask(base, "GET", "/slots").compared() == ask(direct, "GET", "/slots").compared()
+            (instance,) = _instances(stack, base)
+            assert instance["usable"] and instance["slot_source"] == "metrics", (door, instance)
+    finally:
+        stack.close()
+
+
+def _sleeping(base: str) -> bool:
+    answer = ask(base, "GET", "/props")
+    assert answer.status == 200, answer.body
+    return bool(answer.body["is_sleeping"])
+
+
+def test_a_sleeping_llama_server_sleeps_behind_corral_and_a_request_wakes_it(
+    llama_server_bin: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The agent's reads must not count as activity (``/slots`` does), or the server
+    never sleeps; asleep it stays usable, and the next request wakes it."""
+    stack = Stack(tmp_path)
+    sleep = ("--sleep-idle-seconds", "1")
+    try:
+        direct = stack.llama_server(llama_server_bin, tiny_model, *sleep)
+        doors = {
+            # an agent watching a server it did not start is told; serve sees the flag
+            "balancer": stack.balancer(direct, agent_args=("--slot-source", "balancer")),
+            "serve": stack.serve(llama_server_bin, tiny_model, *sleep),
+        }
+        for door, base in doors.items():
+            stack.wait(f"{door}'s llama-server to sleep", lambda b=base: _sleeping(b))
+            stack.wait(
+                f"{door} to report it sleeping",
+                lambda b=base: _instances(stack, b)[0]["sleeping"],
+            )
+            (instance,) = _instances(stack, base)
+            assert instance["usable"] and instance["slot_source"] == "balancer", instance
+            answer = _chat(base)
+            assert answer.status == 200, answer.body
+            assert not _sleeping(base)  # woken by the request, not by corral's reads
+    finally:
+        stack.close()
+
+
+SERVER_KEY, CLIENT_KEY = "server-key", "client-key"
+
+
+def _statuses(base: str) -> dict[str, int]:
+    return {
+        "none": _chat(base).status,
+        "client key": _chat(base, Authorization=f"Bearer {CLIENT_KEY}").status,
+        "server key": _chat(base, Authorization=f"Bearer {SERVER_KEY}").status,
+        "server key as x-api-key": _chat(base, **{"x-api-key": SERVER_KEY}).status,
+    }
+
+
+def test_keys_in_the_three_set_ups(
+    llama_server_bin: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    stack = Stack(tmp_path)
+    server_key = {"CORRAL_LLAMA_SERVER_API_KEY": SERVER_KEY}
+    try:
+        plain = stack.llama_server(llama_server_bin, tiny_model)
+        keyed = stack.llama_server(llama_server_bin, tiny_model, "--api-key", SERVER_KEY)
+        assert _statuses(keyed) == {
+            "none": 401, "client key": 401, "server key": 200, "server key as x-api-key": 200,
+        }  # fmt: skip
+        only_corral = {
+            "balancer": stack.balancer(plain, env={"CORRAL_API_KEYS": CLIENT_KEY}),
+            "serve": stack.serve(llama_server_bin, tiny_model, env={"CORRAL_API_KEYS": CLIENT_KEY}),
+        }
+        for door, base in only_corral.items():
+            assert _statuses(base) == {
+                "none": 401, "client key": 200, "server key": 401,
+                "server key as x-api-key": 401,
+            }, door  # fmt: skip
+        only_server = {
+            "balancer": stack.balancer(keyed, agent_env=server_key),
+            "serve": stack.serve(llama_server_bin, tiny_model, "--api-key", SERVER_KEY),
+        }
+        for door, base in only_server.items():
+            assert _statuses(base) == _statuses(keyed), door  # llama-server checks the key
+        both = {
+            "balancer": stack.balancer(
+                keyed, agent_env=server_key, env={"CORRAL_API_KEYS": CLIENT_KEY, **server_key}
+            ),
+            "serve": stack.serve(
+                llama_server_bin, tiny_model, "--api-key", SERVER_KEY,
+                env={"CORRAL_API_KEYS": CLIENT_KEY, **server_key},
+            ),
+        }  # fmt: skip
+        for door, base in both.items():
+            assert _statuses(base) == {
+                "none": 401, "client key": 200, "server key": 401,
+                "server key as x-api-key": 401,
+            }, door  # fmt: skip
+    finally:
+        stack.close()

@@ -104,6 +104,19 @@ class ManagedOptions:
     """With ``command``: requests the server takes at once."""
 
 
+def api_key_of(llama_args: Sequence[str], env: Mapping[str, str] | None = None) -> str | None:
+    """The first ``--api-key`` (or ``LLAMA_API_KEY``) these arguments give llama-server:
+    its agent reads ``/props`` and ``/slots`` with it."""
+    value = (env or {}).get("LLAMA_API_KEY")
+    for index, arg in enumerate(llama_args):
+        if arg == "--api-key" and index + 1 < len(llama_args):
+            value = llama_args[index + 1]
+        elif arg.startswith("--api-key="):
+            value = arg.split("=", 1)[1]
+    keys = [k.strip() for k in (value or "").split(",") if k.strip()]
+    return keys[0] if keys else None
+
+
 class ManagedInstance:
     """Start, supervise and report one llama-server; see the module doc."""
 
@@ -134,6 +147,7 @@ class ManagedInstance:
                 health_path=options.health_path if generic else "/health",
                 slots=options.slots,
                 slot_source=self._slot_source(),
+                llama_server_api_key=None if generic else api_key_of(self.llama_args, options.env),
             )
         )
         program = Path(options.command[0]).name if options.command else "llama-server"
