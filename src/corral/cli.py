@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -279,8 +280,28 @@ def _balancer_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _inner_agents(
+    args: argparse.Namespace, settings: Any, addresses: Any, cluster_token: str
+) -> list[Any]:
+    """Agent options for each ``--local-llama-server`` of ``corral balancer``."""
+    from corral.control.agent import AgentOptions
+
+    key = settings.llama_server_api_key
+    return [
+        AgentOptions(
+            local_llama_server=url.rstrip("/"),
+            balancers=[addresses.management],
+            cluster_token=cluster_token,
+            llama_server_api_key=key.get_secret_value() if key else None,
+            slot_source=args.slot_source or settings.slot_source,
+        )
+        for url in getattr(args, "local_llama_server", []) or []
+    ]
+
+
 def cmd_balancer(args: argparse.Namespace) -> int:
     from corral.balancer import Balancer
+    from corral.control.agent import Agent
     from corral.control.tokens import TokenError
 
     settings = settings_from(args, _balancer_overrides(args))
@@ -290,6 +311,10 @@ def cmd_balancer(args: argparse.Namespace) -> int:
     except (TokenError, OSError) as exc:
         _err(str(exc))
         return 2
+    for url in args.local_llama_server:
+        if not url.startswith(("http://", "https://")):
+            _err(f"--local-llama-server: expected an http:// or https:// URL, got {url!r}")
+            return 2
 
     async def serve(stop: asyncio.Event) -> int:
         balancer = Balancer(
@@ -305,7 +330,18 @@ def cmd_balancer(args: argparse.Namespace) -> int:
             f"management http://{addresses.management}  "
             f"dashboard http://{addresses.management}/dashboard\n"
         )
+        agents = [
+            Agent(options) for options in _inner_agents(args, settings, addresses, cluster_token)
+        ]
+        tasks = [asyncio.create_task(agent.run()) for agent in agents]
+        for agent in agents:
+            sys.stderr.write(f"corral balancer: watching {agent.options.local_llama_server}\n")
         await stop.wait()
+        for agent in agents:
+            await agent.stop()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await balancer.stop()
         return 0
 
@@ -1108,6 +1144,20 @@ def build_parser() -> argparse.ArgumentParser:
         "balancer", help="run the front door: slot-aware balancing over agents' instances"
     )
     _add_balancer_flags(balancer)
+    balancer.add_argument(
+        "--local-llama-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a llama-server to put behind this balancer, watched by an agent inside it "
+        "(repeatable): the one command in front of servers you already run",
+    )
+    balancer.add_argument(
+        "--slot-source",
+        choices=("slots", "metrics", "balancer"),
+        default=None,
+        help="with --local-llama-server: how its busy slots are counted (see `agent`)",
+    )
     balancer.set_defaults(func=cmd_balancer)
 
     # serve

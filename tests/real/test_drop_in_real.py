@@ -86,6 +86,21 @@ class Stack:
         self.wait("the balancer's instance", lambda: _ready(base))
         return base
 
+    def front(self, llama_server: str) -> str:
+        """``corral balancer --local-llama-server URL``: the one command in front of a
+        llama-server a user already runs."""
+        inference, management = free_port(), free_port()
+        self.spawn(f"front-{inference}", [
+            sys.executable, "-m", "corral.cli", "balancer",
+            "--inference-addr", f"127.0.0.1:{inference}",
+            "--management-addr", f"127.0.0.1:{management}",
+            "--local-llama-server", llama_server,
+        ])  # fmt: skip
+        base = f"http://127.0.0.1:{inference}"
+        self.management[base] = f"http://127.0.0.1:{management}"
+        self.wait("the one-command balancer's instance", lambda: _ready(base))
+        return base
+
     def serve(self, binary: Path, model: Path, *args: str, **kw: Any) -> str:
         tmp = self.tmp / f"serve-{len(self.procs)}"
         tmp.mkdir()
@@ -152,6 +167,7 @@ def doors(
     llama_server_bin: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, str]]:
     """``direct`` (the llama-server), ``balancer`` (balancer + agent in front of it) and
+    ``front`` (``corral balancer --local-llama-server`` in front of it, one command) and
     ``serve`` (corral serve with the same model and arguments)."""
     stack = Stack(tmp_path_factory.mktemp("drop-in"))
     saves = stack.tmp / "slots"
@@ -161,6 +177,7 @@ def doors(
         yield {
             "direct": direct,
             "balancer": stack.balancer(direct),
+            "front": stack.front(direct),
             "serve": stack.serve(llama_server_bin, tiny_model, "--slot-save-path", str(saves)),
         }
     finally:
@@ -255,7 +272,7 @@ def test_the_same_request_gets_the_same_answer_through_corral(
 ) -> None:
     direct = ask(doors["direct"], method, path, body)
     assert direct.status < 500, direct.body
-    for door in ("balancer", "serve"):
+    for door in ("balancer", "front", "serve"):
         through = ask(doors[door], method, path, body)
         assert through.compared() == direct.compared(), (door, through.body, direct.body)
 
@@ -276,7 +293,7 @@ def test_a_stream_is_the_same_through_corral(
     body = {**body, "stream": True}
     direct = stream_events(doors["direct"], path, body)
     assert direct[0] == 200 and direct[2]
-    for door in ("balancer", "serve"):
+    for door in ("balancer", "front", "serve"):
         assert stream_events(doors[door], path, body) == direct, door
 
 
@@ -295,7 +312,7 @@ def test_metrics_are_the_instance_own(doors: dict[str, str]) -> None:
 
     direct = names(doors["direct"])
     assert "llamacpp:requests_processing" in direct
-    assert names(doors["balancer"]) == names(doors["serve"]) == direct
+    assert names(doors["balancer"]) == names(doors["front"]) == names(doors["serve"]) == direct
 
 
 def test_differences_on_purpose(doors: dict[str, str]) -> None:
@@ -303,7 +320,7 @@ def test_differences_on_purpose(doors: dict[str, str]) -> None:
     (docs/design.md, "Drop-in"); each keeps llama-server's keys and adds its own."""
     direct = ask(doors["direct"], "GET", "/health")
     assert direct.body == {"status": "ok"}
-    for door in ("balancer", "serve"):
+    for door in ("balancer", "front", "serve"):
         health = ask(doors[door], "GET", "/health")
         assert health.status == 200 and health.body["status"] == "ok"
         assert health.body["instances_ready"] == 1
