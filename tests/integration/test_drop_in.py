@@ -230,3 +230,28 @@ async def test_with_cors_settings_corral_rules_and_the_instance_headers_are_drop
         assert headers == {"Access-Control-Allow-Origin": "https://app.example"}
     finally:
         await fleet.close()
+
+
+async def test_slotless_routes_take_model_and_instance_to_pick_one(fleet: Fleet) -> None:
+    await fleet.add_fake(model="alpha", slots=1)
+    first = await fleet.add_fake(model="beta", slots=3)
+    second = await fleet.add_fake(model="beta", slots=3)
+    status, slots = await get(fleet, "/slots?model=beta")
+    assert status == 200 and len(slots) == 3
+    assert fleet.http is not None
+    pool = {i.url: i.id for i in fleet.balancer.scheduler.fleet.pool("beta")}
+    for node in (first, second):
+        wanted = pool[node.url]
+        for _ in range(3):
+            async with fleet.http.get(
+                fleet.base + "/slots?model=beta", headers={"X-Corral-Instance": wanted}
+            ) as response:
+                assert response.status == 200
+                assert response.headers["X-Corral-Instance"] == wanted
+        seen = [{k.lower() for k in h} for h in node.fake.request_headers]
+        assert not any("x-corral-instance" in h for h in seen)  # corral's own header
+    async with fleet.http.get(
+        fleet.base + "/slots?model=beta", headers={"X-Corral-Instance": "nope/0"}
+    ) as response:
+        assert response.status == 404
+        assert "nope/0" in (await response.json())["error"]["message"]

@@ -44,7 +44,13 @@ from corral.gateway.webui import WebUIRoutes
 from corral.observe.metrics import BalancerMetrics
 from corral.observe.recent import RecentTraffic
 from corral.scheduling.policies import Placement
-from corral.scheduling.scheduler import Lease, ModelRequired, Scheduler, SchedulingError
+from corral.scheduling.scheduler import (
+    Lease,
+    ModelRequired,
+    Scheduler,
+    SchedulingError,
+    UnknownInstance,
+)
 from corral.supervisor.request_flags import HEADERS as FLAG_HEADERS
 from corral.supervisor.request_flags import RequestFlagError
 from corral.supervisor.request_flags import normalize as normalize_flags
@@ -118,6 +124,10 @@ SLOTLESS_ROUTES = frozenset(
     }
 )
 
+#: A request header naming the instance a slotless request (``/slots``, a slot
+#: action) is meant for, as the ``X-Corral-Instance`` response header named it.
+INSTANCE_HEADER = "X-Corral-Instance"
+
 #: Where a client puts its API key (llama-server reads both).
 CLIENT_KEYS = frozenset({"authorization", "x-api-key"})
 
@@ -135,6 +145,7 @@ HOP_BY_HOP = frozenset(
         "Host",
         "Content-Length",
         "X-Model-Id",
+        INSTANCE_HEADER,
         NOTICES_HEADER,
         # aiohttp decodes the body (gzip, deflate, ...): what goes upstream is plain
         "Content-Encoding",
@@ -744,10 +755,14 @@ class Gateway:
             return self._finish(flags_error, request_id, model, route, started)
         model = flags_error
         session = request.headers.get("X-Session-Id")
+        wanted = request.headers.get(INSTANCE_HEADER)
         placement = Placement(
             model=model,
             body=parsed,
-            headers={"x-session-id": session} if session else {},
+            headers={
+                **({"x-session-id": session} if session else {}),
+                **({"x-corral-instance": wanted} if wanted else {}),
+            },
             pinnable=route in PIN_ROUTES and not self._is_command(model),
             slotless=route == "other" or route in SLOTLESS_ROUTES or request.method != "POST",
         )
@@ -1037,9 +1052,15 @@ class Gateway:
         for a model that is not ready is told to the client as it goes. Returns the
         lease and whether notices were written during this wait."""
         if placement.slotless:
-            lease = self.scheduler.peek(model, exclude)
+            wanted = placement.headers.get("x-corral-instance")
+            lease = self.scheduler.peek(model, exclude, wanted)
             if lease is not None:
                 return lease, False
+            if wanted is not None:
+                raise UnknownInstance(
+                    f"instance {wanted!r} is not a ready instance of model {model!r}; "
+                    "GET /api/v1/instances lists them"
+                )
             # nothing ready: wait for a slot like any request (and start the model)
         if notices is None:
             return await self.scheduler.acquire(model, placement, exclude), False

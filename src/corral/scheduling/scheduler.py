@@ -60,6 +60,11 @@ class UnknownModel(SchedulingError):
     error_type = "not_found_error"
 
 
+class UnknownInstance(SchedulingError):
+    status = 404
+    error_type = "not_found_error"
+
+
 class ModelRequired(SchedulingError):
     status = 400
     error_type = "invalid_request_error"
@@ -243,17 +248,22 @@ class Scheduler:
             self.policy.choose(self._candidates(model, exclude), placement), placement
         )
 
-    def peek(self, model: str, exclude: frozenset[str] = frozenset()) -> Lease | None:
+    def peek(
+        self, model: str, exclude: frozenset[str] = frozenset(), instance: str | None = None
+    ) -> Lease | None:
         """A slotless lease on a ready instance of ``model``, busy or not, or None.
 
         For requests llama-server answers without a slot (``/props``, ``/tokenize``,
         ``/metrics``, the web UI's files, slot actions): like llama-server itself, corral
         answers them at once while every slot is busy. Nothing is counted: the instance's
-        slots, its idle time and its breaker stay as they were.
+        slots, its idle time and its breaker stay as they were. ``instance``: that
+        instance only (its slots are the ones a slot action means).
         """
         now = self.clock()
         pool = list(self.fleet.instances.values()) if model == ANY_MODEL else self.fleet.pool(model)
         ready = [i for i in pool if i.id not in exclude and i.usable(now)]
+        if instance is not None:
+            ready = [i for i in ready if i.id == instance]
         if not ready:
             return None
         chosen = min(ready, key=lambda i: (i.in_flight + i.foreign_busy, i.id))
