@@ -78,6 +78,47 @@ UrlPath = Annotated[str, AfterValidator(_url_path)]
 TEMPLATE_ONLY = ("health_path", "paths", "slots")
 
 
+class ModelFilters(BaseModel):
+    """Changes to a request's JSON body before it goes upstream (llama-swap's
+    ``filters``). ``model`` is never stripped or set: it routed the request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strip_params: list[str] = Field(
+        default_factory=list,
+        description="Body keys removed from every request (e.g. temperature, top_p): "
+        "server-side sampling settings clients cannot override.",
+    )
+    set_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Body keys set on every request, replacing the client's value.",
+    )
+    set_params_by_name: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Body keys set (after set_params) when the client asked for this "
+        "name; each name is also an alias of the model: variants such as MODEL:high "
+        "without another server.",
+    )
+
+    @model_validator(mode="after")
+    def _never_model(self) -> ModelFilters:
+        touched = [
+            where
+            for where, keys in (
+                ("strip_params", self.strip_params),
+                ("set_params", list(self.set_params)),
+                *((f"set_params_by_name.{n}", list(p)) for n, p in self.set_params_by_name.items()),
+            )
+            if "model" in keys
+        ]
+        if touched:
+            raise ValueError(
+                f"{', '.join(touched)}: `model` routes the request and cannot be changed "
+                "here (use use_model_name for the name sent upstream)"
+            )
+        return self
+
+
 class ModelConfig(BaseModel):
     """One model a client can ask for by name (the ``models`` table of the file).
 
@@ -131,6 +172,22 @@ class ModelConfig(BaseModel):
         default=None,
         description="Loading notices for this model's waiting streaming chat requests "
         "(unset: the global loading_notices).",
+    )
+    filters: ModelFilters | None = Field(
+        default=None,
+        description="Body keys stripped or set on this model's requests before they go upstream.",
+    )
+    use_model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The `model` sent upstream in place of the client's (for a server "
+        "that checks it, e.g. vLLM's --served-model-name).",
+    )
+    stop_grace: float | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds between SIGTERM and SIGKILL when this model's server stops "
+        "(unset: the global stop_grace).",
     )
 
     @field_validator("cmd", mode="before")

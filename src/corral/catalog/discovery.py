@@ -958,7 +958,14 @@ def manual_model(model_id: str, config: ModelConfig) -> tuple[CatalogModel, Scan
         id=model_id,
         path=config.path,
         source="manual",
-        aliases=tuple(config.aliases),
+        aliases=tuple(
+            dict.fromkeys(
+                [
+                    *config.aliases,
+                    *(n for n in (config.filters.set_params_by_name if config.filters else {})),
+                ]
+            )
+        ),
         mmproj=_mmproj_from_args(config.args),
         config=config,
     )

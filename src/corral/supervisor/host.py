@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -615,7 +616,13 @@ class ModelHost:
                 cluster_token=self.options.cluster_token,
                 llama_args=self._args(model, flags) if config.cmd is None else [],
                 poll_interval=0.5,
-                supervisor=self.settings.supervisor_options(),
+                supervisor=(
+                    dataclasses.replace(
+                        self.settings.supervisor_options(), stop_grace=config.stop_grace
+                    )
+                    if config.stop_grace is not None
+                    else self.settings.supervisor_options()
+                ),
                 log_dir=self.settings.log_dir,
                 env=dict(config.env),
                 command=list(config.cmd) if config.cmd is not None else None,
