@@ -558,3 +558,34 @@ async def test_flags_that_fail_to_start_are_refused_at_once_and_hold_up_no_other
         assert local.host.loads == launches
         # another model loads and serves meanwhile
         assert (await complete(http, base, "b"))[0] == 200
+
+
+async def test_filters_and_use_model_name_change_the_body_that_goes_upstream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = {
+        "filters": {
+            "strip_params": ["top_k"],
+            "set_params": {"temperature": 0.25},
+            "set_params_by_name": {"m:hot": {"temperature": 1.5}},
+        },
+        "use_model_name": "org/served-name",
+    }
+    async with serving(tmp_path, monkeypatch, {"m": entry}) as (_, base, http):
+
+        async def settings(name: str) -> dict[str, Any]:
+            body = {"model": name, "prompt": "hi", "temperature": 0.9, "top_k": 5}
+            async with http.post(base + "/completion", json=body) as response:
+                assert response.status == 200, await response.text()
+                data: dict[str, Any] = (await response.json())["generation_settings"]
+                return data
+
+        plain = await settings("m")
+        assert plain["temperature"] == 0.25 and plain["top_k"] == 40  # set; stripped
+        assert (await settings("m:hot"))["temperature"] == 1.5  # a name that is an alias
+        async with http.post(base + "/v1/embeddings", json={"model": "m", "input": "x"}) as r:
+            assert (await r.json())["model"] == "org/served-name"  # the fake echoes it
+        async with http.post(
+            base + "/tokenize", json={"model": "m", "content": "hi there"}
+        ) as response:
+            assert response.status == 200  # a body without those keys is fine too

@@ -750,6 +750,10 @@ class Gateway:
         refused = self._command_refusal(request, model)
         if refused is not None:
             return self._finish(refused, request_id, model, route, started)
+        if parsed is not None:
+            filtered = self._filtered(model, requested, parsed)
+            if filtered is not None:
+                parsed, body = filtered, json.dumps(filtered).encode()
         flags_error = self._apply_flags(request, model)
         if isinstance(flags_error, web.Response):
             return self._finish(flags_error, request_id, model, route, started)
@@ -813,6 +817,25 @@ class Gateway:
             scheduler=self.scheduler,
             host=self.host,
         )
+
+    def _filtered(
+        self, model: str, requested: str | None, body: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """``body`` as the model's ``filters`` and ``use_model_name`` change it, or None
+        when they change nothing (the client's bytes then go upstream untouched)."""
+        config = self.host.model_config(model) if self.host is not None else None
+        if config is None or (config.filters is None and config.use_model_name is None):
+            return None
+        out = dict(body)
+        filters = config.filters
+        if filters is not None:
+            for key in filters.strip_params:
+                out.pop(key, None)
+            out.update(filters.set_params)
+            out.update(filters.set_params_by_name.get(requested or "", {}))
+        if config.use_model_name is not None:
+            out["model"] = config.use_model_name
+        return out
 
     def _is_command(self, model: str) -> bool:
         """``model`` is started from a command template (another server, not llama-server)."""
