@@ -524,3 +524,31 @@ def test_keys_in_the_three_set_ups(
             }, door  # fmt: skip
     finally:
         stack.close()
+
+
+EMBEDDINGS = ("--embeddings", "--pooling", "mean")  # the tiny model names no pooling
+
+
+def test_embeddings_with_an_embeddings_server(
+    llama_server_bin: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    stack = Stack(tmp_path)
+    try:
+        direct = stack.llama_server(llama_server_bin, tiny_model, *EMBEDDINGS)
+        doors = {
+            "front": stack.front(direct),
+            "serve": stack.serve(llama_server_bin, tiny_model, *EMBEDDINGS),
+        }
+        cases = [
+            ("/v1/embeddings", {"model": "text-embedding-3-small", "input": ["hello", "world"]}),
+            ("/v1/embeddings", {"input": "hello", "encoding_format": "base64"}),
+            ("/embeddings", {"content": "hello"}),
+            ("/embedding", {"content": "hello"}),
+        ]
+        for path, body in cases:
+            expected = ask(direct, "POST", path, body)
+            assert expected.status == 200, (path, expected.body)
+            for door, base in doors.items():
+                assert ask(base, "POST", path, body).compared() == expected.compared(), door
+    finally:
+        stack.close()
