@@ -589,3 +589,22 @@ async def test_filters_and_use_model_name_change_the_body_that_goes_upstream(
             base + "/tokenize", json={"model": "m", "content": "hi there"}
         ) as response:
             assert response.status == 200  # a body without those keys is fine too
+
+
+async def test_a_slow_start_does_not_hold_up_another_models_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One model's server that takes long to come up (or hangs until startup_timeout)
+    must not make requests for other models wait behind it."""
+    models = {"slow": {"args": ["--load-delay", "30"]}, "quick": {}}
+    async with serving(tmp_path, monkeypatch, models, buffered_request_timeout=60) as (
+        local,
+        base,
+        http,
+    ):
+        slow = asyncio.create_task(complete(http, base, "slow"))
+        await wait_for(lambda: running(local).get("slow") == "loading", "slow to be starting")
+        status, body = await complete(http, base, "quick")
+        assert status == 200, body
+        assert not slow.done() and running(local)["slow"] == "loading"
+        slow.cancel()

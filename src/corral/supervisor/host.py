@@ -2,9 +2,12 @@
 
 ``corral serve`` runs one. A request for a model the catalog knows but no instance
 serves makes the scheduler call :meth:`ModelHost.request`; the host queues a load and
-the request waits in the buffer until the instance is ready. Loads run one at a time,
-so many concurrent requests for one model cause one start, and each load sees the
-machine as the previous one left it.
+the request waits in the buffer until the instance is ready. Loads are planned one at
+a time (making room, then starting the process), so many concurrent requests for one
+model cause one start, and each load sees the machine as the previous one left it;
+the wait until a started server serves runs beside the next loads, so a slow or
+hanging start never holds up other models (its memory estimate counts as taken, and
+an exclusive group's member still starting is swapped out only once it serves).
 
 Making room, in this order:
 
@@ -146,6 +149,8 @@ class ModelHost:
         self.total_memory = total_bytes
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._starting: set[asyncio.Task[None]] = set()
+        """Started servers being waited for until they serve (see :meth:`_come_up`)."""
         self._stopping = False
 
     @property
@@ -315,9 +320,10 @@ class ModelHost:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._starting]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(
             *(h.managed.stop() for h in list(self.running.values())), return_exceptions=True
         )
@@ -479,6 +485,8 @@ class ModelHost:
                 self._last_used(h),
             ),
         )
+        if any(h.state == "loading" for h in must):
+            return None  # a group member still starting: swap it out once it serves
         chosen = list(must)
         count = len(others) - len(chosen)
         while count + 1 > self.max_instances and candidates:
@@ -494,7 +502,9 @@ class ModelHost:
                 "none may be evicted (persistent groups); unload one or raise max_instances"
             )
         if self.settings.memory_check and estimate:
-            free = self.memory() + sum(h.estimate for h in chosen)
+            # servers still starting may not have taken their memory yet: count it taken
+            starting = sum(h.estimate for h in others if h.state == "loading")
+            free = self.memory() - starting + sum(h.estimate for h in chosen)
             while estimate > free and candidates:
                 victim = candidates.pop(0)
                 chosen.append(victim)
@@ -548,6 +558,47 @@ class ModelHost:
         log.info("loading model=%s key=%s port=%d", model.id, key, lease.port)
         self.scheduler.emit({"type": "model", "model": key, "event": "loading"})
         await managed.start()
+        # the wait for readiness (up to startup_timeout) runs beside the load loop: a
+        # slow or hanging start never holds up other models' loads
+        task = asyncio.create_task(
+            self._come_up(key, hosted, model, flags, began, evicted, started),
+            name=f"host-start-{key}",
+        )
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _come_up(
+        self,
+        key: str,
+        hosted: Hosted,
+        model: CatalogModel,
+        flags: tuple[str, ...],
+        began: float,
+        evicted: int,
+        started: float,
+    ) -> None:
+        """Wait until a started ``key`` serves; refuse its waiters if it never does."""
+        try:
+            await self._ready(key, hosted, model, flags, began, evicted, started)
+        except LoadRefused as exc:
+            self._refuse(key, str(exc), exc.detail)
+        except Exception as exc:  # one bad start must not stop later ones
+            log.exception("start failed key=%s", key)
+            self._refuse(key, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._wake.set()  # a load waiting for room may go on now
+
+    async def _ready(
+        self,
+        key: str,
+        hosted: Hosted,
+        model: CatalogModel,
+        flags: tuple[str, ...],
+        began: float,
+        evicted: int,
+        started: float,
+    ) -> None:
+        managed = hosted.managed
         ready = await managed.supervisor.wait_ready()
         if self.running.get(key) is not hosted or hosted.state != "loading":
             return  # unloaded while it started (an operator's unload, a reload)
