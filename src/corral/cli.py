@@ -206,7 +206,7 @@ def _run_service(main_coro: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 
 def _require_loopback(settings: Settings, what: str, how: str) -> None:
     """Generated secrets are only for a loopback management address."""
-    from corral.control.tokens import TokenError, is_loopback
+    from corral.tokens import TokenError, is_loopback
 
     host, _ = settings.management_host_port()
     if not is_loopback(host):
@@ -217,8 +217,8 @@ def _require_loopback(settings: Settings, what: str, how: str) -> None:
 
 
 def _management_token(settings: Settings) -> str:
-    from corral.control.tokens import generated_token
-    from corral.control.tokens import management_token_file as default_file
+    from corral.tokens import generated_token
+    from corral.tokens import management_token_file as default_file
 
     token = settings.resolved_management_token()
     if token:
@@ -237,8 +237,8 @@ def _management_token(settings: Settings) -> str:
 
 
 def _cluster_token(settings: Settings, *, create: bool) -> str:
-    from corral.control.tokens import TokenError, generated_token, read_token_file
-    from corral.control.tokens import cluster_token_file as default_file
+    from corral.tokens import TokenError, generated_token, read_token_file
+    from corral.tokens import cluster_token_file as default_file
 
     token = settings.resolved_cluster_token()
     if token:
@@ -284,7 +284,7 @@ def _inner_agents(
     args: argparse.Namespace, settings: Any, addresses: Any, cluster_token: str
 ) -> list[Any]:
     """Agent options for each ``--local-llama-server`` of ``corral balancer``."""
-    from corral.control.agent import AgentOptions
+    from corral.agent import AgentOptions
 
     key = settings.llama_server_api_key
     return [
@@ -300,9 +300,9 @@ def _inner_agents(
 
 
 def cmd_balancer(args: argparse.Namespace) -> int:
+    from corral.agent import Agent
     from corral.balancer import Balancer
-    from corral.control.agent import Agent
-    from corral.control.tokens import TokenError
+    from corral.tokens import TokenError
 
     settings = settings_from(args, _balancer_overrides(args))
     try:
@@ -404,8 +404,8 @@ def _add_balancer_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from corral.control.agent import Agent, AgentOptions
-    from corral.control.tokens import TokenError
+    from corral.agent import Agent, AgentOptions
+    from corral.tokens import TokenError
 
     settings = settings_from(
         args,
@@ -472,10 +472,10 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
     table (one per model): start, supervise and report each."""
     import socket
 
-    from corral.control.tokens import state_dir
     from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
     from corral.supervisor.managed import ManagedInstance, ManagedOptions, check_reserved
     from corral.supervisor.process import lease_port
+    from corral.tokens import state_dir
 
     wanted: list[tuple[str, Path, list[str], list[str]]] = []  # id, file, args, aliases
     if args.model:
@@ -544,7 +544,6 @@ def _needs_llama_server(settings: Settings, model: Path | None, models_dirs: lis
 def cmd_serve(args: argparse.Namespace) -> int:
     import secrets
 
-    from corral.control.tokens import TokenError
     from corral.serve import LocalServe, ServeOptions, build_catalog
     from corral.supervisor.binary import (
         LlamaServerNotFound,
@@ -552,6 +551,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         find_llama_server,
         ui_beside,
     )
+    from corral.tokens import TokenError
 
     overrides = _balancer_overrides(args)
     overrides["max_instances"] = args.max_instances
@@ -660,7 +660,7 @@ def _offer_tiny(catalog: Any) -> Path | None:
 
 
 def _status_token(settings: Settings) -> str | None:
-    from corral.control.tokens import management_token_file, read_token_file
+    from corral.tokens import management_token_file, read_token_file
 
     return settings.resolved_management_token() or read_token_file(management_token_file())
 

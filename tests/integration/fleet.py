@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestServer
 
+from corral.agent import Agent, AgentOptions
 from corral.balancer import Balancer
 from corral.config import load_settings
-from corral.control.agent import Agent, AgentOptions
 from corral.testing.fake_llama_server import SERVER_KEY, FakeLlamaServer, FakeOptions, build_app
 
 WAIT_S = 20.0

@@ -3,7 +3,7 @@
 Each test runs, in-process on one event loop, real balancer management apps (the
 :class:`~corral.control.management.Management` app over a real
 :class:`~corral.scheduling.scheduler.Scheduler`), fake llama-servers (or a scripted
-one where a fault the fake lacks is needed) and an :class:`~corral.control.agent.Agent`,
+one where a fault the fake lacks is needed) and an :class:`~corral.agent.Agent`,
 then reads the balancer's fleet. Nothing sleeps a fixed time: every wait is on a
 condition with a timeout.
 """
@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from corral.control.agent import (
+from corral.agent import (
     AWS_LOCAL_IPV4_HOST,
     Agent,
     AgentOptions,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from corral.control.agent import (
+from corral.agent import (
     AgentOptions,
     Reading,
     balancer_socket_url,

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from corral.agent import AgentOptions, Reading, generic_instance
 from corral.catalog.discovery import manual_model
 from corral.cli import _needs_llama_server, main
 from corral.config import ConfigError, ModelConfig, Settings, load_settings
-from corral.control.agent import AgentOptions, Reading, generic_instance
 from corral.supervisor.managed import ManagedInstance, ManagedOptions
 from corral.supervisor.template import (
     TemplateError,

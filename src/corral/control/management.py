@@ -41,14 +41,13 @@ from corral.gateway.errors import error_response
 from corral.observe.autoscaling import TARGET_UTILIZATION, fleet_demand, model_demand
 from corral.observe.metrics import BalancerMetrics
 from corral.observe.recent import RecentTraffic
+from corral.protocol import AGENT_SOCKET_PATH
 from corral.scheduling.scheduler import Scheduler
 
 if TYPE_CHECKING:
     from corral.supervisor.host import ModelHost
 
 log = logging.getLogger(__name__)
-
-AGENT_SOCKET_PATH = "/api/v1/agents/socket"
 
 
 class Management:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from corral.gateway.errors import error_body, error_response
+from corral.hosting import LoadRefused
 
 if TYPE_CHECKING:
     from corral.supervisor.host import ModelHost
@@ -69,8 +70,6 @@ class ModelAdmin:
         )
 
     async def load(self, request: web.Request) -> web.Response:
-        from corral.supervisor.host import LoadRefused  # the host imports the agent: late
-
         host = self.host()
         name = request.match_info["model"]
         try:

@@ -111,7 +111,7 @@ class Instance:
     slot_source: str = "slots"
     """Where the agent's busy count comes from: ``slots``, ``metrics`` or ``balancer``
     (a ``--no-slots`` server without ``--metrics``: only this balancer's own requests
-    are counted; see :func:`corral.control.agent.instance_from_readings`)."""
+    are counted; see :func:`corral.agent.instance_from_readings`)."""
     sleeping: bool = False
     """llama-server unloaded its model for ``--sleep-idle-seconds``; the next request
     wakes it, so the instance stays usable."""

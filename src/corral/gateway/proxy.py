@@ -536,7 +536,7 @@ class Gateway:
             },
         )
 
-    def _unauthorized(self, request: web.Request) -> web.Response | None:
+    def unauthorized(self, request: web.Request) -> web.Response | None:
         if not self.options.api_keys or self._is_preflight(request):
             return None  # a browser never sends credentials with a preflight
         if key_matches(presented_key(request), self.options.api_keys):
@@ -565,7 +565,7 @@ class Gateway:
     async def models(self, request: web.Request) -> web.Response:
         """Every model with its state, in the shape llama-server's router mode uses:
         ``status.value`` is ``loaded``, ``loading`` or ``unloaded``."""
-        denied = self._unauthorized(request)
+        denied = self.unauthorized(request)
         if denied is not None:
             return denied
         data: list[dict[str, Any]] = []
@@ -623,7 +623,7 @@ class Gateway:
         return web.json_response({"object": "list", "data": data})
 
     async def slots(self, request: web.Request) -> web.Response:
-        denied = self._unauthorized(request)
+        denied = self.unauthorized(request)
         if denied is not None:
             return denied
         return web.json_response([i.as_dict() for i in self.scheduler.fleet.instances.values()])
@@ -648,7 +648,7 @@ class Gateway:
         route = (
             request.path if request.path in MODEL_ROUTES or request.path in RAW_ROUTES else "other"
         )
-        denied = self._preflight(request) or self._unauthorized(request)
+        denied = self._preflight(request) or self.unauthorized(request)
         if denied is not None:
             return self._finish(denied, request_id, "", route, started)
         encoding = request.headers.get("Content-Encoding", "").strip().lower()

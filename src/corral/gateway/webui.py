@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from corral.gateway.errors import error_response
+from corral.hosting import LoadRefused
 from corral.scheduling.scheduler import ModelRequired, SchedulingError
 
 if TYPE_CHECKING:
@@ -88,12 +89,12 @@ class WebUIRoutes:
     async def props(self, request: web.Request) -> web.StreamResponse:
         named = request.headers.get("X-Model-Id") or request.query.get("model")
         if not named and self.several_models():
-            denied = self.gateway._unauthorized(request)
+            denied = self.gateway.unauthorized(request)
             if denied is not None:
                 return denied
             return web.json_response(self._router_props())
         if named and request.query.get("autoload") in ("false", "0"):
-            denied = self.gateway._unauthorized(request)
+            denied = self.gateway.unauthorized(request)
             if denied is not None:
                 return denied
             refused = self._not_loaded(named)
@@ -129,9 +130,7 @@ class WebUIRoutes:
         return error_response(400, f"model {model!r} is not loaded (autoload=false)")
 
     async def load(self, request: web.Request) -> web.Response:
-        from corral.supervisor.host import LoadRefused  # the host imports the agent: late
-
-        denied = self.gateway._unauthorized(request)
+        denied = self.gateway.unauthorized(request)
         if denied is not None:
             return denied
         try:
@@ -154,7 +153,7 @@ class WebUIRoutes:
         return web.json_response({"success": True})
 
     async def unload(self, request: web.Request) -> web.Response:
-        denied = self.gateway._unauthorized(request)
+        denied = self.gateway.unauthorized(request)
         if denied is not None:
             return denied
         return error_response(
@@ -166,7 +165,7 @@ class WebUIRoutes:
     async def streams_lookup(self, request: web.Request) -> web.StreamResponse:
         if not self.several_models():
             return await self.gateway.forward(request)
-        denied = self.gateway._unauthorized(request)
+        denied = self.gateway.unauthorized(request)
         if denied is not None:
             return denied
         return web.json_response([])
@@ -199,7 +198,7 @@ class WebUIRoutes:
         ]
 
     async def model_events(self, request: web.Request) -> web.StreamResponse:
-        denied = self.gateway._unauthorized(request)
+        denied = self.gateway.unauthorized(request)
         if denied is not None:
             return denied
         response = web.StreamResponse(

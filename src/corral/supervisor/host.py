@@ -52,11 +52,12 @@ from typing import Any, Literal
 from corral.catalog.discovery import Catalog, CatalogModel
 from corral.catalog.memory import available_bytes, estimate_bytes, format_bytes, total_bytes
 from corral.config import ModelConfig, Settings
-from corral.control.tokens import state_dir
 from corral.fleet.state import Instance
+from corral.hosting import LoadRefused
 from corral.scheduling.scheduler import NoCapacity, Scheduler, SchedulingError
 from corral.supervisor.managed import ManagedInstance, ManagedOptions
 from corral.supervisor.process import PortLease, lease_port
+from corral.tokens import state_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,6 @@ HostedState = Literal["loading", "loaded", "unloading"]
 #: Seconds a model run with per-request flags that failed to start is refused at once
 #: (with the reason) instead of being started again.
 FAILED_FLAGS_HOLD = 60.0
-
-
-class LoadRefused(Exception):
-    """A model cannot be loaded here; the message says why and what to change.
-
-    ``detail`` is the longer story for the operator (the server's last log lines): the
-    management API shows it; a client gets only the message."""
-
-    def __init__(self, message: str, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.detail = detail or message
 
 
 class FlagsRefused(SchedulingError):

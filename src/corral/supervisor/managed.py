@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.control.agent import Agent, AgentOptions, SlotSource, sleeps
-from corral.control.tokens import state_dir
+from corral.agent import Agent, AgentOptions, SlotSource, sleeps
 from corral.supervisor.binary import ui_beside
 from corral.supervisor.flags import FlagError, check_llama_args
 from corral.supervisor.instance import SupervisedInstance, SupervisorOptions
 from corral.supervisor.process import PortLease, lease_port
 from corral.supervisor.template import substitute
+from corral.tokens import state_dir
 
 log = logging.getLogger(__name__)
 

@@ -69,8 +69,8 @@ import aiohttp
 from yarl import URL
 
 from corral import __version__
-from corral.control.management import AGENT_SOCKET_PATH
 from corral.observe import redact
+from corral.protocol import AGENT_SOCKET_PATH
 
 __all__ = [
     "AWS_LOCAL_IPV4_HOST",
