@@ -473,6 +473,7 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
     import socket
 
     from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
+    from corral.supervisor.instance import supervisor_options
     from corral.supervisor.managed import ManagedInstance, ManagedOptions, check_reserved
     from corral.supervisor.process import lease_port
     from corral.tokens import state_dir
@@ -520,7 +521,7 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
                     llama_args=extra,
                     agent_name=settings.agent_name or socket.gethostname(),
                     poll_interval=0.25,
-                    supervisor=settings.supervisor_options(),
+                    supervisor=supervisor_options(settings),
                     log_dir=settings.log_dir,
                 )
             )

@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -33,15 +33,12 @@ from pydantic import (
     model_validator,
 )
 
-from corral.supervisor.template import (
+from corral.template import (
     PLACEHOLDERS,
     placeholders,
     split_command,
     unknown_placeholders,
 )
-
-if TYPE_CHECKING:
-    from corral.supervisor.instance import SupervisorOptions
 
 ENV_PREFIX = "CORRAL_"
 
@@ -123,7 +120,7 @@ class ModelConfig(BaseModel):
     """One model a client can ask for by name (the ``models`` table of the file).
 
     A model is served by llama-server unless it has ``cmd``: then corral starts that
-    command (see :mod:`corral.supervisor.template`) and treats it as a generic
+    command (see :mod:`corral.template`) and treats it as a generic
     OpenAI-compatible server: ready when ``health_path`` answers 200, ``slots``
     requests at once, only requests whose path starts with one of ``paths``.
     """
@@ -470,20 +467,6 @@ class Settings(BaseModel):
     def ports(self) -> range:
         low, _, high = self.port_range.partition("-")
         return range(int(low), int(high) + 1)
-
-    def supervisor_options(self) -> SupervisorOptions:
-        """How supervised llama-servers start, restart and stop."""
-        from corral.supervisor.instance import SupervisorOptions
-
-        return SupervisorOptions(
-            startup_timeout=self.startup_timeout,
-            backoff_initial=self.restart_backoff_initial,
-            backoff_max=self.restart_backoff_max,
-            max_failures=self.restart_max_failures,
-            failure_window=self.restart_failure_window,
-            start_attempts=self.start_attempts,
-            stop_grace=self.stop_grace,
-        )
 
     def resolved_management_token(self) -> str | None:
         """The management token from the setting, else from the token file."""

@@ -12,7 +12,7 @@ from corral.catalog.discovery import manual_model
 from corral.cli import _needs_llama_server, main
 from corral.config import ConfigError, ModelConfig, Settings, load_settings
 from corral.supervisor.managed import ManagedInstance, ManagedOptions
-from corral.supervisor.template import (
+from corral.template import (
     TemplateError,
     placeholders,
     split_command,

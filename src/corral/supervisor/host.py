@@ -55,6 +55,7 @@ from corral.config import ModelConfig, Settings
 from corral.fleet.state import Instance
 from corral.hosting import LoadRefused
 from corral.scheduling.scheduler import NoCapacity, Scheduler, SchedulingError
+from corral.supervisor.instance import supervisor_options
 from corral.supervisor.managed import ManagedInstance, ManagedOptions
 from corral.supervisor.process import PortLease, lease_port
 from corral.tokens import state_dir
@@ -659,10 +660,10 @@ class ModelHost:
                 poll_interval=0.5,
                 supervisor=(
                     dataclasses.replace(
-                        self.settings.supervisor_options(), stop_grace=config.stop_grace
+                        supervisor_options(self.settings), stop_grace=config.stop_grace
                     )
                     if config.stop_grace is not None
-                    else self.settings.supervisor_options()
+                    else supervisor_options(self.settings)
                 ),
                 log_dir=self.settings.log_dir,
                 env=dict(config.env),

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import aiohttp
 
+from corral.config import Settings
 from corral.supervisor.process import ChildProcess, LogRing
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,19 @@ class SupervisorOptions:
     """Failed starts in a row after which a server that was never ready is ``failed``."""
     stop_grace: float = 10.0
     """Seconds between SIGTERM and SIGKILL when stopping."""
+
+
+def supervisor_options(settings: Settings) -> SupervisorOptions:
+    """How supervised servers start, restart and stop, as ``settings`` say."""
+    return SupervisorOptions(
+        startup_timeout=settings.startup_timeout,
+        backoff_initial=settings.restart_backoff_initial,
+        backoff_max=settings.restart_backoff_max,
+        max_failures=settings.restart_max_failures,
+        failure_window=settings.restart_failure_window,
+        start_attempts=settings.start_attempts,
+        stop_grace=settings.stop_grace,
+    )
 
 
 class SupervisedInstance:

@@ -6,7 +6,7 @@ balancers' commands to the supervisor: ``restart``, ``reconfigure`` (new extra
 llama-server arguments; the balancer has drained the instance first) and ``logs``.
 
 With ``command`` set the process is not llama-server but a model's command template
-(:mod:`corral.supervisor.template`), filled in again at every start (a moved port
+(:mod:`corral.template`), filled in again at every start (a moved port
 included); the same supervisor runs it, and its agent watches it as a ``generic``
 server: ``health_path`` for readiness, ``slots`` as its slot count.
 
@@ -33,7 +33,7 @@ from corral.supervisor.binary import ui_beside
 from corral.supervisor.flags import FlagError, check_llama_args
 from corral.supervisor.instance import SupervisedInstance, SupervisorOptions
 from corral.supervisor.process import PortLease, lease_port
-from corral.supervisor.template import substitute
+from corral.template import substitute
 from corral.tokens import state_dir
 
 log = logging.getLogger(__name__)
