@@ -1408,9 +1408,8 @@ class Gateway:
         self.metrics.prompt_tokens.labels(instance.model, instance.id, "uncached").inc(
             max(0, prompt - cached)
         )
-        record = getattr(self.scheduler.policy, "record_cached", None)
-        if record is not None and placement is not None:
-            record(
+        if placement is not None:
+            self.scheduler.policy.record_cached(
                 instance.id,
                 placement.model,
                 placement.body,

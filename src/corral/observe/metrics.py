@@ -98,7 +98,7 @@ class FleetCollector(Collector):
             "Placements by the reason the policy gave (prefix policy only).",
             labels=["reason"],
         )
-        counts: Tally[str] = getattr(self.scheduler.policy, "decisions", None) or Tally()
+        counts: Tally[str] = self.scheduler.policy.decisions
         for reason, count in sorted(counts.items()):
             decisions.add_metric([reason], count)
         yield from (total, busy, free, in_flight, buffered, agents, wanted, decisions)

@@ -36,7 +36,7 @@ from corral.fleet.state import (
 from corral.scheduling.policies import Placement, Policy
 
 if TYPE_CHECKING:
-    from corral.scheduling.policies.prefix import WaitAdvice
+    from corral.scheduling.policies.base import WaitAdvice
 
 log = logging.getLogger(__name__)
 
@@ -284,26 +284,21 @@ class Scheduler:
     ) -> WaitAdvice | None:
         """The policy's advice to hold a request for its cached, busy instance (see
         :meth:`corral.scheduling.policies.prefix.PrefixPolicy.wait_advice`)."""
-        advise = getattr(self.policy, "wait_advice", None)
-        if advise is None or exclude or model == ANY_MODEL or self.max_buffered == 0:
+        if exclude or model == ANY_MODEL or self.max_buffered == 0:
             return None
         now = self.clock()
         pool = [i for i in self.fleet.pool(model) if i.usable(now)]
         if len(pool) < 2 or not any(i.free_slots > 0 for i in pool):
             return None  # no choice to make, or it would wait anyway
-        advice: WaitAdvice | None = advise(pool, placement)
-        return advice
+        return self.policy.wait_advice(pool, placement)
 
     def _count(self, reason: str) -> None:
-        decisions = getattr(self.policy, "decisions", None)
-        if decisions is not None:
-            decisions[reason] += 1
+        self.policy.decisions[reason] += 1
 
     def _grant(self, chosen: Instance | None, placement: Placement) -> Lease | None:
         if chosen is None:
             return None
-        choose_slot = getattr(self.policy, "choose_slot", None)
-        slot = choose_slot(chosen, placement) if choose_slot is not None else None
+        slot = self.policy.choose_slot(chosen, placement)
         if slot is None:
             chosen.unpinned += 1
         else:
@@ -562,9 +557,8 @@ class Scheduler:
                 instance.draining = False
             if before[0] is not InstanceState.READY and instance.state is InstanceState.READY:
                 instance.breaker = Breaker()  # a (re)started server gets a clean slate
-                forget = getattr(self.policy, "forget_instance", None)
-                if forget is not None:
-                    forget(instance.id)  # its KV cache is empty: forget what it held
+                # its KV cache is empty: forget what it held
+                self.policy.forget_instance(instance.id)
             instance.n_ctx = int(data.get("n_ctx") or 0)
             supervisor = data.get("supervisor")
             if isinstance(supervisor, dict):

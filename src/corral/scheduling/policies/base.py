@@ -1,10 +1,23 @@
-"""The placement policy interface."""
+"""The placement policy interface: one base class, every hook explicit.
+
+The scheduler asks a policy to :meth:`Policy.choose` an instance among usable ones
+with a free slot, and calls the other hooks at their moments; each defaults to "no
+opinion", so a policy writes only what it decides (as SGLang's router policy trait
+has default no-op hooks):
+
+- :meth:`Policy.choose_slot`: the slot a request is pinned to (``id_slot``), or None;
+- :meth:`Policy.wait_advice`: hold a request for a busy instance instead of placing it;
+- :meth:`Policy.record_cached`: learn from what a response reported (cached tokens);
+- :meth:`Policy.forget_instance`: an instance restarted or left;
+- :attr:`Policy.decisions`: how many placements each reason took (a metric).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from corral.fleet.state import Instance
 
@@ -22,9 +35,54 @@ class Placement:
     """llama-server answers the route without a slot (see :meth:`Scheduler.peek`)."""
 
 
-class Policy(Protocol):
-    name: str
+@dataclass(frozen=True)
+class WaitAdvice:
+    """Waiting for ``instance_id`` (no free slot now) is cheaper than going elsewhere.
+
+    ``expected_wait_s``: until one of its slots frees, on average. ``saved_prefill_s``:
+    prefill time the request would spend elsewhere on blocks only this instance holds.
+    ``max_wait_s``: how long waiting stays worth it (then place it anywhere).
+    """
+
+    instance_id: str
+    expected_wait_s: float
+    saved_prefill_s: float
+    max_wait_s: float
+
+
+class Policy:
+    """A placement policy; subclasses set :attr:`name` and write :meth:`choose`."""
+
+    name: str = ""
+
+    def __init__(self) -> None:
+        self.decisions: Counter[str] = Counter()
+        """How many placements each reason took; empty for a policy with no reasons."""
 
     def choose(self, candidates: Sequence[Instance], request: Placement) -> Instance | None:
         """Pick one of ``candidates`` (all usable, all with a free slot), or None."""
-        ...
+        raise NotImplementedError
+
+    def choose_slot(self, instance: Instance, request: Placement) -> int | None:
+        """The slot of ``instance`` to pin ``request`` to; None: llama-server picks."""
+        return None
+
+    def wait_advice(self, pool: Sequence[Instance], request: Placement) -> WaitAdvice | None:
+        """Advice to hold ``request`` for one busy instance of ``pool``; None: place it."""
+        return None
+
+    def record_cached(
+        self,
+        instance_id: str,
+        model: str,
+        body: Mapping[str, Any] | None,
+        cached_tokens: int,
+        prompt_tokens: int,
+        *,
+        prompt_seconds: float | None = None,
+        total_seconds: float | None = None,
+    ) -> None:
+        """Learn from what a response placed on ``instance_id`` reported."""
+
+    def forget_instance(self, instance_id: str) -> None:
+        """``instance_id`` restarted or left: forget what is known about it."""

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from corral.fleet.state import Instance
-from corral.scheduling.policies.base import Placement
+from corral.scheduling.policies.base import Placement, Policy
 
 
-class LeastBusy:
+class LeastBusy(Policy):
     name = "least_busy"
 
     def choose(self, candidates: Sequence[Instance], request: Placement) -> Instance | None:

@@ -132,7 +132,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.fleet.state import Instance
-from corral.scheduling.policies.base import Placement
+from corral.scheduling.policies.base import Placement, Policy, WaitAdvice
 from corral.scheduling.prefix_tree import PrefixTree, chain_hashes
 
 log = logging.getLogger(__name__)
@@ -179,21 +179,6 @@ class Decision:
     instance_id: str
     matched_blocks: int = 0
     prompt_blocks: int = 0
-
-
-@dataclass(frozen=True)
-class WaitAdvice:
-    """Waiting for ``instance_id`` (no free slot now) is cheaper than going elsewhere.
-
-    ``expected_wait_s``: until one of its slots frees, on average. ``saved_prefill_s``:
-    prefill time the request would spend elsewhere on blocks only this instance holds.
-    ``max_wait_s``: how long waiting stays worth it (then place it anywhere).
-    """
-
-    instance_id: str
-    expected_wait_s: float
-    saved_prefill_s: float
-    max_wait_s: float
 
 
 @dataclass
@@ -287,12 +272,13 @@ def _load(instance: Instance) -> float:
     return instance.busy_slots / instance.total_slots if instance.total_slots > 0 else 0.0
 
 
-class PrefixPolicy:
+class PrefixPolicy(Policy):
     """Cache-aware placement with a load guard, session affinity and feedback."""
 
     name = "prefix"
 
     def __init__(self, settings: PrefixSettings | None = None) -> None:
+        super().__init__()
         self.settings = settings or PrefixSettings()
         self.tree = PrefixTree(self.settings.max_nodes)
         self.decisions: Counter[str] = Counter()

@@ -6,13 +6,14 @@ import random
 from collections.abc import Sequence
 
 from corral.fleet.state import Instance
-from corral.scheduling.policies.base import Placement
+from corral.scheduling.policies.base import Placement, Policy
 
 
-class RandomPolicy:
+class RandomPolicy(Policy):
     name = "random"
 
     def __init__(self, seed: int | None = None) -> None:
+        super().__init__()
         self._random = random.Random(seed)
 
     def choose(self, candidates: Sequence[Instance], request: Placement) -> Instance | None:

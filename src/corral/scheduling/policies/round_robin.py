@@ -8,13 +8,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from corral.fleet.state import Instance
-from corral.scheduling.policies.base import Placement
+from corral.scheduling.policies.base import Placement, Policy
 
 
-class RoundRobin:
+class RoundRobin(Policy):
     name = "round_robin"
 
     def __init__(self) -> None:
+        super().__init__()
         self._next: dict[str, int] = {}
 
     def choose(self, candidates: Sequence[Instance], request: Placement) -> Instance | None:
