@@ -117,25 +117,25 @@ async def test_reconfigure_restarts_with_new_arguments_and_loses_no_request(
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "reason"),
     [
-        ["--model", "/etc/passwd"],
-        ["--host", "0.0.0.0"],
-        ["--api-key", "x"],
-        ["--slot-save-path", "/tmp"],
-        ["--port=1"],
-        ["--parallel", 4],
+        (["--model", "/etc/passwd"], "--model is not allowed: corral sets the model"),
+        (["--host", "0.0.0.0"], "--host is not allowed: corral sets the listening address"),
+        (["--api-key", "x"], "--api-key is not allowed: secrets and TLS are corral's"),
+        (["--slot-save-path", "/tmp"], "--slot-save-path is not allowed: it reads or writes"),
+        (["--port=1"], "--port is not allowed: corral sets the listening address"),
+        (["--parallel", 4], "argument 1 must be a string, got int"),
     ],
 )
 async def test_reconfigure_refuses_hostile_arguments(
-    procs: Processes, http: aiohttp.ClientSession, model: Path, args: list[Any]
+    procs: Processes, http: aiohttp.ClientSession, model: Path, args: list[Any], reason: str
 ) -> None:
     balancer, instance = await one_instance(procs, http, model)
     url = f"http://{balancer.management}/api/v1/instances/{instance['id']}/reconfigure"
     async with http.post(url, json={"args": args}, headers=AUTH) as response:
         body = await response.json()
         assert response.status == 400
-    assert "refused" in body["error"]["message"] or "string" in body["error"]["message"]
+    assert body["error"]["message"].startswith("refused llama-server arguments: " + reason)
     assert (await only_instance(http, balancer))["supervisor"]["restarts"] == 0
 
 

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 import yaml
 
-from corral.config import Settings, load_settings
+from corral.config import ConfigError, Settings, load_settings
 from corral.serve import LocalServe, ServeOptions
 from tests.integration.fleet import wait_for
 from tests.integration.test_serve import fake_binary
@@ -393,9 +393,11 @@ def _rows(listing: Any) -> list[dict[str, Any]]:
 def test_settings_reject_an_unknown_group(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("groups:\n  swap: {}\nmodels:\n  a: {path: /x.gguf, group: swpa}\n")
-    with pytest.raises(Exception, match=r"c.yaml:4: models.a.group: unknown group 'swpa'"):
+    with pytest.raises(ConfigError) as caught:
         load_settings(config, environ={})
-    assert Settings().max_instances is None
+    assert str(caught.value).splitlines()[-1] == (
+        f"{config}:4: models.a.group: unknown group 'swpa' (groups: swap) (did you mean 'swap'?)"
+    )
 
 
 async def test_per_request_flags_key_their_own_instance_and_bad_ones_are_refused(
@@ -571,7 +573,7 @@ async def test_filters_and_use_model_name_change_the_body_that_goes_upstream(
         },
         "use_model_name": "org/served-name",
     }
-    async with serving(tmp_path, monkeypatch, {"m": entry}) as (_, base, http):
+    async with serving(tmp_path, monkeypatch, {"m": entry}) as (local, base, http):
 
         async def settings(name: str) -> dict[str, Any]:
             body = {"model": name, "prompt": "hi", "temperature": 0.9, "top_k": 5}
@@ -584,7 +586,10 @@ async def test_filters_and_use_model_name_change_the_body_that_goes_upstream(
         assert plain["temperature"] == 0.25 and plain["top_k"] == 40  # set; stripped
         assert (await settings("m:hot"))["temperature"] == 1.5  # a name that is an alias
         async with http.post(base + "/v1/embeddings", json={"model": "m", "input": "x"}) as r:
-            assert (await r.json())["model"] == "org/served-name"  # the fake echoes it
+            assert r.status == 200
+        assert local.host is not None
+        async with http.get(local.host.running["m"].url + "/_fake/state") as r:
+            assert (await r.json())["last_model"] == "org/served-name"  # what it was sent
         async with http.post(
             base + "/tokenize", json={"model": "m", "content": "hi there"}
         ) as response:

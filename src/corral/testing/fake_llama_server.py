@@ -432,6 +432,8 @@ class _Counters:
     max_in_flight: int = 0
     deferred: int = 0
     """Requests waiting for a slot now."""
+    last_model: Any = None
+    """The ``model`` field of the last completion or embeddings request's body."""
 
 
 @dataclass
@@ -515,6 +517,7 @@ class FakeLlamaServer:
             "in_flight": c.in_flight,
             "max_in_flight": c.max_in_flight,
             "deferred": c.deferred,
+            "last_model": c.last_model,
             "processing": sum(1 for s in self.slots if s.is_processing),
             "slots": self.options.slots,
         }
@@ -1079,6 +1082,7 @@ class _Routes:
                 "This server does not support embeddings. Start it with `--embeddings`",
             )
         body = await _read_json(request)
+        self.server.counters.last_model = body.get("model")
         if "input" in body:
             prompt = body["input"]
         elif "content" in body:
@@ -1129,10 +1133,9 @@ class _Routes:
             else:
                 data.append({"embedding": vec, "index": i, "object": "embedding"})
         n_tokens = sum(n for _, n in results)
-        model = body.get("model") if isinstance(body.get("model"), str) else server.options.model
         return _json_response(
             {
-                "model": model,
+                "model": server.options.model,  # as llama-server: its own, not the client's
                 "object": "list",
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
                 "data": data,
@@ -1183,6 +1186,7 @@ class _Routes:
     async def _complete(self, request: web.Request, kind: str) -> web.StreamResponse:
         server = self.server
         body = await _read_json(request)
+        server.counters.last_model = body.get("model")
         if kind == "chat":
             prompt_text = _render_chat(body)
         else:
