@@ -15,8 +15,8 @@ import pytest
 from playwright.async_api import Browser, Page, expect
 
 from corral.serve import LocalServe
-from tests.integration.fleet import wait_for
-from tests.integration.test_models import AUTH, TOKEN, chat, pid_of, serving, settled
+from tests.support.local_serve import AUTH, TOKEN, chat, pid_of, serving, settled
+from tests.support.waiting import wait_for
 
 TIMEOUT_MS = 15_000
 

@@ -11,8 +11,8 @@ import pytest
 from openai import AsyncOpenAI
 from playwright.async_api import Browser, expect
 
-from tests.real.test_serve_real import TOKEN, Corral
-from tests.real.test_serve_real import corral as corral  # the fixture: corral serve, real
+from tests.support.serve_process import TOKEN, Corral
+from tests.support.serve_process import corral as corral  # the fixture: corral serve, real
 
 pytestmark = pytest.mark.real
 

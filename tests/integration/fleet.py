@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,25 +19,11 @@ from corral.agent import Agent, AgentOptions
 from corral.balancer import Balancer
 from corral.config import load_settings
 from corral.testing.fake_llama_server import SERVER_KEY, FakeLlamaServer, FakeOptions, build_app
+from tests.support.waiting import wait_for
 
-WAIT_S = 20.0
 MANAGEMENT_TOKEN = "test-management-token"
 CLUSTER_TOKEN = "test-cluster-token"
 CHAT = {"messages": [{"role": "user", "content": "hello there my friend"}]}
-
-
-async def wait_for(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
-    """Poll ``condition`` until it holds; fail after WAIT_S naming ``what``."""
-    deadline = asyncio.get_running_loop().time() + WAIT_S
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {WAIT_S}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass

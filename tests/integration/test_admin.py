@@ -19,7 +19,7 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.integration.fleet import CHAT, wait_for
+from tests.integration.fleet import CHAT
 from tests.integration.processes import (
     MANAGEMENT_TOKEN,
     BalancerProc,
@@ -28,7 +28,8 @@ from tests.integration.processes import (
     fleet_of,
     ready_count,
 )
-from tests.integration.test_serve import fake_binary
+from tests.support.serve_fake import fake_binary
+from tests.support.waiting import wait_for
 
 AUTH = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
 

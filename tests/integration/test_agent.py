@@ -38,6 +38,7 @@ from corral.observe.metrics import BalancerMetrics
 from corral.scheduling.policies import LeastBusy
 from corral.scheduling.scheduler import Scheduler
 from corral.testing.fake_llama_server import SERVER_KEY, FakeLlamaServer, FakeOptions, build_app
+from tests.support.waiting import wait_for
 
 WAIT_S = 10.0
 CLUSTER_TOKEN = "cluster-secret-0123456789"
@@ -47,12 +48,7 @@ LLAMA_API_KEY = "llama-key-0123456789"
 
 async def eventually(condition: Callable[[], bool], what: str, limit_s: float = WAIT_S) -> None:
     """Wait until ``condition()`` holds; fail naming ``what`` after ``limit_s``."""
-    try:
-        async with asyncio.timeout(limit_s):
-            while not condition():  # noqa: ASYNC110 - state of other tasks, polled
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        pytest.fail(f"timed out after {limit_s:g} s waiting until {what}")
+    await wait_for(condition, f"until {what}", limit_s)
 
 
 def url_of(server: TestServer) -> str:

@@ -25,8 +25,7 @@ import pytest
 from yarl import URL
 
 from corral.serve import LocalServe
-from tests.integration.fleet import wait_for
-from tests.integration.test_models import (
+from tests.support.local_serve import (
     AUTH,
     chat,
     complete,
@@ -36,7 +35,8 @@ from tests.integration.test_models import (
     settled,
     stream_through,
 )
-from tests.integration.test_serve import fake_binary
+from tests.support.serve_fake import fake_binary
+from tests.support.waiting import wait_for
 
 #: The other server: the fake llama-server as a plain program, on corral's address.
 SERVER = [sys.executable, "-m", "corral.testing.fake_llama_server", "--host", "${host}"]

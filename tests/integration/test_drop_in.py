@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet, wait_for
+from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture

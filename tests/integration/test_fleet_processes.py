@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.integration.fleet import CHAT, wait_for
+from tests.integration.fleet import CHAT
 from tests.integration.processes import (
     START_S,
     BalancerProc,
@@ -23,6 +23,7 @@ from tests.integration.processes import (
     fleet_of,
     ready_count,
 )
+from tests.support.waiting import wait_for
 
 
 async def chat(

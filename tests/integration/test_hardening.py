@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet, wait_for
-from tests.integration.test_serve import TOKEN as SERVE_TOKEN
-from tests.integration.test_serve import Serve, cleanup, start_serve
+from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet
+from tests.support.serve_fake import TOKEN as SERVE_TOKEN
+from tests.support.serve_fake import Serve, cleanup, start_serve
+from tests.support.waiting import wait_for
 
 __all__ = ["cleanup"]  # the fixture
 

@@ -14,7 +14,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.integration.test_models import chat, complete, serving
+from tests.support.local_serve import chat, complete, serving
 
 SLOW = {"args": ["--load-delay", "0.4"]}
 

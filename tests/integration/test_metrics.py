@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet, wait_for
-from tests.integration.test_models import complete, pid_of, serving
+from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet
 from tests.metrics_docs import documented_metrics
+from tests.support.local_serve import complete, pid_of, serving
+from tests.support.waiting import wait_for
 
 CHAT_ROUTE = "/v1/chat/completions"
 

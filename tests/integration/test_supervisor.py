@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import psutil
 import pytest
 
 from corral.supervisor.instance import SupervisedInstance, SupervisorOptions
-from tests.integration.fleet import wait_for
+from tests.support.net import free_port
+from tests.support.waiting import wait_for
 
 FAST = SupervisorOptions(
     startup_timeout=10.0,
@@ -21,13 +21,6 @@ FAST = SupervisorOptions(
     failure_window=60.0,
     stop_grace=1.0,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def fake_args(port: int, *flags: str) -> list[str]:

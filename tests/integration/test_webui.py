@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.integration.test_models import complete, running, serving, settled
+from tests.support.local_serve import complete, running, serving, settled
 
 TWO = {"alpha": {}, "beta": {}}
 

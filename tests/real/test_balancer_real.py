@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,18 +19,13 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from tests.support.net import free_port
+
 pytestmark = pytest.mark.real
 
 START_S = 60.0
 MANAGEMENT: dict[str, str] = {}
 """The management address of each front door."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _wait(what: str, condition: object, procs: list[tuple[subprocess.Popen[bytes], Path]]) -> None:
@@ -67,14 +61,14 @@ def front_door(
             )
 
     try:
-        inference, management = _free_port(), _free_port()
+        inference, management = free_port(), free_port()
         spawn("balancer", [
             sys.executable, "-m", "corral.cli", "balancer",
             "--inference-addr", f"127.0.0.1:{inference}",
             "--management-addr", f"127.0.0.1:{management}",
         ])  # fmt: skip
         for n in range(2):
-            port = _free_port()
+            port = free_port()
             spawn(f"llama-server-{n}", [
                 str(llama_server_bin), "--model", str(tiny_model), "--host", "127.0.0.1",
                 "--port", str(port), "--parallel", "2", "--ctx-size", "2048",

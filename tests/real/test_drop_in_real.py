@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from tests.real.serve_process import free_port, start_serve
+from tests.support.net import free_port
+from tests.support.serve_process import start_serve
 
 pytestmark = pytest.mark.real
 

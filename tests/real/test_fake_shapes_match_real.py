@@ -21,7 +21,6 @@ import functools
 import json
 import re
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.real
 
@@ -69,13 +70,6 @@ class Server:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.kill()
@@ -106,7 +100,7 @@ def _start_real(
     request: pytest.FixtureRequest, binary: Path, model: Path, log_dir: Path, *extra: str
 ) -> Server:
     for attempt in range(START_ATTEMPTS):
-        port = _free_port()
+        port = free_port()
         args = [
             str(binary),
             "--model",

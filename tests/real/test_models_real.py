@@ -24,8 +24,8 @@ import pytest
 from openai import OpenAI
 
 from corral.catalog.tiny import make_tiny_model
-from tests.real.serve_process import free_port as _free_port
-from tests.real.test_serve_real import READY_TIMEOUT_S
+from tests.support.net import free_port
+from tests.support.serve_process import READY_TIMEOUT_S
 
 pytestmark = pytest.mark.real
 
@@ -50,7 +50,7 @@ def swapping(
     make_tiny_model(folder / "beta.gguf", seed=2, name="beta")
     config = tmp / "corral.yaml"
     config.write_text('llama_args: ["--parallel", "4", "--ctx-size", "2048"]\n')
-    inference, management = _free_port(), _free_port()
+    inference, management = free_port(), free_port()
     log_path = tmp / "corral.log"
     env = {**os.environ, "CORRAL_MANAGEMENT_TOKEN": TOKEN, "CORRAL_STATE_DIR": str(tmp)}
     with log_path.open("wb") as log:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from tests.real.serve_process import start_serve
+from tests.support.serve_process import start_serve
 
 pytestmark = pytest.mark.real
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.support.net import free_port
+
 pytestmark = pytest.mark.real
 
 TOKEN = "reconfigure-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def _wait(condition: Any, what: str, limit_s: float = 60.0) -> None:
@@ -39,7 +33,7 @@ async def _wait(condition: Any, what: str, limit_s: float = 60.0) -> None:
 def test_reconfigure_from_2_to_4_slots_under_load_loses_no_request(
     llama_server_bin: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
-    inference, management = _free_port(), _free_port()
+    inference, management = free_port(), free_port()
     env = {**os.environ, "CORRAL_MANAGEMENT_TOKEN": TOKEN, "CORRAL_STATE_DIR": str(tmp_path)}
     log_path = tmp_path / "corral.log"
     with log_path.open("wb") as log:

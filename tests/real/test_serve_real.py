@@ -9,66 +9,19 @@ concurrent streams lose nothing to llama-server closing connections after a stre
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import psutil
 import pytest
 from openai import OpenAI
 
-from tests.real.serve_process import ServeProcess, start_serve
+from tests.support.serve_process import TOKEN, Corral, corral
 
 pytestmark = pytest.mark.real
-
-READY_TIMEOUT_S = 60.0
-TOKEN = "real-test-token"
-
-
-class Corral(ServeProcess):
-    def fleet(self) -> dict[str, object]:
-        request = urllib.request.Request(
-            self.management + "/api/v1/fleet", headers={"Authorization": f"Bearer {TOKEN}"}
-        )
-        with urllib.request.urlopen(request, timeout=5) as response:
-            data: dict[str, object] = json.loads(response.read())
-            return data
-
-
-def _healthy(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-@pytest.fixture(scope="module")
-def corral(
-    llama_server_bin: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Corral]:
-    started = start_serve(
-        tmp_path_factory.mktemp("serve"),
-        llama_server_bin,
-        tiny_model,
-        TOKEN,
-        llama_args=["--parallel", "4", "--ctx-size", "4096"],
-    )
-    server = Corral(started.process, started.base, started.management, started.log_path)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _healthy(server.base):
-            if server.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"corral serve did not become ready:\n{server.log()}")
-            time.sleep(0.05)
-        yield server
-    finally:
-        server.stop()
+__all__ = ["corral"]  # the fixture
 
 
 def test_serve_reports_the_real_servers_slots(corral: Corral) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,6 +24,8 @@ from typing import Any
 
 import pytest
 from openai import OpenAI
+
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.real
 
@@ -46,13 +47,6 @@ class RunningServer:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _get(url: str) -> tuple[int, Any]:
@@ -101,7 +95,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def _start(binary: Path, model: Path, log_path: Path) -> RunningServer:
-    port = _free_port()
+    port = free_port()
     args = [
         str(binary),
         "--model",

@@ -24,8 +24,8 @@ from playwright.async_api import Browser, expect
 
 from corral.catalog.tiny import make_tiny_model
 from corral.supervisor.binary import InstallError, cached_binary, install_ui, ui_beside
-from tests.real.serve_process import free_port as _free_port
-from tests.real.test_serve_real import READY_TIMEOUT_S
+from tests.support.net import free_port
+from tests.support.serve_process import READY_TIMEOUT_S
 
 pytestmark = pytest.mark.real
 
@@ -70,7 +70,7 @@ def corral_two_models(
     config = tmp / "corral.yaml"
     # -n: the tiny model's noise would otherwise run to the end of the context
     config.write_text('llama_args: ["--parallel", "2", "--ctx-size", "2048", "-n", "24"]\n')
-    inference, management = _free_port(), _free_port()
+    inference, management = free_port(), free_port()
     log_path = tmp / "corral.log"
     # corral passes the built UI as --path itself unless the user chose a static path
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_ARG_STATIC_PATH"}

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.support.net import free_port
 
 
 @dataclass
@@ -69,3 +69,48 @@ def start_serve(
     return ServeProcess(
         process, f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}", log_path
     )
+
+
+READY_TIMEOUT_S = 60.0
+TOKEN = "real-test-token"
+
+
+class Corral(ServeProcess):
+    def fleet(self) -> dict[str, object]:
+        request = urllib.request.Request(
+            self.management + "/api/v1/fleet", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            data: dict[str, object] = json.loads(response.read())
+            return data
+
+
+def _healthy(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def corral(
+    llama_server_bin: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Corral]:
+    started = start_serve(
+        tmp_path_factory.mktemp("serve"),
+        llama_server_bin,
+        tiny_model,
+        TOKEN,
+        llama_args=["--parallel", "4", "--ctx-size", "4096"],
+    )
+    server = Corral(started.process, started.base, started.management, started.log_path)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not _healthy(server.base):
+            if server.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"corral serve did not become ready:\n{server.log()}")
+            time.sleep(0.05)
+        yield server
+    finally:
+        server.stop()
