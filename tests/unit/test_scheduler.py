@@ -763,3 +763,13 @@ def test_random_interleavings_keep_in_flight_within_zero_and_total_slots(
     ops: list[tuple[Any, ...]],
 ) -> None:
     asyncio.run(_interleave(ops))
+
+
+async def test_wait_until_wakes_on_a_change_of_the_fleet_not_on_a_timer() -> None:
+    s = Scheduler(LeastBusy())
+    waiting = asyncio.create_task(s.wait_until(lambda: bool(s.fleet.pool("m")), 5.0))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    report(s, inst(model="m"))  # a snapshot is a change: the predicate is checked again
+    assert await asyncio.wait_for(waiting, 1.0) is True
+    assert await s.wait_until(lambda: False, 0.05) is False

@@ -99,20 +99,17 @@ class InstanceAdmin:
 
     async def _wait_ready(self, instance_id: str, limit_s: float) -> bool:
         """Wait until the instance is ready and usable again (False after ``limit_s``)."""
-        try:
-            async with asyncio.timeout(limit_s):
-                while True:
-                    instance = self.scheduler.fleet.instances.get(instance_id)
-                    if (
-                        instance is not None
-                        and not instance.draining
-                        and instance.state is InstanceState.READY
-                        and instance.usable(self.scheduler.clock())
-                    ):
-                        return True
-                    await asyncio.sleep(0.05)
-        except TimeoutError:
-            return False
+
+        def ready() -> bool:
+            instance = self.scheduler.fleet.instances.get(instance_id)
+            return (
+                instance is not None
+                and not instance.draining
+                and instance.state is InstanceState.READY
+                and instance.usable(self.scheduler.clock())
+            )
+
+        return await self.scheduler.wait_until(ready, limit_s)
 
     @staticmethod
     def _error(exc: AdminError) -> web.Response:
@@ -193,15 +190,12 @@ class InstanceAdmin:
 
     async def _wait_down(self, instance_id: str, limit_s: float = 10.0) -> None:
         """Wait until the agent reports the instance not ready (the restart began)."""
-        try:
-            async with asyncio.timeout(limit_s):
-                while True:
-                    instance = self.scheduler.fleet.instances.get(instance_id)
-                    if instance is None or not instance.draining:
-                        return
-                    await asyncio.sleep(0.02)
-        except TimeoutError:
-            return
+
+        def down() -> bool:
+            instance = self.scheduler.fleet.instances.get(instance_id)
+            return instance is None or not instance.draining
+
+        await self.scheduler.wait_until(down, limit_s)
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
         try:

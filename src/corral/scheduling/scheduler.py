@@ -16,6 +16,7 @@ Waiters wake on every slot release, agent report and fleet change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -166,6 +167,7 @@ class Scheduler:
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.accepting = True
         self._released = asyncio.Event()
+        self._changed = asyncio.Event()
         self.loader: Loader | None = None
         """Starts instances for known models on demand; None: only agents add them."""
         self.load_allowance = 0.0
@@ -481,8 +483,28 @@ class Scheduler:
             queue.clear()
             queue.extend(live)
 
+    async def wait_until(self, predicate: Callable[[], bool], limit_s: float) -> bool:
+        """Wait until ``predicate()`` holds, re-checked at every change of the fleet
+        (a report, a release, a drain, an event); False after ``limit_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_s
+        while not predicate():
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            changed = self._changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+        return True
+
+    def _notify(self) -> None:
+        """Wake :meth:`wait_until` callers: something may have changed."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
     def wake(self, models: Iterable[str] | None = None) -> None:
         """Hand free slots to waiters, oldest first, for the given models (or all)."""
+        self._notify()
         keys = list(self.buffers) if models is None else [*models, ANY_MODEL]
         for key in keys:
             queue = self.buffers.get(key)
@@ -614,6 +636,7 @@ class Scheduler:
     # -- events ---------------------------------------------------------------------------
 
     def _emit(self, event: dict[str, Any]) -> None:
+        self._notify()
         for listener in list(self.listeners):
             try:
                 listener(event)

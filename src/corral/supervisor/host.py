@@ -242,15 +242,19 @@ class ModelHost:
         return key
 
     async def wait_loaded(self, key: str, timeout: float) -> bool:  # noqa: ASYNC109
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """True once ``key`` serves; False when its load failed or after ``timeout``."""
+
+        def loaded() -> bool:
             hosted = self.running.get(key)
-            if hosted is not None and hosted.state == "loaded":
-                return True
-            if key not in self.pending and hosted is None and key in self.last_error:
-                return False
-            await asyncio.sleep(0.05)
-        return False
+            return hosted is not None and hosted.state == "loaded"
+
+        def settled() -> bool:
+            failed = key not in self.pending and key not in self.running
+            return loaded() or (failed and key in self.last_error)
+
+        # every change of a load is a scheduler event (loading, loaded, load_failed)
+        await self.scheduler.wait_until(settled, timeout)
+        return loaded()
 
     async def unload(self, model: str, *, reason: str = "operator") -> bool:
         """Drain and stop every instance of ``model``; False if one did not drain."""
@@ -604,15 +608,16 @@ class ModelHost:
                 "management API (GET /api/v1/models, `error`) and corral's log",
                 f"model {key!r} failed to start: {error}",
             )
-        # ready for the balancer once its agent has reported it usable
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline and self.running.get(key) is hosted:
-            if hosted.state != "loading":
-                return  # unloaded (or reloaded) while it came up
+
+        # ready for the balancer once its agent has reported it usable (each report
+        # is a scheduler change)
+        def reported() -> bool:
+            if self.running.get(key) is not hosted or hosted.state != "loading":
+                return True  # unloaded (or reloaded) while it came up
             instance = self._instance(hosted)
-            if instance is not None and instance.usable(self.scheduler.clock()):
-                break
-            await asyncio.sleep(0.02)
+            return instance is not None and instance.usable(self.scheduler.clock())
+
+        await self.scheduler.wait_until(reported, 10.0)
         if self.running.get(key) is not hosted or hosted.state != "loading":
             return
         hosted.state = "loaded"
