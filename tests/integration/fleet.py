@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestServer
 from corral.agent import Agent, AgentOptions
 from corral.balancer import Balancer
 from corral.config import load_settings
+from corral.protocol import InstanceReport
 from corral.testing.fake_llama_server import SERVER_KEY, FakeLlamaServer, FakeOptions, build_app
 from tests.support.waiting import wait_for
 
@@ -108,7 +109,7 @@ class Fleet:
             "n_ctx": 4096,
             "issues": [],
         }
-        assert scheduler.apply_snapshot(agent_id, 1, [instance])
+        assert scheduler.apply_snapshot(agent_id, 1, [InstanceReport.from_wire(instance)])
         self.unwatched.append(server)
         return server
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -15,6 +16,7 @@ from corral.agent import (
     model_name_from_props,
     sleeps,
 )
+from corral.protocol import InstanceReport, ProtocolError
 
 URL = "http://10.0.0.5:8080"
 PROPS: dict[str, Any] = {
@@ -241,3 +243,19 @@ def test_sleeps_reads_llama_server_arguments_as_llama_server_does(
     args: list[str], env: dict[str, str], expected: bool
 ) -> None:
     assert sleeps(args, env) is expected
+
+
+def test_what_the_agent_writes_is_what_the_balancer_reads() -> None:
+    """The agent's snapshot instance parses as the protocol's InstanceReport, every
+    field kept; a malformed one is a ProtocolError naming the field."""
+    written = read(props=Reading.ok({**PROPS, "is_sleeping": True}))
+    report = InstanceReport.from_wire(written)
+    assert (report.id, report.url, report.model, report.total_slots, report.busy) == (
+        written["id"], written["url"], written["model"], written["total_slots"],
+        written["busy"],
+    )  # fmt: skip
+    assert (report.n_ctx, report.slot_source, report.sleeping) == (1024, "slots", True)
+    assert set(written) <= {f.name for f in dataclasses.fields(InstanceReport)}
+    for bad, field in (({"url": "u"}, "id"), ({**written, "busy": -1}, "busy")):
+        with pytest.raises(ProtocolError, match=f"`{field}`"):
+            InstanceReport.from_wire(bad)

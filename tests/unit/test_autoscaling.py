@@ -18,6 +18,7 @@ from corral.fleet.state import Instance
 from corral.observe.autoscaling import ANY_MODEL_NAME, fleet_demand, model_demand, wanted_instances
 from corral.observe.metrics import BalancerMetrics
 from corral.observe.statsd import statsd_lines
+from corral.protocol import InstanceReport
 from corral.scheduling.policies import LeastBusy, Placement, PrefixPolicy
 from corral.scheduling.scheduler import Scheduler
 
@@ -26,7 +27,9 @@ _seq = itertools.count(1)
 
 def report(scheduler: Scheduler, *instances: dict[str, Any], agent: str = "a") -> None:
     scheduler.register_agent(agent, agent)
-    assert scheduler.apply_snapshot(agent, next(_seq), list(instances))
+    assert scheduler.apply_snapshot(
+        agent, next(_seq), [InstanceReport.from_wire(d) for d in instances]
+    )
 
 
 def inst(id: str, model: str = "m", slots: int = 4, busy: int = 0, **extra: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 
 from corral.fleet.state import Instance, InstanceState
+from corral.protocol import InstanceReport
 from corral.scheduling.policies import (
     POLICIES,
     LeastBusy,
@@ -41,7 +42,7 @@ def scheduler_with_slots(policy: Policy, slots: dict[str, tuple[int, int]]) -> S
         {"id": name, "url": f"http://{name}", "model": "m", "total_slots": total, "busy": busy}
         for name, (total, busy) in slots.items()
     ]
-    assert scheduler.apply_snapshot("a", 1, snapshot)
+    assert scheduler.apply_snapshot("a", 1, [InstanceReport.from_wire(d) for d in snapshot])
     return scheduler
 
 

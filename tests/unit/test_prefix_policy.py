@@ -10,6 +10,7 @@ import pytest
 from corral.cli import build_parser
 from corral.config import load_settings
 from corral.fleet.state import Instance, InstanceState
+from corral.protocol import InstanceReport
 from corral.scheduling.policies import POLICIES, Placement, make_policy
 from corral.scheduling.policies.prefix import PrefixPolicy, PrefixSettings, prompt_text
 from corral.scheduling.scheduler import Scheduler
@@ -419,7 +420,7 @@ def test_through_the_scheduler_a_conversation_sticks_while_others_spread() -> No
         {"id": name, "url": f"http://{name}", "model": "m", "total_slots": 2, "busy": 0}
         for name in ("x", "y")
     ]
-    assert scheduler.apply_snapshot("g", 1, snapshot)
+    assert scheduler.apply_snapshot("g", 1, [InstanceReport.from_wire(d) for d in snapshot])
     homes: dict[str, set[str]] = {}
     for turns in (1, 2, 3):
         for topic in ("tea", "rust", "jazz"):  # least_busy would move tea to y in turn 2
@@ -438,7 +439,7 @@ def _two_instance_scheduler(policy: PrefixPolicy, **options: Any) -> Scheduler:
         {"id": name, "url": f"http://{name}", "model": "m", "total_slots": 1, "busy": 0}
         for name in ("x", "y")
     ]
-    assert scheduler.apply_snapshot("g", 1, snapshot)
+    assert scheduler.apply_snapshot("g", 1, [InstanceReport.from_wire(d) for d in snapshot])
     return scheduler
 
 
@@ -490,7 +491,9 @@ async def test_no_wait_when_buffering_is_off_or_the_cached_instance_leaves() -> 
     gone = first.instance.id.split("/", 1)[1]
     other = "y" if gone == "x" else "x"
     snapshot = [{"id": other, "url": f"http://{other}", "model": "m", "total_slots": 1}]
-    assert scheduler.apply_snapshot("g", 2, snapshot)  # its home went away
+    assert scheduler.apply_snapshot(
+        "g", 2, [InstanceReport.from_wire(d) for d in snapshot]
+    )  # its home went away
     lease = await asyncio.wait_for(task, 1)
     assert lease.instance.id == f"g/{other}"
 
@@ -507,7 +510,7 @@ def _one_instance_scheduler(policy: PrefixPolicy, slots: int) -> Scheduler:
     scheduler = Scheduler(policy)
     scheduler.register_agent("g", "agent")
     snapshot = [{"id": "x", "url": "http://x", "model": "m", "total_slots": slots, "busy": 0}]
-    assert scheduler.apply_snapshot("g", 1, snapshot)
+    assert scheduler.apply_snapshot("g", 1, [InstanceReport.from_wire(d) for d in snapshot])
     return scheduler
 
 

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corral.fleet.state import RELEASE_MEMORY, Instance
+from corral.protocol import InstanceReport
 from corral.scheduling.policies import LeastBusy, Placement, RoundRobin
 from corral.scheduling.scheduler import (
     ANY_MODEL,
@@ -68,7 +69,9 @@ def inst(
 def report(scheduler: Scheduler, *instances: dict[str, Any], agent: str = "a") -> bool:
     """Register ``agent`` (if new) and apply a fresh snapshot of its instances."""
     scheduler.register_agent(agent, f"agent-{agent}")
-    return scheduler.apply_snapshot(agent, next(_seq), list(instances))
+    return scheduler.apply_snapshot(
+        agent, next(_seq), [InstanceReport.from_wire(d) for d in instances]
+    )
 
 
 def instance(scheduler: Scheduler, id: str = "i1", agent: str = "a") -> Instance:
@@ -531,17 +534,17 @@ async def test_stale_instance_rejoins_the_pool_on_its_next_report_and_serves_wai
 def test_snapshot_with_a_sequence_number_not_newer_is_dropped() -> None:
     s = Scheduler(LeastBusy())
     s.register_agent("a", "agent-a")
-    assert s.apply_snapshot("a", 5, [inst(slots=4, busy=1)])
-    assert not s.apply_snapshot("a", 5, [inst(slots=4, busy=4)])
+    assert s.apply_snapshot("a", 5, [InstanceReport.from_wire(inst(slots=4, busy=1))])
+    assert not s.apply_snapshot("a", 5, [InstanceReport.from_wire(inst(slots=4, busy=4))])
     assert not s.apply_snapshot("a", 4, [])
     assert instance(s).foreign_busy == 1
-    assert s.apply_snapshot("a", 6, [inst(slots=4, busy=2)])
+    assert s.apply_snapshot("a", 6, [InstanceReport.from_wire(inst(slots=4, busy=2))])
     assert instance(s).foreign_busy == 2
 
 
 def test_snapshot_from_an_unregistered_agent_is_dropped() -> None:
     s = Scheduler(LeastBusy())
-    assert not s.apply_snapshot("nobody", 1, [inst()])
+    assert not s.apply_snapshot("nobody", 1, [InstanceReport.from_wire(inst())])
     assert s.fleet.instances == {}
 
 
@@ -736,7 +739,9 @@ async def _interleave(ops: list[tuple[Any, ...]]) -> None:
         elif kind == "snapshot":
             snapshot(*op[1:])
         elif kind == "stale_seq":
-            s.apply_snapshot("a", 0, [inst("x", slots=SLOTS["x"], busy=op[1])])
+            s.apply_snapshot(
+                "a", 0, [InstanceReport.from_wire(inst("x", slots=SLOTS["x"], busy=op[1]))]
+            )
         elif kind == "tick":
             clock.advance(op[1])
         elif kind == "check_stale":

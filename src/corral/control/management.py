@@ -41,7 +41,7 @@ from corral.gateway.errors import error_response
 from corral.observe.autoscaling import TARGET_UTILIZATION, fleet_demand, model_demand
 from corral.observe.metrics import BalancerMetrics
 from corral.observe.recent import RecentTraffic
-from corral.protocol import AGENT_SOCKET_PATH
+from corral.protocol import AGENT_SOCKET_PATH, InstanceReport
 from corral.scheduling.scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -279,10 +279,9 @@ class Management:
                     await ws.send_json({"type": "registered", "balancer_version": __version__})
                 elif kind == "snapshot" and agent_id is not None:
                     try:
-                        applied = self.scheduler.apply_snapshot(
-                            agent_id, int(data["seq"]), list(data.get("instances", []))
-                        )
-                    except (KeyError, TypeError, ValueError) as exc:
+                        reports = [InstanceReport.from_wire(i) for i in data.get("instances", [])]
+                        applied = self.scheduler.apply_snapshot(agent_id, int(data["seq"]), reports)
+                    except (KeyError, TypeError, ValueError) as exc:  # ProtocolError too
                         await ws.send_json({"type": "error", "message": f"bad snapshot: {exc}"})
                     else:
                         if applied:

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +34,7 @@ from corral.fleet.state import (
     InstanceIssue,
     InstanceState,
 )
+from corral.protocol import InstanceReport
 from corral.scheduling.policies import Placement, Policy
 
 if TYPE_CHECKING:
@@ -544,7 +545,7 @@ class Scheduler:
         agent.last_report = self.clock()
         return agent
 
-    def apply_snapshot(self, agent_id: str, seq: int, instances: list[dict[str, Any]]) -> bool:
+    def apply_snapshot(self, agent_id: str, seq: int, instances: Sequence[InstanceReport]) -> bool:
         """Apply an agent's snapshot; drop it (return False) when it is stale."""
         agent = self.fleet.agents.get(agent_id)
         if agent is None:
@@ -556,21 +557,19 @@ class Scheduler:
         agent.last_report = now
         seen: set[str] = set()
         changed = False
-        for data in instances:
-            instance_id = f"{agent_id}/{data['id']}"
+        for report in instances:
+            instance_id = f"{agent_id}/{report.id}"
             seen.add(instance_id)
             instance = self.fleet.instances.get(instance_id)
-            model = str(data.get("model") or "")
-            if instance is None or instance.url != data["url"] or instance.model != model:
+            model = report.model
+            if instance is None or instance.url != report.url or instance.model != model:
                 if instance is not None:
                     self.fleet.remove_instance(instance_id)
-                instance = Instance(
-                    id=instance_id, agent_id=agent_id, url=str(data["url"]), model=model
-                )
+                instance = Instance(id=instance_id, agent_id=agent_id, url=report.url, model=model)
                 changed = True
             before = (instance.state, instance.total_slots, len(instance.issues), instance.stale)
-            instance.aliases = [str(a) for a in data.get("aliases", []) if a != model]
-            instance.state = InstanceState(data.get("state", "ready"))
+            instance.aliases = [a for a in report.aliases if a != model]
+            instance.state = InstanceState(report.state)
             if instance.draining and (
                 instance.state is not InstanceState.READY or instance.pid != instance.drain_pid
             ):
@@ -581,19 +580,13 @@ class Scheduler:
                 instance.breaker = Breaker()  # a (re)started server gets a clean slate
                 # its KV cache is empty: forget what it held
                 self.policy.forget_instance(instance.id)
-            instance.n_ctx = int(data.get("n_ctx") or 0)
-            supervisor = data.get("supervisor")
-            if isinstance(supervisor, dict):
-                instance.extra["supervisor"] = supervisor
-            instance.slot_source = str(data.get("slot_source") or "slots")
-            instance.sleeping = bool(data.get("sleeping"))
-            instance.issues = [
-                InstanceIssue(str(i.get("kind", "unknown")), str(i.get("message", "")))
-                for i in data.get("issues", [])
-            ]
-            instance.apply_report(
-                int(data.get("total_slots") or 0), int(data.get("busy") or 0), now
-            )
+            instance.n_ctx = report.n_ctx
+            if report.supervisor is not None:
+                instance.extra["supervisor"] = dict(report.supervisor)
+            instance.slot_source = report.slot_source
+            instance.sleeping = report.sleeping
+            instance.issues = [InstanceIssue(i.kind, i.message) for i in report.issues]
+            instance.apply_report(report.total_slots, report.busy, now)
             instance.last_report = now
             instance.stale = False
             self.fleet.upsert_instance(instance)
