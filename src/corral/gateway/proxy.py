@@ -37,6 +37,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from corral.gateway.auth import key_matches, presented_key
 from corral.gateway.errors import error_response, sse_error_event
+from corral.gateway.exchange import Exchange
 from corral.gateway.notices import HEADER as NOTICES_HEADER
 from corral.gateway.notices import BadNoticeHeader, LoadingNotices
 from corral.gateway.notices import wanted as notices_wanted
@@ -641,93 +642,63 @@ class Gateway:
         return await self.forward(request)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
-        started = time.monotonic()
-        request_id = (
-            request.headers.get("X-Request-Id") or f"{_REQUEST_PREFIX}-{next(_request_ids)}"
-        )
+        """Admission (auth, body, model, flags, filters), then :meth:`_relay`."""
         route = (
             request.path if request.path in MODEL_ROUTES or request.path in RAW_ROUTES else "other"
         )
+        ex = Exchange(
+            request,
+            request.headers.get("X-Request-Id") or f"{_REQUEST_PREFIX}-{next(_request_ids)}",
+            route,
+        )
         denied = self._preflight(request) or self.unauthorized(request)
         if denied is not None:
-            return self._finish(denied, request_id, "", route, started)
+            return self._finish(denied, ex)
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if encoding not in DECODED_ENCODINGS:
             return self._unread_body(
-                request, 415,
+                ex, 415,
                 f"Content-Encoding {encoding!r} is not supported; send the body as is, or "
                 "encoded with one of: " + ", ".join(sorted(DECODED_ENCODINGS - {"", "identity"})),
-                request_id, route, started,
             )  # fmt: skip
         try:
             async with asyncio.timeout(self.options.body_timeout):
                 body = await request.read()
         except TimeoutError:
             return self._unread_body(
-                request, 408,
+                ex, 408,
                 f"the request body did not arrive within {self.options.body_timeout:g} s "
                 "(client_body_timeout)",
-                request_id, route, started,
             )  # fmt: skip
         except web.HTTPRequestEntityTooLarge:
-            return self._finish(
-                error_response(
-                    413, f"request body is larger than the {self.options.max_body}-byte limit"
-                ),
-                request_id,
-                "",
-                route,
-                started,
-            )
+            limit = f"request body is larger than the {self.options.max_body}-byte limit"
+            return self._finish(error_response(413, limit), ex)
         except RequestPayloadError as exc:
             # a body its Content-Encoding does not decode (or a broken chunk): the
             # client's fault, and the rest of it is unreadable
             return self._unread_body(
-                request, 400,
+                ex, 400,
                 f"request body could not be read: {str(exc).splitlines()[-1].strip()} "
                 f"(Content-Encoding: {encoding or 'none'})",
-                request_id, route, started,
             )  # fmt: skip
         parsed: dict[str, Any] | None = None
         if body and request.method == "POST" and route in MODEL_ROUTES:
             try:
                 value = json.loads(body)
             except (ValueError, UnicodeDecodeError) as exc:
-                return self._finish(
-                    error_response(400, f"request body is not valid JSON: {exc}"),
-                    request_id,
-                    "",
-                    route,
-                    started,
-                )
+                bad = f"request body is not valid JSON: {exc}"
+                return self._finish(error_response(400, bad), ex)
             except RecursionError:
-                return self._finish(
-                    error_response(400, "request body is not valid JSON: it is nested too deeply"),
-                    request_id,
-                    "",
-                    route,
-                    started,
-                )
+                deep = "request body is not valid JSON: it is nested too deeply"
+                return self._finish(error_response(400, deep), ex)
             if not isinstance(value, dict):
-                return self._finish(
-                    error_response(400, "request body must be a JSON object"),
-                    request_id,
-                    "",
-                    route,
-                    started,
-                )
+                return self._finish(error_response(400, "request body must be a JSON object"), ex)
             parsed = value
         requested = request.headers.get("X-Model-Id")
         if requested is None and parsed is not None:
             raw = parsed.get("model")
             if raw is not None and not isinstance(raw, str):
-                return self._finish(
-                    error_response(400, "`model` must be a string"),
-                    request_id,
-                    "",
-                    route,
-                    started,
-                )
+                return self._finish(error_response(400, "`model` must be a string"), ex)
             requested = raw
         if requested is None:
             requested = request.query.get("model")
@@ -739,28 +710,27 @@ class Gateway:
                     raise
                 model = self._any_model()
         except SchedulingError as exc:
+            # never a client's made-up name as a metric label (unbounded series): it is
+            # logged as asked, the model label stays empty
+            ex.asked = requested or ""
             return self._finish(
-                error_response(exc.status, exc.message, exc.error_type, exc.headers),
-                request_id,
-                "",  # never a client's made-up name as a metric label: unbounded series
-                route,
-                started,
-                asked=requested or "",
+                error_response(exc.status, exc.message, exc.error_type, exc.headers), ex
             )
+        ex.model = model
         refused = self._command_refusal(request, model)
         if refused is not None:
-            return self._finish(refused, request_id, model, route, started)
+            return self._finish(refused, ex)
         if parsed is not None:
             filtered = self._filtered(model, requested, parsed)
             if filtered is not None:
                 parsed, body = filtered, json.dumps(filtered).encode()
         flags_error = self._apply_flags(request, model)
         if isinstance(flags_error, web.Response):
-            return self._finish(flags_error, request_id, model, route, started)
-        model = flags_error
+            return self._finish(flags_error, ex)
+        ex.model = model = flags_error
         session = request.headers.get("X-Session-Id")
         wanted = request.headers.get(INSTANCE_HEADER)
-        placement = Placement(
+        ex.placement = Placement(
             model=model,
             body=parsed,
             headers={
@@ -771,29 +741,25 @@ class Gateway:
             slotless=route == "other" or route in SLOTLESS_ROUTES or request.method != "POST",
         )
         try:
-            notices = self._notices(request, parsed, model, request_id)
+            ex.notices = self._notices(request, parsed, model, ex.request_id)
         except BadNoticeHeader as exc:
-            return self._finish(error_response(400, str(exc)), request_id, model, route, started)
+            return self._finish(error_response(400, str(exc)), ex)
         try:
-            return await self._relay(
-                request, body, model, placement, request_id, route, started, notices
-            )
+            return await self._relay(ex, body)
         except asyncio.CancelledError:
             # the client left before its response began (in the buffer, say)
             if not request.get(RECORDED):
-                self._record(CLIENT_GONE, request_id, model, route, started, "", 0.0)
+                ex.instance, ex.waited = "", 0.0
+                self._record(ex, CLIENT_GONE)
             raise
         except SchedulingError as exc:
+            ex.instance, ex.waited = "", 0.0  # no instance answered: logged as none
             return self._finish(
-                error_response(exc.status, exc.message, exc.error_type, exc.headers),
-                request_id,
-                model,
-                route,
-                started,
+                error_response(exc.status, exc.message, exc.error_type, exc.headers), ex
             )
         finally:
-            if notices is not None:
-                notices.close()
+            if ex.notices is not None:
+                ex.notices.close()
 
     def _notices(
         self, request: web.Request, parsed: dict[str, Any] | None, model: str, request_id: str
@@ -903,62 +869,34 @@ class Gateway:
             return error_response(400, refused)
         return key
 
-    def _unread_body(
-        self,
-        request: web.Request,
-        status: int,
-        message: str,
-        request_id: str,
-        route: str,
-        started: float,
-    ) -> web.StreamResponse:
+    def _unread_body(self, ex: Exchange, status: int, message: str) -> web.StreamResponse:
         """corral's error for a request whose body it will not read to the end: what is
         left of the body is dropped (aiohttp would linger reading it) and the connection
         closes after the answer."""
-        request.content.feed_eof()
+        ex.request.content.feed_eof()
         response = error_response(status, message)
         response.force_close()
-        return self._finish(response, request_id, "", route, started)
+        return self._finish(response, ex)
 
-    def _finish(
-        self,
-        response: web.StreamResponse,
-        request_id: str,
-        model: str,
-        route: str,
-        started: float,
-        instance: str = "",
-        waited: float = 0.0,
-        *,
-        asked: str = "",
-    ) -> web.StreamResponse:
-        """Answer with corral's own response (an error, a preflight): no upstream byte.
-        ``asked``: the model name a client sent that resolved to nothing (access log)."""
-        response.headers["X-Request-Id"] = request_id
-        self._record(
-            response.status, request_id, model, route, started, instance, waited, asked=asked
-        )
+    def _finish(self, response: web.StreamResponse, ex: Exchange) -> web.StreamResponse:
+        """Answer with corral's own response (an error, a preflight): no upstream byte."""
+        response.headers["X-Request-Id"] = ex.request_id
+        self._record(ex, response.status)
         return response
 
     def _record(
         self,
+        ex: Exchange,
         status: int,
-        request_id: str,
-        model: str,
-        route: str,
-        started: float,
-        instance: str,
-        waited: float,
         ttft: float | None = None,
         usage: TokenUsage | None = None,
-        *,
-        asked: str = "",
     ) -> None:
         """Count one finished response and write its access-log line.
 
         ``ttft`` is set for responses relayed from an instance (corral's own answers
         have no first token), so the TTFT histogram shares the response's labels."""
-        elapsed = time.monotonic() - started
+        model, route = ex.model, ex.route
+        elapsed = time.monotonic() - ex.started
         code = str(status)
         self.metrics.requests.labels(model, route, code).inc()
         self.metrics.duration.labels(model, route, code).observe(elapsed)
@@ -969,13 +907,13 @@ class Gateway:
             self.traffic.record(model, status, elapsed, ttft)
         if access_log.isEnabledFor(logging.INFO):
             fields: list[tuple[str, object]] = [
-                ("request_id", request_id),
+                ("request_id", ex.request_id),
                 ("model", model or "-"),
-                *((("asked", asked),) if asked else ()),
+                *((("asked", ex.asked),) if ex.asked else ()),
                 ("route", route),
-                ("instance", instance or "-"),
+                ("instance", ex.instance or "-"),
                 ("status", status),
-                ("buffer_wait", f"{waited:.4f}"),
+                ("buffer_wait", f"{ex.waited:.4f}"),
                 ("ttft", f"{ttft:.4f}" if ttft is not None else "-"),
                 ("duration", f"{elapsed:.4f}"),
                 ("prompt_tokens", usage.prompt),
@@ -1111,24 +1049,18 @@ class Gateway:
         now = self.scheduler.clock()
         return any(i.usable(now) for i in self.scheduler.fleet.pool(model))
 
-    async def _relay(
-        self,
-        request: web.Request,
-        body: bytes,
-        model: str,
-        placement: Placement,
-        request_id: str,
-        route: str,
-        started: float,
-        notices: LoadingNotices | None = None,
-    ) -> web.StreamResponse:
+    async def _relay(self, ex: Exchange, body: bytes) -> web.StreamResponse:
+        """Lease, send, retry elsewhere before the first byte, then :meth:`_stream`."""
+        assert ex.placement is not None
+        model, notices = ex.model, ex.notices
         exclude: set[str] = set()
-        headers = self._upstream_headers(request, request_id)
+        headers = self._upstream_headers(ex.request, ex.request_id)
         failures: list[str] = []
-        waited = 0.0
         while True:
             try:
-                lease, noticed = await self._acquire(model, placement, frozenset(exclude), notices)
+                lease, noticed = await self._acquire(
+                    model, ex.placement, frozenset(exclude), notices
+                )
             except SchedulingError as exc:
                 if not failures and (notices is None or notices.response is None):
                     raise
@@ -1142,34 +1074,33 @@ class Gateway:
                         + "; ".join(failures)
                         + f"), and no other became available: {exc.message}"
                     )
-                return await self._refuse(
-                    request, notices, status, message, error_type, request_id, model, route,
-                    started, "", waited,
-                )  # fmt: skip
-            waited += lease.waited
+                ex.instance = ""
+                return await self._refuse(ex, status, message, error_type)
+            ex.waited += lease.waited
             if lease.waited:
                 self.metrics.buffer_wait.labels(model).observe(lease.waited)
+            ex.instance = lease.instance.id
             outcome = "client_gone"
             try:
                 if noticed and notices is not None:
                     await notices.ready(lease.waited)
                 try:
-                    upstream, first = await self._open(request, body, lease, headers)
+                    upstream, first = await self._open(ex.request, body, lease, headers)
                 except UpstreamFailed as exc:
                     outcome = "upstream_failed"
                     failures.append(f"{lease.instance.id}: {exc}")
                     log.warning(
                         "upstream failed before first byte request_id=%s instance=%s error=%s",
-                        request_id,
+                        ex.request_id,
                         lease.instance.id,
                         exc,
                     )
                     exclude.add(lease.instance.id)
                     if len(failures) > self.options.max_retries:
                         return await self._refuse(
-                            request, notices, 502,
+                            ex, 502,
                             "every instance tried failed before answering: " + "; ".join(failures),
-                            None, request_id, model, route, started, lease.instance.id, waited,
+                            None,
                         )  # fmt: skip
                     self.metrics.retries.labels(model).inc()
                     if notices is not None and notices.response is not None:
@@ -1180,65 +1111,34 @@ class Gateway:
                 except SchedulingError as exc:  # no response head in time
                     if notices is None or notices.response is None:
                         raise
-                    return await self._refuse(
-                        request, notices, exc.status, exc.message, exc.error_type, request_id,
-                        model, route, started, lease.instance.id, waited,
-                    )  # fmt: skip
+                    return await self._refuse(ex, exc.status, exc.message, exc.error_type)
                 outcome = "ok"
-                return await self._stream(
-                    request, upstream, first, lease, request_id, model, route, started, waited,
-                    placement, notices,
-                )  # fmt: skip
+                return await self._stream(ex, upstream, first, lease)
             finally:
                 self.scheduler.release(lease, outcome)
 
     async def _refuse(
-        self,
-        request: web.Request,
-        notices: LoadingNotices | None,
-        status: int,
-        message: str,
-        error_type: str | None,
-        request_id: str,
-        model: str,
-        route: str,
-        started: float,
-        instance: str,
-        waited: float,
+        self, ex: Exchange, status: int, message: str, error_type: str | None
     ) -> web.StreamResponse:
         """corral's error for a request no instance answered: a JSON error with its
         status, or, once notices have sent the headers, an error event ending the
         stream (recorded with the error's status all the same)."""
+        notices = ex.notices
         if notices is None or notices.response is None:
-            return self._finish(
-                error_response(status, message, error_type),
-                request_id, model, route, started, instance, waited,
-            )  # fmt: skip
+            return self._finish(error_response(status, message, error_type), ex)
         await notices.fail(status, message, error_type)
-        self._record(status, request_id, model, route, started, instance, waited)
+        self._record(ex, status)
         return notices.response
 
     async def _stream(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        first: bytes,
-        lease: Lease,
-        request_id: str,
-        model: str,
-        route: str,
-        started: float,
-        waited: float,
-        placement: Placement | None = None,
-        notices: LoadingNotices | None = None,
+        self, ex: Exchange, upstream: aiohttp.ClientResponse, first: bytes, lease: Lease
     ) -> web.StreamResponse:
+        """Relay the instance's answer chunk by chunk, then record it and learn from it."""
+        request, placement, notices = ex.request, ex.placement, ex.notices
         is_sse = upstream.content_type == "text/event-stream"
         prepared = notices.response if notices is not None else None
         if prepared is not None and (upstream.status != 200 or not is_sse):
-            return await self._answer_in_stream(
-                upstream, first, prepared, notices, request_id, model, route, started, lease,
-                waited,
-            )  # fmt: skip
+            return await self._answer_in_stream(ex, upstream, first, prepared)
         tail = ResponseTail(is_sse)
         if prepared is not None:
             response = prepared  # the notices sent the head: only the events follow
@@ -1247,13 +1147,13 @@ class Gateway:
             for key, value in upstream.headers.items():
                 if key.lower() not in RESPONSE_DROP:
                     response.headers.add(key, value)
-            response.headers["X-Request-Id"] = request_id
+            response.headers["X-Request-Id"] = ex.request_id
             response.headers["X-Corral-Instance"] = lease.instance.id
             if lease.slot is not None:
                 response.headers["X-Corral-Slot"] = str(lease.slot)
             if upstream.content_length is not None and not is_sse:
                 response.content_length = upstream.content_length
-        ttft = time.monotonic() - started
+        ttft = time.monotonic() - ex.started
         clean = False
         watch: IdleWatch | None = None
         try:
@@ -1274,7 +1174,7 @@ class Gateway:
                         reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
                         log.warning(
                             "upstream failed mid-response request_id=%s instance=%s error=%s",
-                            request_id,
+                            ex.request_id,
                             lease.instance.id,
                             reason,
                         )
@@ -1292,9 +1192,7 @@ class Gateway:
                             # client sees a truncated response, not a complete one
                             if request.transport is not None:
                                 request.transport.close()
-                        self._record(
-                            502, request_id, model, route, started, lease.instance.id, waited, ttft
-                        )
+                        self._record(ex, 502, ttft)
                         return response
                     if not chunk:
                         break
@@ -1313,15 +1211,12 @@ class Gateway:
             status = response.status if usage.generated is not None else CLIENT_GONE
             log.info(
                 "client went away mid-response request_id=%s instance=%s",
-                request_id,
+                ex.request_id,
                 lease.instance.id,
             )
-            self._record(
-                status, request_id, model, route, started, lease.instance.id, waited, ttft,
-                usage,
-            )  # fmt: skip
+            self._record(ex, status, ttft, usage)
             if usage.generated is not None:
-                self._learn(usage, lease, placement, time.monotonic() - started)
+                self._learn(usage, lease, placement, time.monotonic() - ex.started)
             request[RECORDED] = True
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -1334,29 +1229,21 @@ class Gateway:
             else:
                 upstream.release()
         usage = tail.usage() if response.status == 200 else TokenUsage()
-        self._record(
-            response.status, request_id, model, route, started, lease.instance.id, waited, ttft,
-            usage,
-        )  # fmt: skip
+        self._record(ex, response.status, ttft, usage)
         if response.status == 200:
-            self._learn(usage, lease, placement, time.monotonic() - started)
+            self._learn(usage, lease, placement, time.monotonic() - ex.started)
         return response
 
     async def _answer_in_stream(
         self,
+        ex: Exchange,
         upstream: aiohttp.ClientResponse,
         first: bytes,
         response: web.StreamResponse,
-        notices: LoadingNotices | None,
-        request_id: str,
-        model: str,
-        route: str,
-        started: float,
-        lease: Lease,
-        waited: float,
     ) -> web.StreamResponse:
         """An upstream answer that is not a stream (an error such as a 400), after
         notices sent the head: its error becomes the stream's error event."""
+        notices = ex.notices
         assert notices is not None
         data = bytearray(first)
         try:
@@ -1381,11 +1268,11 @@ class Gateway:
             error_type = error["type"] if isinstance(error.get("type"), str) else None
         else:
             text = bytes(data[:300]).decode(errors="replace").strip()
-            message = f"instance {lease.instance.id} answered {upstream.status}" + (
+            message = f"instance {ex.instance} answered {upstream.status}" + (
                 f" instead of a stream: {text}" if text else " instead of a stream"
             )
         await notices.fail(status, message, error_type)
-        self._record(status, request_id, model, route, started, lease.instance.id, waited)
+        self._record(ex, status)
         return response
 
     def _learn(
