@@ -30,6 +30,8 @@ from bench.workloads import Section, discover
 
 log = logging.getLogger("bench")
 
+DEFAULT_SYSTEMS = [name for name in ALL_SYSTEMS if name != "corral-base"]
+
 
 def _parser(workloads: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -46,8 +48,9 @@ def _parser(workloads: Sequence[str]) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--systems",
-        default=",".join(ALL_SYSTEMS),
-        help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default: all)",
+        default=",".join(DEFAULT_SYSTEMS),
+        help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default: all but "
+        "corral-base, which needs CORRAL_BENCH_BASELINE)",
     )
     parser.add_argument(
         "--scale", type=float, default=1.0, help="multiply every request count (default 1)"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,12 +152,16 @@ async def start_corral(
     *,
     balancer_args: Sequence[str] = (),
     pinned: bool = False,
+    command: Sequence[str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> tuple[str, dict[str, str]]:
     """``corral balancer --policy POLICY [BALANCER_ARGS]`` with one ``corral agent
     --local-llama-server`` per backend; return the inference URL and the headers a
     client sends, once the balancer counts every backend as a usable instance. The
     balancer is the first process this spawns. ``pinned``: the balancer on
-    :data:`pinning.PROXY_CORE`, the agents on :data:`pinning.OTHER_CORE`."""
+    :data:`pinning.PROXY_CORE`, the agents on :data:`pinning.OTHER_CORE`. ``command``
+    and ``extra_env``: how to run another checkout's corral (the baseline system)."""
+    cli = list(command) if command is not None else corral_command()
 
     def on(core: int, args: list[str]) -> list[str]:
         return pinning.taskset(core, args) if pinned else args
@@ -169,6 +173,7 @@ async def start_corral(
         "CORRAL_MANAGEMENT_TOKEN": secrets.token_urlsafe(24),
         "CORRAL_CLUSTER_TOKEN": secrets.token_urlsafe(24),
         "CORRAL_STATE_DIR": str(state),
+        **(extra_env or {}),
     }
     balancer = processes.spawn(
         ManagedProcess(
@@ -176,7 +181,7 @@ async def start_corral(
             on(
                 pinning.PROXY_CORE,
                 [
-                    *corral_command(),
+                    *cli,
                     "balancer",
                     "--policy",
                     policy,
@@ -199,7 +204,7 @@ async def start_corral(
                 on(
                     pinning.OTHER_CORE,
                     [
-                        *corral_command(),
+                        *cli,
                         "agent",
                         "--local-llama-server",
                         backend,

@@ -165,7 +165,11 @@ def install_cleanup() -> None:
     signal.signal(signal.SIGHUP, _on_sigterm)
 
 
-def run_text(args: Sequence[str | os.PathLike[str]], timeout: float = 30.0) -> str:
+def run_text(
+    args: Sequence[str | os.PathLike[str]],
+    timeout: float = 30.0,
+    env: Mapping[str, str] | None = None,
+) -> str:
     """stdout and stderr of a short command, for version strings; "" if it can't run."""
     try:
         done = subprocess.run(
@@ -174,6 +178,7 @@ def run_text(args: Sequence[str | os.PathLike[str]], timeout: float = 30.0) -> s
             timeout=timeout,
             check=False,
             stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
         )
     except (OSError, subprocess.TimeoutExpired):
         return ""

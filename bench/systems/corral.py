@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import re
 import secrets
 import shlex
@@ -31,12 +32,16 @@ def corral_command() -> list[str]:
 
 
 def serve_args(
-    ctx: BenchContext, inference: int, management: int, log_dir: Path | None = None
+    ctx: BenchContext,
+    inference: int,
+    management: int,
+    log_dir: Path | None = None,
+    command: list[str] | None = None,
 ) -> list[str]:
     """``corral serve`` for the bench's model on loopback ports (``--log-dir`` if given)."""
     logs = ["--log-dir", str(log_dir)] if log_dir is not None else []
     return [
-        *corral_command(),
+        *(command or corral_command()),
         "serve",
         "--model",
         str(ctx.model),
@@ -63,12 +68,19 @@ class Corral(System):
     name = "corral"
     label = "corral serve"
 
+    def command(self) -> list[str]:
+        """How this system runs corral's CLI."""
+        return corral_command()
+
+    def extra_env(self) -> dict[str, str]:
+        return {}
+
     async def start(self, ctx: BenchContext) -> Endpoint:
         inference, management = free_port(), free_port()
         token = secrets.token_urlsafe(24)
-        args = serve_args(ctx, inference, management)
-        env = serve_env(ctx, token)
-        proc = self.spawn(ManagedProcess("corral", args, ctx.log_path("corral"), env=env))
+        args = serve_args(ctx, inference, management, command=self.command())
+        env = {**serve_env(ctx, token), **self.extra_env()}
+        proc = self.spawn(ManagedProcess(self.name, args, ctx.log_path(self.name), env=env))
         url = f"http://127.0.0.1:{inference}"
         await wait_healthy(f"{url}/health", what="corral /health 200", proc=proc, within=90)
         backend = await self._instance_url(management, token, proc)
@@ -93,9 +105,13 @@ class Corral(System):
             raise StartupError(f"expected one corral instance, got {found}")
         return found[0].rstrip("/")
 
+    def root(self) -> Path:
+        """The checkout whose corral this system runs."""
+        return REPO_ROOT
+
     def version(self, ctx: BenchContext) -> str:
-        text = run_text([*corral_command(), "--version"]).removeprefix("corral ").strip()
-        git = ["git", "-C", str(REPO_ROOT)]
+        text = run_text([*self.command(), "--version"]).removeprefix("corral ").strip()
+        git = ["git", "-C", str(self.root())]
         commit = run_text([*git, "rev-parse", "--short", "HEAD"])
         dirty = run_text([*git, "status", "--porcelain", "--untracked-files=no", "--", "src"])
         where = f" (git {commit}{', src/ modified' if dirty else ''})" if commit else ""
@@ -103,7 +119,7 @@ class Corral(System):
 
     def observations(self, ctx: BenchContext) -> list[str]:
         try:
-            text = ctx.log_path("corral").read_text(encoding="utf-8", errors="replace")
+            text = ctx.log_path(self.name).read_text(encoding="utf-8", errors="replace")
         except OSError:
             return []
         waits = [float(w) for w in ACCESS_WAIT.findall(text)]
@@ -132,3 +148,37 @@ class Corral(System):
             f"--inference-addr 127.0.0.1:P --management-addr 127.0.0.1:Q -- "
             f"{shlex.join(ctx.llama_args)}` (default policy and log level)"
         )
+
+
+class CorralBaseline(Corral):
+    """``corral serve`` from another checkout, to measure a change against the code
+    before it in the same run: ``CORRAL_BENCH_BASELINE`` is that checkout's root (e.g.
+    ``git worktree add /tmp/base COMMIT``); it runs with this interpreter and
+    ``PYTHONPATH`` set to its ``src``, so only corral's own code differs."""
+
+    name = "corral-base"
+    label = "corral serve (baseline)"
+
+    def root(self) -> Path:
+        value = os.environ.get("CORRAL_BENCH_BASELINE")
+        if not value or not (Path(value) / "src" / "corral").is_dir():
+            raise StartupError(
+                "corral-base needs CORRAL_BENCH_BASELINE: the root of a corral checkout "
+                "(git worktree add /tmp/base COMMIT)"
+            )
+        return Path(value)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "corral.cli"]
+
+    def extra_env(self) -> dict[str, str]:
+        return {"PYTHONPATH": str(self.root() / "src")}
+
+    def version(self, ctx: BenchContext) -> str:
+        text = (
+            run_text([*self.command(), "--version"], env={**os.environ, **self.extra_env()})
+            .removeprefix("corral ")
+            .strip()
+        )
+        commit = run_text(["git", "-C", str(self.root()), "rev-parse", "--short", "HEAD"])
+        return f"{text or 'unknown'} (git {commit}, baseline)"

@@ -59,6 +59,7 @@ from bench.fleet import Processes, start_corral
 from bench.procs import ManagedProcess, free_port
 from bench.report import md_table
 from bench.stats import DASH
+from bench.systems.corral import CorralBaseline
 from bench.systems.litellm import (
     LITELLM_REQUIREMENT,
     ensure_installed,
@@ -87,10 +88,11 @@ ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 TARGET_RPS = 3000.0
 TARGET_CHUNKS = 50000.0
 
-SYSTEMS = ("direct", "corral", "nginx", "litellm", "passthrough")
+SYSTEMS = ("direct", "corral", "corral-base", "nginx", "litellm", "passthrough")
 LABELS = {
     "direct": "no proxy (wrk → upstream)",
     "corral": "corral balancer",
+    "corral-base": "corral balancer (baseline)",
     "nginx": "nginx (plain proxy)",
     "litellm": "LiteLLM proxy",
     "passthrough": "aiohttp pass-through (reference)",
@@ -379,6 +381,25 @@ async def _start_corral(
     return url, headers
 
 
+async def _start_corral_base(
+    ctx: BenchContext, upstream: str, running: Running
+) -> tuple[str, dict[str, str]]:
+    base = CorralBaseline()
+    url, headers = await start_corral(
+        ctx,
+        running,
+        "capacity-corral-base",
+        "least_busy",
+        [upstream],
+        balancer_args=["--max-buffered-requests", str(SLOTS)],
+        pinned=True,
+        command=base.command(),
+        extra_env=base.extra_env(),
+    )
+    running.measured = psutil.Process(running.procs[0].pid)
+    return url, headers
+
+
 async def _start_nginx(
     ctx: BenchContext, upstream: str, running: Running
 ) -> tuple[str, dict[str, str]]:
@@ -502,11 +523,16 @@ async def _run(ctx: BenchContext) -> tuple[Outcome, Canned]:
         )
         starters = {
             "corral": _start_corral,
+            "corral-base": _start_corral_base,
             "nginx": _start_nginx,
             "litellm": _start_litellm,
             "passthrough": _start_passthrough,
         }
-        chosen = [s for s in SYSTEMS if not ctx.systems or s in ctx.systems or s == "direct"]
+        chosen = [
+            s
+            for s in SYSTEMS
+            if (s in ctx.systems if ctx.systems else s != "corral-base") or s == "direct"
+        ]
         for system in chosen:
             if system == "litellm" and installed_version() is None and not ctx.install_missing:
                 outcome.missing[system] = f"{LITELLM_REQUIREMENT} is not installed"

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from corral.gateway.notices import LoadingNotices
 
 
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     request: web.Request
     request_id: str

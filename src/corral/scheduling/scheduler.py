@@ -169,6 +169,7 @@ class Scheduler:
         self.accepting = True
         self._released = asyncio.Event()
         self._changed = asyncio.Event()
+        self._watchers = 0
         self.loader: Loader | None = None
         """Starts instances for known models on demand; None: only agents add them."""
         self.load_allowance = 0.0
@@ -494,14 +495,20 @@ class Scheduler:
             if left <= 0:
                 return False
             changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), left)
+            self._watchers += 1
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), left)
+            finally:
+                self._watchers -= 1
         return True
 
     def _notify(self) -> None:
-        """Wake :meth:`wait_until` callers: something may have changed."""
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        """Wake :meth:`wait_until` callers: something may have changed (free when
+        nobody waits: this runs at every release)."""
+        if self._watchers:
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
 
     def wake(self, models: Iterable[str] | None = None) -> None:
         """Hand free slots to waiters, oldest first, for the given models (or all)."""
