@@ -288,7 +288,9 @@ class Scheduler:
     ) -> WaitAdvice | None:
         """The policy's advice to hold a request for its cached, busy instance (see
         :meth:`corral.scheduling.policies.prefix.PrefixPolicy.wait_advice`)."""
-        if exclude or model == ANY_MODEL or self.max_buffered == 0:
+        if not self.policy.advises_waits or exclude or model == ANY_MODEL:
+            return None
+        if self.max_buffered == 0:
             return None
         now = self.clock()
         pool = [i for i in self.fleet.pool(model) if i.usable(now)]

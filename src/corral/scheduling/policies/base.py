@@ -54,6 +54,9 @@ class Policy:
     """A placement policy; subclasses set :attr:`name` and write :meth:`choose`."""
 
     name: str = ""
+    advises_waits: bool = False
+    """The policy writes :meth:`wait_advice`: the scheduler then gathers the usable pool
+    for it on every placement (a pass over the fleet it skips otherwise)."""
 
     def __init__(self) -> None:
         self.decisions: Counter[str] = Counter()

@@ -276,6 +276,7 @@ class PrefixPolicy(Policy):
     """Cache-aware placement with a load guard, session affinity and feedback."""
 
     name = "prefix"
+    advises_waits = True
 
     def __init__(self, settings: PrefixSettings | None = None) -> None:
         super().__init__()
