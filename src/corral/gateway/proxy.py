@@ -38,6 +38,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from corral.gateway.auth import key_matches, presented_key
 from corral.gateway.errors import error_response, sse_error_event
 from corral.gateway.exchange import Exchange
+from corral.gateway.listing import ListingRoutes
 from corral.gateway.notices import HEADER as NOTICES_HEADER
 from corral.gateway.notices import BadNoticeHeader, LoadingNotices
 from corral.gateway.notices import wanted as notices_wanted
@@ -90,9 +91,6 @@ MODEL_ROUTES = (
     "/v1/responses/input_tokens",
     "/v1/systemone",
 )
-#: The fleet's slots on the inference port, with ``expose_slots`` (the management
-#: API's ``/api/v1/instances`` has them always); ``/slots`` is llama-server's own.
-SLOTS_AGGREGATE = "/corral/slots"
 #: Routes that take a slot but whose body is not JSON (multipart audio): the model is
 #: named by ``X-Model-Id`` or ``?model=``, or is the only one served.
 RAW_ROUTES = frozenset({"/v1/audio/transcriptions", "/audio/transcriptions"})
@@ -428,12 +426,8 @@ class Gateway:
         self._warming: dict[str, set[asyncio.Task[None]]] = {}
         """Spare upstream connections being opened, by instance URL (see :meth:`_warm`)."""
         self.app = web.Application(client_max_size=options.max_body)
-        self.app.router.add_get("/health", self.health)
-        self.app.router.add_get("/v1/health", self.health)
-        self.app.router.add_get("/v1/models", self.models)
-        self.app.router.add_get("/models", self.models)
-        if options.expose_slots:
-            self.app.router.add_get(SLOTS_AGGREGATE, self.slots)
+        self.listing = ListingRoutes(self)
+        """The front door's own answers: ``/health``, ``/v1/models``, the slots aggregate."""
         for route in MODEL_ROUTES:
             self.app.router.add_post(route, self.forward)
         self.webui = WebUIRoutes(self)
@@ -547,87 +541,6 @@ class Gateway:
             "missing or invalid API key: send `Authorization: Bearer KEY` or `x-api-key: KEY`",
             headers={"WWW-Authenticate": "Bearer"},
         )
-
-    # -- aggregates ----------------------------------------------------------------------
-
-    async def health(self, request: web.Request) -> web.Response:
-        now = self.scheduler.clock()
-        usable = [i for i in self.scheduler.fleet.instances.values() if i.usable(now)]
-        body = {
-            "status": "ok" if usable else "unavailable",
-            "instances_ready": len(usable),
-            "instances_total": len(self.scheduler.fleet.instances),
-            "slots_free": sum(i.free_slots for i in usable),
-            "slots_busy": sum(i.busy_slots for i in usable),
-            "buffered": self.scheduler.buffered(),
-        }
-        return web.json_response(body, status=200 if usable else 503)
-
-    async def models(self, request: web.Request) -> web.Response:
-        """Every model with its state, in the shape llama-server's router mode uses:
-        ``status.value`` is ``loaded``, ``loading`` or ``unloaded``."""
-        denied = self.unauthorized(request)
-        if denied is not None:
-            return denied
-        data: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        now = self.scheduler.clock()
-        if self.host is not None:
-            for row in self.host.status():
-                if row["unlisted"]:
-                    continue
-                seen.add(row["id"])
-                pool = self.scheduler.fleet.pool(row["id"])
-                n_ctx = max((i.n_ctx for i in pool), default=0)
-                state = row["state"]
-                if state == "loaded" and not any(i.usable(now) for i in pool):
-                    state = "loading"  # restarting: it will be back
-                data.append(
-                    {
-                        "id": row["id"],
-                        "object": "model",
-                        "created": row["created"],
-                        "owned_by": "corral",
-                        "aliases": row["aliases"],
-                        "status": {
-                            "value": "unloaded" if state == "unloading" else state,
-                            "args": row["args"],
-                            "instances": len(pool),
-                        },
-                        "meta": {
-                            "n_ctx": n_ctx,
-                            "n_ctx_train": row["context_length"],
-                            "size": row["size_bytes"],
-                            "quantization": row["quantization"],
-                        },
-                    }
-                )
-        for instance in sorted(self.scheduler.fleet.instances.values(), key=lambda i: i.id):
-            if instance.model in seen or (self.host and self.host.resolve(instance.model)):
-                continue  # listed above, or a per-request-flags variant of a listed model
-            seen.add(instance.model)
-            pool = self.scheduler.fleet.pool(instance.model)
-            data.append(
-                {
-                    "id": instance.model,
-                    "object": "model",
-                    "created": int(instance.started_at),
-                    "owned_by": "corral",
-                    "aliases": instance.aliases,
-                    "status": {
-                        "value": "loaded" if any(i.usable(now) for i in pool) else "loading",
-                        "instances": len(pool),
-                    },
-                    "meta": {"n_ctx": instance.n_ctx},
-                }
-            )
-        return web.json_response({"object": "list", "data": data})
-
-    async def slots(self, request: web.Request) -> web.Response:
-        denied = self.unauthorized(request)
-        if denied is not None:
-            return denied
-        return web.json_response([i.as_dict() for i in self.scheduler.fleet.instances.values()])
 
     # -- forwarding ----------------------------------------------------------------------
 
