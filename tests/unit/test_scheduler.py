@@ -778,3 +778,16 @@ async def test_wait_until_wakes_on_a_change_of_the_fleet_not_on_a_timer() -> Non
     report(s, inst(model="m"))  # a snapshot is a change: the predicate is checked again
     assert await asyncio.wait_for(waiting, 1.0) is True
     assert await s.wait_until(lambda: False, 0.05) is False
+
+
+async def test_a_lease_used_as_a_context_manager_releases_itself_with_its_outcome() -> None:
+    s = Scheduler(LeastBusy())
+    report(s, inst(slots=1))
+    with pytest.raises(RuntimeError):
+        with await s.acquire("m", Placement(model="m")) as lease:
+            assert instance(s).in_flight == 1
+            raise RuntimeError("the handler failed")
+    assert lease.released and instance(s).in_flight == 0  # released as client_gone
+    with await s.acquire("m", Placement(model="m")) as lease:
+        lease.outcome = "upstream_failed"
+    assert instance(s).breaker.failures == 1  # the outcome it was given

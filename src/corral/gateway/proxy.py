@@ -993,14 +993,13 @@ class Gateway:
             if lease.waited:
                 self.metrics.buffer_wait.labels(model).observe(lease.waited)
             ex.instance = lease.instance.id
-            outcome = "client_gone"
-            try:
+            with lease:  # released on leaving, as lease.outcome says (client_gone unless set)
                 if noticed and notices is not None:
                     await notices.ready(lease.waited)
                 try:
                     upstream, first = await self._open(ex.request, body, lease, headers)
                 except UpstreamFailed as exc:
-                    outcome = "upstream_failed"
+                    lease.outcome = "upstream_failed"
                     failures.append(f"{lease.instance.id}: {exc}")
                     log.warning(
                         "upstream failed before first byte request_id=%s instance=%s error=%s",
@@ -1025,10 +1024,8 @@ class Gateway:
                     if notices is None or notices.response is None:
                         raise
                     return await self._refuse(ex, exc.status, exc.message, exc.error_type)
-                outcome = "ok"
+                lease.outcome = "ok"
                 return await self._stream(ex, upstream, first, lease)
-            finally:
-                self.scheduler.release(lease, outcome)
 
     async def _refuse(
         self, ex: Exchange, status: int, message: str, error_type: str | None

@@ -123,6 +123,19 @@ class Lease:
     """The slot the request is pinned to (``id_slot``), or None: llama-server picks."""
     slotless: bool = False
     """No slot was claimed (see :meth:`Scheduler.peek`): releasing it changes nothing."""
+    outcome: str = "client_gone"
+    """How the request ended, for :meth:`Scheduler.release` when the lease is used as
+    a context manager: the holder sets ``ok`` or ``upstream_failed``; a lease left
+    without a word (the client went away, an error) is released as ``client_gone``."""
+    scheduler: Scheduler | None = field(default=None, repr=False, compare=False)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Give the slot back with :attr:`outcome`, however the block ended."""
+        if self.scheduler is not None:
+            self.scheduler.release(self, self.outcome)
 
 
 @dataclass(eq=False)
@@ -271,7 +284,9 @@ class Scheduler:
         if not ready:
             return None
         chosen = min(ready, key=lambda i: (i.in_flight + i.foreign_busy, i.id))
-        return Lease(instance=chosen, model=chosen.model, granted_at=now, slotless=True)
+        return Lease(
+            instance=chosen, model=chosen.model, granted_at=now, slotless=True, scheduler=self
+        )
 
     def _lease_pinned(self, waiter: Waiter) -> Lease | None:
         """A slot on the instance ``waiter`` waits for, if one is free now."""
@@ -316,7 +331,12 @@ class Scheduler:
         if probe:
             chosen.breaker.probing = True  # this request is the half-open probe
         return Lease(
-            instance=chosen, model=chosen.model, granted_at=self.clock(), probe=probe, slot=slot
+            instance=chosen,
+            model=chosen.model,
+            granted_at=self.clock(),
+            probe=probe,
+            slot=slot,
+            scheduler=self,
         )
 
     def buffered(self, model: str | None = None) -> int:
