@@ -1,0 +1,117 @@
+"""``corral llama-server``: install and path."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from corral.cli.common import (
+    _err,
+    settings_from,
+)
+from corral.config import ConfigError
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("corral")
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _progress_printer() -> Callable[[str, int, int], None]:
+    """Progress for the build: a rich bar on a terminal, a line every 10% otherwise."""
+    state: dict[str, Any] = {"stage": None, "last": -1, "bar": None, "task": None}
+    interactive = sys.stderr.isatty()
+
+    def show(stage: str, done: int, total: int) -> None:
+        if stage != state["stage"]:
+            if state["bar"] is not None:
+                state["bar"].stop()
+                state["bar"] = None
+            state["stage"], state["last"] = stage, -1
+            if interactive and stage in ("download", "build"):
+                from rich.progress import Progress
+
+                state["bar"] = Progress(transient=False)
+                state["bar"].start()
+                state["task"] = state["bar"].add_task(stage, total=total or None)
+            else:
+                sys.stderr.write(f"llama-server install: {stage}...\n")
+        if state["bar"] is not None:
+            state["bar"].update(state["task"], completed=done, total=total or None)
+            if total and done >= total:
+                state["bar"].stop()
+                state["bar"] = None
+        elif total:
+            tenth = done * 10 // total
+            if tenth != state["last"]:
+                state["last"] = tenth
+                sys.stderr.write(f"llama-server install: {stage} {done}/{total}\n")
+
+    return show
+
+
+def cmd_llama_server_install(args: argparse.Namespace) -> int:
+    from corral.supervisor.binary import (
+        InstallError,
+        NpmMissing,
+        cached_binary,
+        cached_ui,
+        install_llama_server,
+        install_ui,
+    )
+
+    started = time.monotonic()
+    was_cached = cached_binary().is_file() and not args.force
+    try:
+        path = install_llama_server(
+            force=args.force, jobs=args.jobs, index=args.index, progress=_progress_printer()
+        )
+    except InstallError as exc:
+        _err(str(exc))
+        return 1
+    state = "cached" if was_cached else f"built in {time.monotonic() - started:.0f} s"
+    sys.stderr.write(f"llama-server {state}: {path}\n")
+    if not args.no_ui:
+        started = time.monotonic()
+        ui_cached = (cached_ui() / "index.html").is_file() and not args.force
+        try:
+            ui = install_ui(force=args.force, index=args.index, progress=_progress_printer())
+        except NpmMissing as exc:
+            # the server works without its page: say how to get it, and succeed
+            sys.stderr.write(f"warning: {exc}\n")
+        except InstallError as exc:
+            _err(f"{exc}\nllama-server itself is installed; --no-ui skips the web UI")
+            return 1
+        else:
+            state = "cached" if ui_cached else f"built in {time.monotonic() - started:.0f} s"
+            sys.stderr.write(f"web UI {state}: {ui} (served by every llama-server it starts)\n")
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def cmd_llama_server_path(args: argparse.Namespace) -> int:
+    from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
+
+    try:
+        settings = settings_from(args)
+        found = find_llama_server(args.llama_server or settings.llama_server)
+    except (LlamaServerNotFound, ConfigError) as exc:
+        _err(str(exc))
+        return 1
+    sys.stdout.write(f"{found.path}\n")
+    if args.verbose:
+        from corral.supervisor.binary import ui_beside
+
+        sys.stderr.write(f"(found by {found.how})\n")
+        ui = ui_beside(found.path)
+        sys.stderr.write(f"web UI: {ui}\n" if ui else "web UI: none beside it\n")
+    return 0
+
+
+# -- running servers ---------------------------------------------------------------------
