@@ -516,14 +516,19 @@ class Scheduler:
             left = deadline - loop.time()
             if left <= 0:
                 return False
-            changed = self._changed
-            self._watchers += 1
-            try:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), left)
-            finally:
-                self._watchers -= 1
+            await self.next_change(left)
         return True
+
+    async def next_change(self, limit_s: float) -> None:
+        """Return at the next change of the fleet (a report, a release, a drain, an
+        event), or after ``limit_s``."""
+        changed = self._changed
+        self._watchers += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), limit_s)
+        finally:
+            self._watchers -= 1
 
     def _notify(self) -> None:
         """Wake :meth:`wait_until` callers: something may have changed (free when

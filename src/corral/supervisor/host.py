@@ -518,8 +518,9 @@ class ModelHost:
         return chosen
 
     async def _wait_change(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.scheduler.wait_release(), seconds)
+        """Until something changes (a release, a load or unload event, a report),
+        ``seconds`` at most: the plan is made again then."""
+        await self.scheduler.next_change(seconds)
 
     async def _start(
         self,
