@@ -61,14 +61,15 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 import aiohttp
 from yarl import URL
 
 from corral import __version__
+from corral.config import SlotSource
 from corral.observe import redact
 from corral.protocol import AGENT_SOCKET_PATH
 
@@ -118,23 +119,7 @@ ServerKind = Literal["llama-server", "generic"]
 
 
 # ================================================================== options
-SlotSource = Literal["slots", "metrics", "balancer"]
-SLOT_SOURCES: tuple[str, ...] = ("slots", "metrics", "balancer")
-
-
-def sleeps(llama_args: Sequence[str], env: Mapping[str, str] | None = None) -> bool:
-    """The llama-server these arguments start sleeps when idle (``--sleep-idle-seconds``
-    N >= 0, or ``LLAMA_ARG_SLEEP_IDLE_SECONDS``)."""
-    value: str | None = (env or {}).get("LLAMA_ARG_SLEEP_IDLE_SECONDS")
-    for index, arg in enumerate(llama_args):
-        if arg == "--sleep-idle-seconds" and index + 1 < len(llama_args):
-            value = llama_args[index + 1]
-        elif arg.startswith("--sleep-idle-seconds="):
-            value = arg.split("=", 1)[1]
-    try:
-        return value is not None and int(value) >= 0
-    except ValueError:
-        return False
+SLOT_SOURCES: tuple[str, ...] = get_args(SlotSource)
 
 
 @dataclass

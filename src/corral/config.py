@@ -44,6 +44,9 @@ ENV_PREFIX = "CORRAL_"
 
 PolicyName = Literal["least_busy", "round_robin", "random", "prefix"]
 
+SlotSource = Literal["slots", "metrics", "balancer"]
+"""How an agent counts busy slots (see :attr:`corral.agent.AgentOptions.slot_source`)."""
+
 
 def _parse_addr(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
@@ -351,7 +354,7 @@ class Settings(BaseModel):
     external_llama_server: str | None = Field(
         default=None, description="URL the balancer uses to reach it, if different."
     )
-    slot_source: Literal["slots", "metrics", "balancer"] = Field(
+    slot_source: SlotSource = Field(
         default="slots",
         description="How an agent counts a watched llama-server's busy slots: slots (GET "
         "/slots; /metrics under --no-slots), metrics (llamacpp:requests_processing) or "

@@ -14,9 +14,9 @@ from corral.agent import (
     balancer_socket_url,
     instance_from_readings,
     model_name_from_props,
-    sleeps,
 )
 from corral.protocol import InstanceReport, ProtocolError
+from corral.supervisor.flags import sleeps
 
 URL = "http://10.0.0.5:8080"
 PROPS: dict[str, Any] = {

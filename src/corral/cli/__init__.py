@@ -12,6 +12,7 @@ import argparse
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import get_args
 
 from corral import __version__
 from corral.cli.common import (
@@ -41,10 +42,8 @@ from corral.cli.views import (
     cmd_status,
     cmd_top,
 )
-from corral.config import ConfigError
+from corral.config import ConfigError, SlotSource
 from corral.observe import redact
-
-log = logging.getLogger("corral")
 
 __all__ = ["_needs_llama_server", "build_parser", "main"]  # tests use the first
 
@@ -119,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     balancer.add_argument(
         "--slot-source",
-        choices=("slots", "metrics", "balancer"),
+        choices=get_args(SlotSource),
         default=None,
         help="with --local-llama-server: how its busy slots are counted (see `agent`)",
     )
@@ -166,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--slot-source",
-        choices=("slots", "metrics", "balancer"),
+        choices=get_args(SlotSource),
         default=None,
         help="how busy slots are counted: GET /slots (slots, the default), /metrics, or the "
         "balancers' own requests (balancer); a llama-server with --sleep-idle-seconds sleeps "

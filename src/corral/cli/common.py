@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -14,10 +13,6 @@ from corral.config import Settings, load_settings
 
 if TYPE_CHECKING:
     pass
-
-log = logging.getLogger("corral")
-
-Command = Callable[[argparse.Namespace], int]
 
 
 def _err(message: str) -> None:

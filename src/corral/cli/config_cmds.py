@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from corral.cli.common import (
@@ -15,10 +13,6 @@ from corral.config import check_file, json_schema
 
 if TYPE_CHECKING:
     pass
-
-log = logging.getLogger("corral")
-
-Command = Callable[[argparse.Namespace], int]
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:

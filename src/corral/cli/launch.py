@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +23,6 @@ if TYPE_CHECKING:
     pass
 
 log = logging.getLogger("corral")
-
-Command = Callable[[argparse.Namespace], int]
 
 
 def _balancer_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -17,10 +16,6 @@ from corral.config import ConfigError
 
 if TYPE_CHECKING:
     pass
-
-log = logging.getLogger("corral")
-
-Command = Callable[[argparse.Namespace], int]
 
 
 def _progress_printer() -> Callable[[str, int, int], None]:

@@ -20,10 +20,6 @@ from corral.config import Settings, check_file
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-log = logging.getLogger("corral")
-
-Command = Callable[[argparse.Namespace], int]
-
 
 def _status_token(settings: Settings) -> str | None:
     from corral.tokens import management_token_file, read_token_file

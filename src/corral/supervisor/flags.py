@@ -11,7 +11,7 @@ This is a deny-list; the router issue may replace it with an allow-list.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 #: flag -> why corral refuses it
 DENIED: dict[str, str] = {}
@@ -60,3 +60,35 @@ def check_llama_args(args: Sequence[object]) -> list[str]:
     if problems:
         raise FlagError("; ".join(problems))
     return out
+
+
+def llama_arg(
+    args: Sequence[str], flag: str, env_var: str, env: Mapping[str, str] | None = None
+) -> str | None:
+    """The value llama-server takes for ``flag`` from these arguments (``FLAG V`` or
+    ``FLAG=V``, the last one winning), else from its ``env_var`` in ``env``."""
+    value = (env or {}).get(env_var)
+    for index, arg in enumerate(args):
+        if arg == flag and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def sleeps(args: Sequence[str], env: Mapping[str, str] | None = None) -> bool:
+    """The llama-server these arguments start sleeps when idle (``--sleep-idle-seconds``
+    N >= 0, or ``LLAMA_ARG_SLEEP_IDLE_SECONDS``)."""
+    value = llama_arg(args, "--sleep-idle-seconds", "LLAMA_ARG_SLEEP_IDLE_SECONDS", env)
+    try:
+        return value is not None and int(value) >= 0
+    except ValueError:
+        return False
+
+
+def api_key_of(args: Sequence[str], env: Mapping[str, str] | None = None) -> str | None:
+    """The first ``--api-key`` (or ``LLAMA_API_KEY``) these arguments give llama-server:
+    its agent reads ``/props`` and ``/slots`` with it."""
+    value = llama_arg(args, "--api-key", "LLAMA_API_KEY", env)
+    keys = [k.strip() for k in (value or "").split(",") if k.strip()]
+    return keys[0] if keys else None

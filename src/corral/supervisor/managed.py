@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.agent import Agent, AgentOptions, SlotSource, sleeps
+from corral.agent import Agent, AgentOptions
+from corral.config import SlotSource
 from corral.supervisor.binary import ui_beside
-from corral.supervisor.flags import FlagError, check_llama_args
+from corral.supervisor.flags import FlagError, api_key_of, check_llama_args, sleeps
 from corral.supervisor.instance import SupervisedInstance, SupervisorOptions
 from corral.supervisor.process import PortLease, lease_port
 from corral.template import substitute
@@ -102,19 +103,6 @@ class ManagedOptions:
     """With ``command``: the path that answers 200 once the server is ready."""
     slots: int = 4
     """With ``command``: requests the server takes at once."""
-
-
-def api_key_of(llama_args: Sequence[str], env: Mapping[str, str] | None = None) -> str | None:
-    """The first ``--api-key`` (or ``LLAMA_API_KEY``) these arguments give llama-server:
-    its agent reads ``/props`` and ``/slots`` with it."""
-    value = (env or {}).get("LLAMA_API_KEY")
-    for index, arg in enumerate(llama_args):
-        if arg == "--api-key" and index + 1 < len(llama_args):
-            value = llama_args[index + 1]
-        elif arg.startswith("--api-key="):
-            value = arg.split("=", 1)[1]
-    keys = [k.strip() for k in (value or "").split(",") if k.strip()]
-    return keys[0] if keys else None
 
 
 class ManagedInstance:
