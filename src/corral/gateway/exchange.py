@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from corral.config import ModelConfig
 from corral.scheduling.policies.base import Placement
 
 if TYPE_CHECKING:
@@ -34,5 +35,7 @@ class Exchange:
     """The instance that answered, or was tried last."""
     waited: float = 0.0
     """Seconds spent in the buffer, over every try."""
+    config: ModelConfig | None = None
+    """The model's settings under ``corral serve`` (None behind a plain balancer)."""
     placement: Placement | None = None
     notices: LoadingNotices | None = None

@@ -35,6 +35,7 @@ from aiohttp import web
 from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from aiohttp.web_protocol import RequestPayloadError
 
+from corral.config import ModelConfig
 from corral.gateway.auth import key_matches, presented_key
 from corral.gateway.errors import error_response, sse_error_event
 from corral.gateway.exchange import Exchange
@@ -375,6 +376,11 @@ def _under(path: str, prefixes: list[str]) -> bool:
     return any(path.startswith(prefix) for prefix in prefixes)
 
 
+def _is_command(config: ModelConfig | None) -> bool:
+    """The model is started from a command template (another server, not llama-server)."""
+    return config is not None and config.cmd is not None
+
+
 def with_id_slot(body: bytes, slot: int) -> bytes:
     """``body`` (a JSON object) with ``"id_slot": slot`` as its first member.
 
@@ -630,11 +636,13 @@ class Gateway:
                 error_response(exc.status, exc.message, exc.error_type, exc.headers), ex
             )
         ex.model = model
-        refused = self._command_refusal(request, model)
+        # the model's settings, looked up once (a per-request flags key has its model's)
+        ex.config = self.host.model_config(model) if self.host is not None else None
+        refused = self._command_refusal(ex)
         if refused is not None:
             return self._finish(refused, ex)
         if parsed is not None:
-            filtered = self._filtered(model, requested, parsed)
+            filtered = self._filtered(ex.config, requested, parsed)
             if filtered is not None:
                 parsed, body = filtered, json.dumps(filtered).encode()
         flags_error = self._apply_flags(request, model)
@@ -650,11 +658,11 @@ class Gateway:
                 **({"x-session-id": session} if session else {}),
                 **({"x-corral-instance": wanted} if wanted else {}),
             },
-            pinnable=route in PIN_ROUTES and not self._is_command(model),
+            pinnable=route in PIN_ROUTES and not _is_command(ex.config),
             slotless=route == "other" or route in SLOTLESS_ROUTES or request.method != "POST",
         )
         try:
-            ex.notices = self._notices(request, parsed, model, ex.request_id)
+            ex.notices = self._notices(ex, parsed)
         except BadNoticeHeader as exc:
             return self._finish(error_response(400, str(exc)), ex)
         try:
@@ -674,35 +682,33 @@ class Gateway:
             if ex.notices is not None:
                 ex.notices.close()
 
-    def _notices(
-        self, request: web.Request, parsed: dict[str, Any] | None, model: str, request_id: str
-    ) -> LoadingNotices | None:
+    def _notices(self, ex: Exchange, parsed: dict[str, Any] | None) -> LoadingNotices | None:
         """The loading notices of a request that wants them (it may never wait)."""
 
         def configured() -> bool:
-            config = self.host.model_config(model) if self.host is not None else None
+            config = ex.config
             if config is not None and config.loading_notices is not None:
                 return config.loading_notices
             return self.options.loading_notices
 
-        header = request.headers.get(NOTICES_HEADER)
-        if not notices_wanted(request.path, parsed, header, configured):
+        header = ex.request.headers.get(NOTICES_HEADER)
+        if not notices_wanted(ex.request.path, parsed, header, configured):
             return None
         return LoadingNotices(
-            request,
-            key=model,
-            shown_as=model,
-            request_id=request_id,
+            ex.request,
+            key=ex.model,
+            shown_as=ex.model,
+            request_id=ex.request_id,
             scheduler=self.scheduler,
             host=self.host,
         )
 
+    @staticmethod
     def _filtered(
-        self, model: str, requested: str | None, body: dict[str, Any]
+        config: ModelConfig | None, requested: str | None, body: dict[str, Any]
     ) -> dict[str, Any] | None:
         """``body`` as the model's ``filters`` and ``use_model_name`` change it, or None
         when they change nothing (the client's bytes then go upstream untouched)."""
-        config = self.host.model_config(model) if self.host is not None else None
         if config is None or (config.filters is None and config.use_model_name is None):
             return None
         out = dict(body)
@@ -716,14 +722,11 @@ class Gateway:
             out["model"] = config.use_model_name
         return out
 
-    def _is_command(self, model: str) -> bool:
-        """``model`` is started from a command template (another server, not llama-server)."""
-        return self.host is not None and self.host.command_config(model) is not None
-
-    def _command_refusal(self, request: web.Request, model: str) -> web.Response | None:
+    @staticmethod
+    def _command_refusal(ex: Exchange) -> web.Response | None:
         """For a model started from a command template (another server, not
         llama-server): a 404 for a path it does not serve, a 400 for llama-server flags."""
-        config = self.host.command_config(model) if self.host is not None else None
+        request, model, config = ex.request, ex.model, ex.config
         if config is None or config.cmd is None:
             return None
         program = config.cmd[0].rsplit("/", 1)[-1]

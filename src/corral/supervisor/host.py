@@ -44,7 +44,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -183,12 +183,6 @@ class ModelHost:
         """The config of the model ``key`` names (a pool name, flags and all)."""
         spec = self._spec(key)
         return self._config(spec[0]) if spec is not None else None
-
-    def command_config(self, key: str) -> ModelConfig | None:
-        """The config of the model ``key`` names when a command template starts it
-        (not llama-server), else None."""
-        config = self.model_config(key)
-        return config if config is not None and config.cmd is not None else None
 
     # -- operator actions -------------------------------------------------------------
 
@@ -391,15 +385,21 @@ class ModelHost:
                 key = self.pending.popleft()  # a request meanwhile may queue it again
                 self.loading = key
                 try:
-                    await self._load(key)
-                except LoadRefused as exc:
-                    self._refuse(key, str(exc), exc.detail)
-                except Exception as exc:  # one bad load must not stop later ones
-                    log.exception("load failed key=%s", key)
-                    self._refuse(key, f"{type(exc).__name__}: {exc}")
+                    await self._refusing(key, "load", self._load(key))
                 finally:
                     self.loading = None
                     self.explicit.discard(key)
+
+    async def _refusing(self, key: str, step: str, action: Awaitable[None]) -> None:
+        """Run one step of ``key``'s load; a failure refuses its waiters (see
+        :meth:`_refuse`) and never stops the host's later loads."""
+        try:
+            await action
+        except LoadRefused as exc:
+            self._refuse(key, str(exc), exc.detail)
+        except Exception as exc:
+            log.exception("%s failed key=%s", step, key)
+            self._refuse(key, f"{type(exc).__name__}: {exc}")
 
     def _refuse(self, key: str, message: str, detail: str | None = None) -> None:
         """Fail the load of ``key``: its waiters get ``message`` (a 400 when the flags
@@ -557,43 +557,20 @@ class ModelHost:
         # the wait for readiness (up to startup_timeout) runs beside the load loop: a
         # slow or hanging start never holds up other models' loads
         task = asyncio.create_task(
-            self._come_up(key, hosted, model, flags, began, evicted, started),
-            name=f"host-start-{key}",
+            self._come_up(hosted, began, evicted, started), name=f"host-start-{key}"
         )
         self._starting.add(task)
         task.add_done_callback(self._starting.discard)
 
-    async def _come_up(
-        self,
-        key: str,
-        hosted: Hosted,
-        model: CatalogModel,
-        flags: tuple[str, ...],
-        began: float,
-        evicted: int,
-        started: float,
-    ) -> None:
-        """Wait until a started ``key`` serves; refuse its waiters if it never does."""
+    async def _come_up(self, hosted: Hosted, began: float, evicted: int, started: float) -> None:
+        """Wait until a started server serves; refuse its waiters if it never does."""
         try:
-            await self._ready(key, hosted, model, flags, began, evicted, started)
-        except LoadRefused as exc:
-            self._refuse(key, str(exc), exc.detail)
-        except Exception as exc:  # one bad start must not stop later ones
-            log.exception("start failed key=%s", key)
-            self._refuse(key, f"{type(exc).__name__}: {exc}")
+            await self._refusing(hosted.key, "start", self._ready(hosted, began, evicted, started))
         finally:
             self._wake.set()  # a load waiting for room may go on now
 
-    async def _ready(
-        self,
-        key: str,
-        hosted: Hosted,
-        model: CatalogModel,
-        flags: tuple[str, ...],
-        began: float,
-        evicted: int,
-        started: float,
-    ) -> None:
+    async def _ready(self, hosted: Hosted, began: float, evicted: int, started: float) -> None:
+        key, model, flags = hosted.key, hosted.model, hosted.flags
         managed = hosted.managed
         ready = await managed.supervisor.wait_ready()
         if self.running.get(key) is not hosted or hosted.state != "loading":
