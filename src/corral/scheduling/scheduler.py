@@ -250,9 +250,13 @@ class Scheduler:
 
     # -- leases -----------------------------------------------------------------------
 
+    def _pool(self, model: str) -> list[Instance]:
+        """The instances of ``model``; every instance for a request that names none."""
+        return list(self.fleet.instances.values()) if model == ANY_MODEL else self.fleet.pool(model)
+
     def _candidates(self, model: str, exclude: frozenset[str]) -> list[Instance]:
         now = self.clock()
-        pool = list(self.fleet.instances.values()) if model == ANY_MODEL else self.fleet.pool(model)
+        pool = self._pool(model)
         if exclude and any(i.id not in exclude for i in pool):
             pool = [i for i in pool if i.id not in exclude]
         return [i for i in pool if i.free_slots > 0 and i.usable(now)]
@@ -277,7 +281,7 @@ class Scheduler:
         instance only (its slots are the ones a slot action means).
         """
         now = self.clock()
-        pool = list(self.fleet.instances.values()) if model == ANY_MODEL else self.fleet.pool(model)
+        pool = self._pool(model)
         ready = [i for i in pool if i.id not in exclude and i.usable(now)]
         if instance is not None:
             ready = [i for i in ready if i.id == instance]
