@@ -366,16 +366,19 @@ class Running(Processes):
 
 
 async def _start_corral(
-    ctx: BenchContext, upstream: str, running: Running
+    ctx: BenchContext, upstream: str, running: Running, base: CorralBaseline | None = None
 ) -> tuple[str, dict[str, str]]:
+    """``corral balancer`` with one agent; ``base``: another checkout's (corral-base)."""
     url, headers = await start_corral(
         ctx,
         running,
-        "capacity-corral",
+        "capacity-corral-base" if base is not None else "capacity-corral",
         "least_busy",
         [upstream],
         balancer_args=["--max-buffered-requests", str(SLOTS)],
         pinned=True,
+        command=base.command() if base is not None else None,
+        extra_env=base.extra_env() if base is not None else None,
     )
     running.measured = psutil.Process(running.procs[0].pid)  # the balancer: spawned first
     return url, headers
@@ -384,20 +387,7 @@ async def _start_corral(
 async def _start_corral_base(
     ctx: BenchContext, upstream: str, running: Running
 ) -> tuple[str, dict[str, str]]:
-    base = CorralBaseline()
-    url, headers = await start_corral(
-        ctx,
-        running,
-        "capacity-corral-base",
-        "least_busy",
-        [upstream],
-        balancer_args=["--max-buffered-requests", str(SLOTS)],
-        pinned=True,
-        command=base.command(),
-        extra_env=base.extra_env(),
-    )
-    running.measured = psutil.Process(running.procs[0].pid)
-    return url, headers
+    return await _start_corral(ctx, upstream, running, CorralBaseline())
 
 
 async def _start_nginx(
