@@ -45,7 +45,7 @@ from corral.protocol import AGENT_SOCKET_PATH, InstanceReport
 from corral.scheduling.scheduler import Scheduler
 
 if TYPE_CHECKING:
-    from corral.supervisor.host import ModelHost
+    from corral.hosting import Host
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Management:
         r.add_get("/api/v1/agents", self.agents)
         r.add_get("/api/v1/instances", self.instances)
         InstanceAdmin(self).add_routes(r)
-        self.host: ModelHost | None = None
+        self.host: Host | None = None
         """The local model host (``corral serve``); None for a bare balancer."""
         self.models_admin = ModelAdmin(lambda: self.host)
         self.models_admin.add_routes(r)

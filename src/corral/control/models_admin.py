@@ -30,7 +30,7 @@ from corral.gateway.errors import error_body, error_response
 from corral.hosting import LoadRefused
 
 if TYPE_CHECKING:
-    from corral.supervisor.host import ModelHost
+    from corral.hosting import Host
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ LOAD_WAIT_S = 300.0
 
 
 class ModelAdmin:
-    def __init__(self, host: Callable[[], ModelHost | None]) -> None:
+    def __init__(self, host: Callable[[], Host | None]) -> None:
         self._host = host
         self.reload: Callable[[], Any] | None = None
         """Set by ``corral serve``: re-reads the config file and returns what changed."""
@@ -51,7 +51,7 @@ class ModelAdmin:
         router.add_post("/api/v1/models/{model}/unload", self.unload)
         router.add_post("/api/v1/config/reload", self.reload_config)
 
-    def host(self) -> ModelHost:
+    def host(self) -> Host:
         host = self._host()
         if host is None:
             message = (
@@ -95,7 +95,7 @@ class ModelAdmin:
             return error_response(
                 409,
                 f"model {name!r} still had requests in flight after "
-                f"{host.settings.drain_timeout:g} s (drain_timeout); it keeps serving",
+                f"{host.drain_timeout:g} s (drain_timeout); it keeps serving",
             )
         return web.json_response({"model": name, "state": "unloaded"})
 

@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from corral.gateway.errors import sse_error_event
+from corral.hosting import ModelState
 
 if TYPE_CHECKING:
+    from corral.hosting import Host
     from corral.scheduling.scheduler import Scheduler
-    from corral.supervisor.host import ModelHost
 
 #: The request header that turns notices on (``1``) or off (``0``) for one request.
 HEADER = "X-Corral-Loading-Notices"
@@ -103,7 +104,7 @@ class LoadingNotices:
         shown_as: str,
         request_id: str,
         scheduler: Scheduler,
-        host: ModelHost | None,
+        host: Host | None,
     ) -> None:
         self.request = request
         self.key = key
@@ -160,14 +161,14 @@ class LoadingNotices:
             if (
                 ahead is not None
                 and ahead != self.key
-                and self.key in host.pending
+                and host.queued(self.key)
                 and not any(i.usable(now) for i in self.scheduler.fleet.pool(ahead))
             ):  # (a model that serves already is only being noted as loaded)
                 return f"corral: model {self.shown_as} is queued to load after {ahead}…"
-            hosted = host.running.get(self.key)
-            if hosted is not None and hosted.state == "unloading":
+            state = host.state(self.key)
+            if state is ModelState.UNLOADING:
                 return f"corral: waiting for {self.shown_as} to unload before loading it again…"
-            if self.key in host.pending or host.loading == self.key or hosted is not None:
+            if state is not ModelState.UNLOADED:
                 return f"corral: loading model {self.shown_as}…"
         return f"corral: waiting for model {self.shown_as} to become ready…"
 

@@ -59,7 +59,7 @@ from corral.supervisor.request_flags import RequestFlagError
 from corral.supervisor.request_flags import normalize as normalize_flags
 
 if TYPE_CHECKING:
-    from corral.supervisor.host import ModelHost
+    from corral.hosting import Host
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("corral.access")
@@ -425,7 +425,7 @@ class Gateway:
         self.metrics = metrics
         self.options = options
         self.session: aiohttp.ClientSession | None = None
-        self.host: ModelHost | None = None
+        self.host: Host | None = None
         """The local model host (``corral serve``): /v1/models lists its catalog too."""
         self.traffic: RecentTraffic | None = None
         """Recent traffic per model for the dashboard, when the balancer keeps it."""

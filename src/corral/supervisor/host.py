@@ -9,16 +9,13 @@ the wait until a started server serves runs beside the next loads, so a slow or
 hanging start never holds up other models (its memory estimate counts as taken, and
 an exclusive group's member still starting is swapped out only once it serves).
 
-Making room, in this order:
-
-1. the load's exclusive group: its running members are unloaded first (they swap);
-2. ``max_instances`` (4 unless set, like llama-server's router mode): the least
-   recently used instance is unloaded, idle ones before busy ones, never one that is
-   loading, never a member of a persistent group (unless the load is in that group);
-3. memory: the model's estimate (file size + KV cache, see
-   :func:`corral.catalog.memory.estimate_bytes`) must fit in what psutil says is
-   available plus what evicting would free; otherwise more instances are evicted, or
-   the load is refused with both numbers.
+What to evict, when to start and when an idle model goes are decided by the pure
+planner, :mod:`corral.supervisor.planner` (its doc gives the rules: the load's
+exclusive group, then ``max_instances``, 4 unless set like llama-server's router mode,
+least recently used first, then memory: the model's estimate, file size + KV cache,
+see :func:`corral.catalog.memory.estimate_bytes`, against what psutil says is
+available). This class reads the state the planner needs off its instances and the
+scheduler, and carries the plan out: drains and stops, starts, events, waits.
 
 **An instance with requests in flight is never killed to make room**: unloading first
 drains it (the balancer places nothing new on it; in-flight requests finish), bounded
@@ -31,6 +28,11 @@ at once, and A's requests that came meanwhile wait for the next swap.
 
 An idle TTL (``models.M.ttl``, else ``model_ttl``) unloads an instance that has had
 nothing in flight and nothing waiting for that long.
+
+Nothing here polls: a load waiting for room plans again at the scheduler's next
+change (a release, a report, a load or unload event), at the end of its swap hold, or
+after :data:`REPLAN_LIMIT` at the latest (memory freed outside corral is no event);
+the TTL task sleeps until the planner's next expiry or until an instance is loaded.
 
 All of this runs on the balancer's event loop and reads the balancer's scheduler
 directly: in-flight counts and buffers are exact there.
@@ -47,16 +49,28 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from corral.catalog.discovery import Catalog, CatalogModel
 from corral.catalog.memory import available_bytes, estimate_bytes, format_bytes, total_bytes
 from corral.config import ModelConfig, Settings
 from corral.fleet.state import Instance
-from corral.hosting import LoadRefused
+from corral.hosting import LoadRefused, ModelState
 from corral.scheduling.scheduler import NoCapacity, Scheduler, SchedulingError
 from corral.supervisor.instance import supervisor_options
 from corral.supervisor.managed import ManagedInstance, ManagedOptions
+from corral.supervisor.planner import (
+    Evict,
+    Limits,
+    Load,
+    Refuse,
+    Resident,
+    Start,
+    Wait,
+    idle_expired,
+    next_expiry,
+    plan_room,
+)
 from corral.supervisor.process import PortLease, lease_port
 from corral.tokens import state_dir
 
@@ -65,10 +79,13 @@ log = logging.getLogger(__name__)
 #: Instances one host runs when ``max_instances`` is unset (router mode's --models-max).
 DEFAULT_MAX_INSTANCES = 4
 
-#: How often idle TTLs are checked.
-TTL_CHECK_INTERVAL = 1.0
+#: The longest a load waiting for room goes without planning again: the memory other
+#: processes free is no scheduler event.
+REPLAN_LIMIT = 1.0
 
-HostedState = Literal["loading", "loaded", "unloading"]
+#: Seconds the TTL task sleeps past an expiry, so that the instance's idle time is
+#: surely over when it looks (clocks round).
+TTL_SLACK = 0.01
 
 
 #: Seconds a model run with per-request flags that failed to start is refused at once
@@ -94,7 +111,7 @@ class Hosted:
     managed: ManagedInstance
     url: str
     estimate: int
-    state: HostedState = "loading"
+    state: ModelState = ModelState.LOADING
     last_used: float = 0.0
     """Scheduler clock when its load began (requests update the fleet instance's)."""
 
@@ -139,6 +156,7 @@ class ModelHost:
         """Flagged keys whose start failed: (until, reason); refused at once till then."""
         self.total_memory = total_bytes
         self._wake = asyncio.Event()
+        self._ttl_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._starting: set[asyncio.Task[None]] = set()
         """Started servers being waited for until they serve (see :meth:`_come_up`)."""
@@ -169,8 +187,8 @@ class ModelHost:
     def request(self, model: str) -> bool:
         """Queue a load of ``model`` unless an instance is up, coming or queued."""
         hosted = self.running.get(model)
-        if hosted is not None and hosted.state != "unloading":
-            return hosted.state == "loading"
+        if hosted is not None and hosted.state is not ModelState.UNLOADING:
+            return hosted.state is ModelState.LOADING
         if model not in self.pending:
             if self._spec(model) is None:
                 return False
@@ -240,7 +258,7 @@ class ModelHost:
 
         def loaded() -> bool:
             hosted = self.running.get(key)
-            return hosted is not None and hosted.state == "loaded"
+            return hosted is not None and hosted.state is ModelState.LOADED
 
         def settled() -> bool:
             failed = key not in self.pending and key not in self.running
@@ -266,22 +284,11 @@ class ModelHost:
         rows = []
         for model in self.catalog.models:
             config = self._config(model)
-            hosted = self.running.get(model.id)
-            state: str
-            if hosted is not None:
-                state = hosted.state
-                instance = self._instance(hosted)
-                if state == "loading" and instance and instance.usable(self.scheduler.clock()):
-                    state = "loaded"  # serving already; the load loop notes it a moment later
-            elif model.id in self.pending or model.id == self.loading:
-                state = "loading"
-            else:
-                state = "unloaded"
             rows.append(
                 {
                     "id": model.id,
                     "aliases": list(model.aliases),
-                    "state": state,
+                    "state": self.state(model.id).value,
                     "unlisted": config.unlisted,
                     "group": config.group,
                     "size_bytes": model.size_bytes,
@@ -295,6 +302,30 @@ class ModelHost:
                 }
             )
         return rows
+
+    def state(self, key: str) -> ModelState:
+        """Where ``key`` stands: a queued load counts as loading, and a started server
+        its agent has reported usable as loaded (the host notes it a moment later)."""
+        hosted = self.running.get(key)
+        if hosted is not None:
+            instance = self._instance(hosted)
+            if (
+                hosted.state is ModelState.LOADING
+                and instance is not None
+                and instance.usable(self.scheduler.clock())
+            ):
+                return ModelState.LOADED
+            return hosted.state
+        if key in self.pending or key == self.loading:
+            return ModelState.LOADING
+        return ModelState.UNLOADED
+
+    def queued(self, key: str) -> bool:
+        return key in self.pending
+
+    @property
+    def drain_timeout(self) -> float:
+        return self.settings.drain_timeout
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -363,15 +394,6 @@ class ModelHost:
                 return instance
         return None
 
-    def _in_flight(self, hosted: Hosted) -> int:
-        instance = self._instance(hosted)
-        return instance.in_flight if instance is not None else 0
-
-    def _last_used(self, hosted: Hosted) -> float:
-        instance = self._instance(hosted)
-        used = instance.last_used if instance is not None else 0.0
-        return max(hosted.last_used, used)
-
     def _wanted(self, key: str) -> bool:
         return key in self.explicit or self.scheduler.buffered(key) > 0
 
@@ -429,98 +451,66 @@ class ModelHost:
                 "(corral llama-server install), or set llama_server or LLAMA_SERVER"
             )
         existing = self.running.get(key)
-        if existing is not None and existing.state != "unloading":
+        if existing is not None and existing.state is not ModelState.UNLOADING:
             return
         if command:
             # another server's memory use is unknown; a GGUF file's size is a floor
             estimate = estimate_bytes(model, []) if model.size_bytes else 0
         else:
             estimate = estimate_bytes(model, self._args(model, flags))
-        began = time.monotonic()  # the swap: making room, then starting
+        group, exclusive, _ = self._group(model)
+        clock = self.scheduler.clock
+        load = Load(key=key, estimate=estimate, began=clock(), group=group, exclusive=exclusive)
+        limits = Limits(
+            max_instances=self.max_instances,
+            swap_hold=self.settings.swap_hold,
+            memory_check=self.settings.memory_check,
+        )
         evicted = 0
-        while True:
+        while True:  # the swap: making room, then starting
             if not self._wanted(key):
                 log.info("load dropped key=%s: nobody is waiting any more", key)
                 return
-            victims = self._victims(model, key, estimate)
-            if victims is None:
-                # nothing can go yet (busy, loading or protected): wait for a change
-                await self._wait_change(0.25)
-                continue
-            if not victims:
+            available = self.memory() if limits.memory_check and estimate else None
+            plan = plan_room(load, self.residents(), limits, clock(), available)
+            if isinstance(plan, Refuse):
+                raise LoadRefused(plan.reason)
+            if isinstance(plan, Start):
                 break
-            busy = [v for v in victims if self._in_flight(v) or self.scheduler.buffered(v.key)]
-            if busy and time.monotonic() - began < self.settings.swap_hold:
-                # let the running batch go on (it still takes new requests) until it is
-                # idle or the hold is over, so alternating traffic swaps in big batches
-                await self._wait_change(0.05)
+            if isinstance(plan, Wait):
+                # nothing can go yet (busy, loading, protected, or held for its batch)
+                limit = REPLAN_LIMIT if plan.until is None else plan.until - clock()
+                await self.scheduler.next_change(max(0.0, min(limit, REPLAN_LIMIT)))
                 continue
-            for victim in victims:
-                evicted += await self._unload(victim, f"making room for {key}")
+            assert isinstance(plan, Evict)
+            for victim in plan.keys:
+                hosted = self.running.get(victim)
+                if hosted is not None:
+                    evicted += await self._unload(hosted, f"making room for {key}")
         self.last_error.pop(key, None)
-        await self._start(key, model, flags, estimate, began, evicted)
+        await self._start(key, model, flags, estimate, load.began, evicted)
 
-    def _victims(self, model: CatalogModel, key: str, estimate: int) -> list[Hosted] | None:
-        """Instances to unload so ``key`` fits: [] when it fits now, None when it would
-        fit only after instances that cannot go yet do; raises when it never fits."""
-        group, exclusive, _ = self._group(model)
-        others = [h for h in self.running.values() if h.key != key]
-        swap = exclusive and group is not None
-        must = [h for h in others if swap and self._group(h.model)[0] == group]
-        rest = [h for h in others if h not in must]
-
-        def evictable(h: Hosted) -> bool:
-            h_group, _, h_persistent = self._group(h.model)
-            return h.state == "loaded" and not (h_persistent and h_group != group)
-
-        candidates = sorted(
-            (h for h in rest if evictable(h)),
-            key=lambda h: (
-                self._in_flight(h) > 0 or self.scheduler.buffered(h.key) > 0,
-                self._last_used(h),
-            ),
-        )
-        if any(h.state == "loading" for h in must):
-            return None  # a group member still starting: swap it out once it serves
-        chosen = list(must)
-        count = len(others) - len(chosen)
-        while count + 1 > self.max_instances and candidates:
-            chosen.append(candidates.pop(0))
-            count -= 1
-        if count + 1 > self.max_instances:
-            if any(h.state == "loading" or h.state == "unloading" for h in rest) or any(
-                evictable(h) for h in rest
-            ):
-                return None
-            raise LoadRefused(
-                f"cannot load {key!r}: {self.max_instances} instances run (max_instances) and "
-                "none may be evicted (persistent groups); unload one or raise max_instances"
-            )
-        if self.settings.memory_check and estimate:
-            # servers still starting may not have taken their memory yet: count it taken
-            starting = sum(h.estimate for h in others if h.state == "loading")
-            free = self.memory() - starting + sum(h.estimate for h in chosen)
-            while estimate > free and candidates:
-                victim = candidates.pop(0)
-                chosen.append(victim)
-                free += victim.estimate
-            if estimate > free:
-                if any(h.state in ("loading", "unloading") for h in others):
-                    return None  # memory may come back when those settle
-                raise LoadRefused(
-                    f"not enough memory to load {key!r}: it needs about "
-                    f"{format_bytes(estimate)} (weights + KV cache) and "
-                    f"{format_bytes(free)} is available even after evicting what may be "
-                    "evicted; free memory, lower its context (-c) or set memory_check: false"
+    def residents(self) -> list[Resident]:
+        """The instances this host runs, as the planner sees them now."""
+        residents = []
+        for hosted in self.running.values():
+            group, _, persistent = self._group(hosted.model)
+            instance = self._instance(hosted)
+            residents.append(
+                Resident(
+                    key=hosted.key,
+                    state=hosted.state,
+                    estimate=hosted.estimate,
+                    last_used=max(hosted.last_used, instance.last_used if instance else 0.0),
+                    in_flight=instance.in_flight if instance is not None else 0,
+                    waiting=self.scheduler.buffered(hosted.key),
+                    group=group,
+                    persistent=persistent,
+                    ttl=self._ttl(hosted.model),
+                    queued=hosted.key in self.pending,
                 )
-        if any(h.state == "unloading" for h in chosen):
-            return None
-        return chosen
-
-    async def _wait_change(self, seconds: float) -> None:
-        """Until something changes (a release, a load or unload event, a report),
-        ``seconds`` at most: the plan is made again then."""
-        await self.scheduler.next_change(seconds)
+            )
+        return residents
 
     async def _start(
         self,
@@ -573,7 +563,7 @@ class ModelHost:
         key, model, flags = hosted.key, hosted.model, hosted.flags
         managed = hosted.managed
         ready = await managed.supervisor.wait_ready()
-        if self.running.get(key) is not hosted or hosted.state != "loading":
+        if self.running.get(key) is not hosted or hosted.state is not ModelState.LOADING:
             return  # unloaded while it started (an operator's unload, a reload)
         if not ready:
             error = managed.supervisor.last_error or "did not start"
@@ -590,16 +580,16 @@ class ModelHost:
         # ready for the balancer once its agent has reported it usable (each report
         # is a scheduler change)
         def reported() -> bool:
-            if self.running.get(key) is not hosted or hosted.state != "loading":
+            if self.running.get(key) is not hosted or hosted.state is not ModelState.LOADING:
                 return True  # unloaded (or reloaded) while it came up
             instance = self._instance(hosted)
             return instance is not None and instance.usable(self.scheduler.clock())
 
         await self.scheduler.wait_until(reported, 10.0)
-        if self.running.get(key) is not hosted or hosted.state != "loading":
+        if self.running.get(key) is not hosted or hosted.state is not ModelState.LOADING:
             return
-        hosted.state = "loaded"
-        seconds = time.monotonic() - began
+        self._set_state(hosted, ModelState.LOADED)
+        seconds = self.scheduler.clock() - began
         log.info(
             "loaded model=%s key=%s in %.2fs (swap %.2fs, evicted %d)",
             model.id,
@@ -659,10 +649,10 @@ class ModelHost:
 
     async def _unload(self, hosted: Hosted, reason: str) -> bool:
         """Drain (bounded), then stop; False (and serving again) if it did not drain."""
-        if hosted.state == "unloading":
+        if hosted.state is ModelState.UNLOADING:
             return False
         previous = hosted.state
-        hosted.state = "unloading"
+        self._set_state(hosted, ModelState.UNLOADING)
         log.info("unloading key=%s reason=%s", hosted.key, reason)
         self.scheduler.emit({"type": "model", "model": hosted.key, "event": "unloading"})
         instance = self._instance(hosted)
@@ -671,7 +661,7 @@ class ModelHost:
         ):
             log.warning("unload of key=%s called off: requests still in flight", hosted.key)
             self.scheduler.undrain(instance)
-            hosted.state = previous
+            self._set_state(hosted, previous)
             return False
         await hosted.managed.stop()
         if self.running.get(hosted.key) is hosted:
@@ -683,21 +673,29 @@ class ModelHost:
             self.request(hosted.key)
         return True
 
+    def _set_state(self, hosted: Hosted, state: ModelState) -> None:
+        hosted.state = state
+        self._ttl_wake.set()  # a newly loaded instance may expire before the TTL task wakes
+
     async def _ttl_loop(self) -> None:
+        """Unload instances idle past their TTL; sleeps until the planner's next
+        expiry, or until an instance changes state."""
         while True:
-            await asyncio.sleep(TTL_CHECK_INTERVAL)
             now = self.scheduler.clock()
-            for hosted in list(self.running.values()):
-                ttl = self._ttl(hosted.model)
-                if ttl is None or hosted.state != "loaded":
-                    continue
-                if (
-                    now - self._last_used(hosted) >= ttl
-                    and self._in_flight(hosted) == 0
-                    and not self.scheduler.buffered(hosted.key)
-                    and hosted.key not in self.pending
-                ):
+            residents = self.residents()
+            for key in idle_expired(residents, now):
+                hosted = self.running.get(key)
+                if hosted is not None:
+                    ttl = self._ttl(hosted.model)
                     await self._unload(hosted, f"idle for {ttl:g} s")
+            wake = next_expiry(self.residents(), self.scheduler.clock())
+            self._ttl_wake.clear()
+            if wake is None:
+                await self._ttl_wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    timeout = max(0.0, wake - self.scheduler.clock()) + TTL_SLACK
+                    await asyncio.wait_for(self._ttl_wake.wait(), timeout)
 
 
 def _mtime(path: Path | None) -> int:

@@ -1,0 +1,206 @@
+"""What the model host decides, as pure functions of its state and a clock.
+
+:class:`~corral.supervisor.host.ModelHost` acts (starts and stops servers, drains,
+emits events, waits); these functions decide, from plain values it reads off its
+instances and the scheduler, and never log, wait or touch a process, so every rule
+here is unit-tested with made-up states and a made-up clock (llama-swap's router keeps
+its ``Swapper`` the same way).
+
+Making room for a load, in this order:
+
+1. the load's exclusive group: its running members go first (they swap);
+2. ``max_instances``: the least recently used instance goes, idle ones before busy
+   ones, never one that is loading, never a member of a persistent group (unless the
+   load is in that group);
+3. memory: the load's estimate must fit in what is available plus what evicting
+   frees (servers still starting count as taken); otherwise more instances go, or the
+   load is refused with both numbers.
+
+A victim still serving requests keeps serving them for up to ``swap_hold`` seconds
+after the load was taken up (so alternating traffic swaps in batches), and the host
+drains it before stopping it. An idle TTL unloads an instance that has had nothing in
+flight, nothing waiting and no load queued for that long.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from corral.catalog.memory import format_bytes
+from corral.hosting import ModelState
+
+
+@dataclass(frozen=True)
+class Resident:
+    """One instance a host runs, as the planner sees it."""
+
+    key: str
+    state: ModelState
+    estimate: int = 0
+    """Bytes it is expected to take (weights + KV cache)."""
+    last_used: float = 0.0
+    """When a request last left it (or its load began), on the host's clock."""
+    in_flight: int = 0
+    waiting: int = 0
+    """Requests buffered for it."""
+    group: str | None = None
+    persistent: bool = False
+    """Its group is persistent: only a load in that same group may evict it."""
+    ttl: float | None = None
+    """Idle seconds before it is unloaded; None: never."""
+    queued: bool = False
+    """A load of it waits in the host's queue (a TTL must not unload it meanwhile)."""
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0 or self.waiting > 0
+
+
+@dataclass(frozen=True)
+class Load:
+    """A load being planned: the model (pool) to start and what it needs."""
+
+    key: str
+    estimate: int = 0
+    began: float = 0.0
+    """When the host took it up: the swap hold counts from here."""
+    group: str | None = None
+    exclusive: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_instances: int
+    swap_hold: float = 0.0
+    memory_check: bool = True
+
+
+@dataclass(frozen=True)
+class Start:
+    """It fits: start it now."""
+
+
+@dataclass(frozen=True)
+class Evict:
+    """Unload these (drained first), then plan again."""
+
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing can be done yet: plan again at the next change, or at ``until`` (the
+    host's clock) at the latest; ``until`` None: at the next change."""
+
+    until: float | None = None
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """It can never fit as things are: its waiters get ``reason``."""
+
+    reason: str
+
+
+Plan = Start | Evict | Wait | Refuse
+
+
+def plan_room(
+    load: Load,
+    residents: Sequence[Resident],
+    limits: Limits,
+    now: float,
+    available: int | None = None,
+) -> Plan:
+    """What to do next for ``load``. ``available``: the machine's available memory in
+    bytes (None when no memory check applies)."""
+    victims = _victims(load, residents, limits, available)
+    if isinstance(victims, Wait | Refuse):
+        return victims
+    if not victims:
+        return Start()
+    hold_until = load.began + limits.swap_hold
+    if any(v.busy for v in victims) and now < hold_until:
+        # the running batch goes on (it still takes new requests) until it is idle or
+        # the hold is over, so alternating traffic swaps in big batches
+        return Wait(until=hold_until)
+    return Evict(tuple(v.key for v in victims))
+
+
+def _victims(
+    load: Load, residents: Sequence[Resident], limits: Limits, available: int | None
+) -> list[Resident] | Wait | Refuse:
+    others = [r for r in residents if r.key != load.key]
+    swap = load.exclusive and load.group is not None
+    must = [r for r in others if swap and r.group == load.group]
+    rest = [r for r in others if r not in must]
+
+    def evictable(r: Resident) -> bool:
+        return r.state is ModelState.LOADED and not (r.persistent and r.group != load.group)
+
+    candidates = sorted((r for r in rest if evictable(r)), key=lambda r: (r.busy, r.last_used))
+    if any(r.state is ModelState.LOADING for r in must):
+        return Wait()  # a group member still starting: swap it out once it serves
+    chosen = list(must)
+    count = len(others) - len(chosen)
+    while count + 1 > limits.max_instances and candidates:
+        chosen.append(candidates.pop(0))
+        count -= 1
+    if count + 1 > limits.max_instances:
+        if _settling(rest) or any(evictable(r) for r in rest):
+            return Wait()
+        return Refuse(
+            f"cannot load {load.key!r}: {limits.max_instances} instances run (max_instances) "
+            "and none may be evicted (persistent groups); unload one or raise max_instances"
+        )
+    if limits.memory_check and load.estimate and available is not None:
+        # servers still starting may not have taken their memory yet: count it taken
+        starting = sum(r.estimate for r in others if r.state is ModelState.LOADING)
+        free = available - starting + sum(r.estimate for r in chosen)
+        while load.estimate > free and candidates:
+            victim = candidates.pop(0)
+            chosen.append(victim)
+            free += victim.estimate
+        if load.estimate > free:
+            if _settling(others):
+                return Wait()  # memory may come back when those settle
+            return Refuse(
+                f"not enough memory to load {load.key!r}: it needs about "
+                f"{format_bytes(load.estimate)} (weights + KV cache) and "
+                f"{format_bytes(free)} is available even after evicting what may be "
+                "evicted; free memory, lower its context (-c) or set memory_check: false"
+            )
+    if any(r.state is ModelState.UNLOADING for r in chosen):
+        return Wait()
+    return chosen
+
+
+def _settling(residents: Iterable[Resident]) -> bool:
+    return any(r.state in (ModelState.LOADING, ModelState.UNLOADING) for r in residents)
+
+
+def idle_expired(residents: Iterable[Resident], now: float) -> list[str]:
+    """The loaded instances whose idle TTL is over: nothing in flight, nothing waiting,
+    no load queued, and no request for ``ttl`` seconds."""
+    return [
+        r.key
+        for r in residents
+        if r.ttl is not None
+        and r.state is ModelState.LOADED
+        and not r.busy
+        and not r.queued
+        and now - r.last_used >= r.ttl
+    ]
+
+
+def next_expiry(residents: Iterable[Resident], now: float) -> float | None:
+    """When an idle TTL may next be over (the host's clock), or None when no loaded
+    instance has one. A busy instance cannot expire before ``ttl`` from now (its last
+    use moves on when its requests end), so that is when it is looked at again."""
+    times = [
+        now + r.ttl if r.busy or r.queued else r.last_used + r.ttl
+        for r in residents
+        if r.ttl is not None and r.state is ModelState.LOADED
+    ]
+    return min(times, default=None)
