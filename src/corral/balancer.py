@@ -23,7 +23,8 @@ from aiohttp import web
 from corral.config import Settings
 from corral.control.management import Management
 from corral.gateway.guard import ConnectionLimits, GuardedAppRunner
-from corral.gateway.proxy import Gateway, GatewayOptions
+from corral.gateway.options import GatewayOptions
+from corral.gateway.proxy import Gateway
 from corral.observe import redact
 from corral.observe.metrics import BalancerMetrics
 from corral.observe.recent import RecentTraffic

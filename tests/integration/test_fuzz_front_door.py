@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from corral.gateway.proxy import MODEL_ROUTES
+from corral.gateway.admission import MODEL_ROUTES
 from tests.integration.fleet import MANAGEMENT_TOKEN, Fleet, start_fleet
 
 EXAMPLES = int(os.environ.get("CORRAL_FUZZ_EXAMPLES", "150"))

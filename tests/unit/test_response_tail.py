@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from corral.gateway.proxy import ResponseTail, with_id_slot
+from corral.gateway.accounting import ResponseTail
+from corral.gateway.upstream import with_id_slot
 
 
 def sse(*events: object) -> bytes:

@@ -39,3 +39,5 @@ class Exchange:
     """The model's settings under ``corral serve`` (None behind a plain balancer)."""
     placement: Placement | None = None
     notices: LoadingNotices | None = None
+    body: bytes = b""
+    """The body as it goes upstream (after the model's filters)."""

@@ -51,9 +51,6 @@ class ListingRoutes:
     async def models(self, request: web.Request) -> web.Response:
         """Every model with its state, in the shape llama-server's router mode uses:
         ``status.value`` is ``loaded``, ``loading`` or ``unloaded``."""
-        denied = self.gateway.unauthorized(request)
-        if denied is not None:
-            return denied
         data: list[dict[str, Any]] = []
         seen: set[str] = set()
         now = self.gateway.scheduler.clock()
@@ -111,9 +108,6 @@ class ListingRoutes:
         return web.json_response({"object": "list", "data": data})
 
     async def slots(self, request: web.Request) -> web.Response:
-        denied = self.gateway.unauthorized(request)
-        if denied is not None:
-            return denied
         return web.json_response(
             [i.as_dict() for i in self.gateway.scheduler.fleet.instances.values()]
         )

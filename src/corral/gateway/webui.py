@@ -89,14 +89,8 @@ class WebUIRoutes:
     async def props(self, request: web.Request) -> web.StreamResponse:
         named = request.headers.get("X-Model-Id") or request.query.get("model")
         if not named and self.several_models():
-            denied = self.gateway.unauthorized(request)
-            if denied is not None:
-                return denied
             return web.json_response(self._router_props())
         if named and request.query.get("autoload") in ("false", "0"):
-            denied = self.gateway.unauthorized(request)
-            if denied is not None:
-                return denied
             refused = self._not_loaded(named)
             if refused is not None:
                 return refused
@@ -130,9 +124,6 @@ class WebUIRoutes:
         return error_response(400, f"model {model!r} is not loaded (autoload=false)")
 
     async def load(self, request: web.Request) -> web.Response:
-        denied = self.gateway.unauthorized(request)
-        if denied is not None:
-            return denied
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
@@ -153,9 +144,6 @@ class WebUIRoutes:
         return web.json_response({"success": True})
 
     async def unload(self, request: web.Request) -> web.Response:
-        denied = self.gateway.unauthorized(request)
-        if denied is not None:
-            return denied
         return error_response(
             403,
             "unloading is an operator action: use the management API "
@@ -165,9 +153,6 @@ class WebUIRoutes:
     async def streams_lookup(self, request: web.Request) -> web.StreamResponse:
         if not self.several_models():
             return await self.gateway.forward(request)
-        denied = self.gateway.unauthorized(request)
-        if denied is not None:
-            return denied
         return web.json_response([])
 
     # -- /models/sse -----------------------------------------------------------------
@@ -198,9 +183,6 @@ class WebUIRoutes:
         ]
 
     async def model_events(self, request: web.Request) -> web.StreamResponse:
-        denied = self.gateway.unauthorized(request)
-        if denied is not None:
-            return denied
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )

@@ -35,7 +35,7 @@ from corral.fleet.state import (
     InstanceState,
 )
 from corral.protocol import InstanceReport
-from corral.scheduling.policies import Placement, Policy
+from corral.scheduling.policies import Placement, Policy, Served
 
 if TYPE_CHECKING:
     from corral.scheduling.policies.base import WaitAdvice
@@ -127,6 +127,9 @@ class Lease:
     """How the request ended, for :meth:`Scheduler.release` when the lease is used as
     a context manager: the holder sets ``ok`` or ``upstream_failed``; a lease left
     without a word (the client went away, an error) is released as ``client_gone``."""
+    served: Served | None = None
+    """What the response reported of its prompt, set by its holder: the release hands
+    it to the policy (:meth:`Policy.record_cached`) before the slot is free again."""
     scheduler: Scheduler | None = field(default=None, repr=False, compare=False)
 
     def __enter__(self) -> Lease:
@@ -472,6 +475,17 @@ class Scheduler:
         if lease.released:
             return
         lease.released = True
+        served = lease.served
+        if served is not None:  # learn before the slot is anyone's again
+            self.policy.record_cached(
+                lease.instance.id,
+                served.placement.model,
+                served.placement.body,
+                served.cached_tokens,
+                served.prompt_tokens,
+                prompt_seconds=served.prompt_seconds,
+                total_seconds=served.total_seconds,
+            )
         if lease.slotless:
             return
         instance = lease.instance

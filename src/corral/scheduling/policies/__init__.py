@@ -7,7 +7,7 @@ decides preference, never capacity.
 
 from __future__ import annotations
 
-from corral.scheduling.policies.base import Placement, Policy
+from corral.scheduling.policies.base import Placement, Policy, Served
 from corral.scheduling.policies.least_busy import LeastBusy
 from corral.scheduling.policies.prefix import PrefixPolicy, PrefixSettings
 from corral.scheduling.policies.random import RandomPolicy
@@ -39,5 +39,6 @@ __all__ = [
     "PrefixPolicy",
     "RandomPolicy",
     "RoundRobin",
+    "Served",
     "make_policy",
 ]

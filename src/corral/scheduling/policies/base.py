@@ -7,7 +7,8 @@ has default no-op hooks):
 
 - :meth:`Policy.choose_slot`: the slot a request is pinned to (``id_slot``), or None;
 - :meth:`Policy.wait_advice`: hold a request for a busy instance instead of placing it;
-- :meth:`Policy.record_cached`: learn from what a response reported (cached tokens);
+- :meth:`Policy.record_cached`: learn from what a response reported (cached tokens),
+  which its lease carries into the scheduler's release (:class:`Served`);
 - :meth:`Policy.forget_instance`: an instance restarted or left;
 - :attr:`Policy.decisions`: how many placements each reason took (a metric).
 """
@@ -33,6 +34,19 @@ class Placement:
     """The route runs on a slot and honours ``id_slot`` (chat and completions)."""
     slotless: bool = False
     """llama-server answers the route without a slot (see :meth:`Scheduler.peek`)."""
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a response reported of its prompt: the gateway sets it on the request's
+    lease, and the scheduler's release hands it to :meth:`Policy.record_cached` before
+    the slot is free again (so the next placement knows what is cached)."""
+
+    placement: Placement
+    cached_tokens: int
+    prompt_tokens: int
+    prompt_seconds: float | None = None
+    total_seconds: float | None = None
 
 
 @dataclass(frozen=True)
