@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -71,7 +72,7 @@ from yarl import URL
 from corral import __version__
 from corral.config import SlotSource
 from corral.observe import redact
-from corral.protocol import AGENT_SOCKET_PATH
+from corral.protocol import AGENT_SOCKET_PATH, InstanceReport, IssueReport, SupervisorReport
 
 __all__ = [
     "AWS_LOCAL_IPV4_HOST",
@@ -580,7 +581,7 @@ class Agent:
         """Sequence number of the last snapshot sent (to any balancer)."""
         self._stopping = asyncio.Event()
         self._first_reading = asyncio.Event()
-        self.supervisor: dict[str, Any] | None = None
+        self.supervisor: SupervisorReport | None = None
         self._props: Reading | None = None
         self._props_at = 0.0
         self._props_health: int | None = None
@@ -778,7 +779,7 @@ class Agent:
             return
         before = {i["kind"] for i in (previous or {}).get("issues", [])}
         after = {i["kind"] for i in instance["issues"]}
-        starting = (self.supervisor or {}).get("state") == "starting"
+        starting = self.supervisor is not None and self.supervisor.state == "starting"
         for issue in instance["issues"]:
             if issue["kind"] not in before:
                 # a server its supervisor is still starting is expected not to answer
@@ -802,10 +803,10 @@ class Agent:
     # -------------------------------------------------------------- reporting
     def _snapshot(self) -> dict[str, Any]:
         self.seq += 1
-        instances = [self._with_supervisor(self.instance)] if self.instance is not None else []
+        instances = [self._as_report(self.instance).to_wire()] if self.instance is not None else []
         return {"type": "snapshot", "seq": self.seq, "instances": instances}
 
-    def set_supervisor_state(self, supervisor: dict[str, Any] | None) -> None:
+    def set_supervisor_state(self, supervisor: SupervisorReport | None) -> None:
         """Attach what the local supervisor knows (state, restarts, last error) to the
         reported instance and report at once. A supervisor that says ``failed`` or
         ``starting`` overrides what ``/health`` alone would suggest."""
@@ -815,28 +816,30 @@ class Agent:
         for link in self.links:
             link.wake.set()
 
-    def _with_supervisor(self, instance: dict[str, Any]) -> dict[str, Any]:
-        if not instance.get("model") and self.options.model_name:
-            instance = {**instance, "model": self.options.model_name}
+    def _as_report(self, instance: dict[str, Any]) -> InstanceReport:
+        """The instance as this agent reports it: what the server answered (checked by
+        the parser the balancer uses), its configured name and aliases, and its
+        supervisor's view of the process."""
+        report = InstanceReport.from_wire(instance)
+        if not report.model and self.options.model_name:
+            report = dataclasses.replace(report, model=self.options.model_name)
         if self.options.extra_aliases:
-            known = set(instance.get("aliases", [])) | {instance.get("model")}
-            added = [a for a in self.options.extra_aliases if a not in known]
-            instance = {**instance, "aliases": [*instance.get("aliases", []), *added]}
+            known = {*report.aliases, report.model}
+            added = tuple(a for a in self.options.extra_aliases if a not in known)
+            report = dataclasses.replace(report, aliases=(*report.aliases, *added))
         supervisor = self.supervisor
-        if not supervisor:
-            return instance
-        merged = {**instance, "supervisor": supervisor}
+        if supervisor is None:
+            return report
+        report = dataclasses.replace(report, supervisor=supervisor)
         # the supervisor knows the process: while it is not ready, its state wins over
         # what /health alone suggests (a refused connection during a restart is
         # "starting", not "failed")
-        if supervisor.get("state") in ("failed", "starting", "stopped"):
-            merged["state"] = supervisor["state"]
-            if supervisor.get("state") == "failed":
-                merged["issues"] = [
-                    *instance.get("issues", []),
-                    {"kind": "failed", "message": str(supervisor.get("last_error", ""))},
-                ]
-        return merged
+        if supervisor.state in ("failed", "starting", "stopped"):
+            report = dataclasses.replace(report, state=supervisor.state)
+            if supervisor.state == "failed":
+                failed = IssueReport("failed", str(supervisor.last_error or ""))
+                report = dataclasses.replace(report, issues=(*report.issues, failed))
+        return report
 
     async def _link_loop(self, session: aiohttp.ClientSession, link: BalancerLink) -> None:
         """Keep one balancer informed: connect, report, reconnect with backoff."""

@@ -3,8 +3,11 @@ nothing of corral's).
 
 The agent protocol's frames are described in :mod:`corral.control.management`, which
 serves them; this module holds what both sides must agree on so neither imports the
-other: the socket's path, and :class:`InstanceReport`, one instance of a ``snapshot``
-as the balancer reads it (the agent writes the same fields as JSON).
+other: the socket's path, :class:`InstanceReport` (one instance of a ``snapshot``) and
+:class:`SupervisorReport` (a supervising agent's view of the process). The agent
+builds each instance it reports as an :class:`InstanceReport` and writes its
+:meth:`~InstanceReport.to_wire`; the balancer reads it back with
+:meth:`~InstanceReport.from_wire`, which checks every field.
 """
 
 from __future__ import annotations
@@ -33,6 +36,93 @@ def _int(data: Mapping[str, Any], key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ProtocolError(f"`{key}` must be a non-negative number, got {value!r}")
     return int(value)
+
+
+def _opt_int(data: Mapping[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"`{key}` must be an integer or null, got {value!r}")
+    return value
+
+
+def _opt_float(data: Mapping[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(f"`{key}` must be a number or null, got {value!r}")
+    return float(value)
+
+
+def _list(data: Mapping[str, Any], key: str) -> list[Any]:
+    value = data.get(key) or []
+    if not isinstance(value, list):
+        raise ProtocolError(f"`{key}` must be a list, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class SupervisorReport:
+    """A supervising agent's view of its llama-server process.
+
+    ``state`` is the supervisor's (``starting``, ``ready``, ``failed``: it gave up
+    restarting, ``stopped``); the counters only grow while one supervisor runs, so the
+    balancer counts launches, restarts, failed runs and readies from their increase
+    (a drop means a new supervisor behind the same id).
+    """
+
+    state: str = "stopped"
+    pid: int | None = None
+    restarts: int = 0
+    launches: int = 0
+    failed_runs: int = 0
+    readies: int = 0
+    startup_seconds: tuple[float, ...] = ()
+    """Seconds from launch to ready, for each of the last readies."""
+    last_exit_code: int | None = None
+    last_error: str | None = None
+    ready_since: float | None = None
+    log_tail: tuple[str, ...] = ()
+    """The process's last output lines."""
+
+    @classmethod
+    def from_wire(cls, data: object) -> SupervisorReport:
+        if not isinstance(data, Mapping):
+            raise ProtocolError(f"`supervisor` must be an object, got {type(data).__name__}")
+        seconds = _list(data, "startup_seconds")
+        if not all(isinstance(t, int | float) and not isinstance(t, bool) for t in seconds):
+            raise ProtocolError("`startup_seconds` must be a list of numbers")
+        error = data.get("last_error")
+        return cls(
+            state=_str(data, "state", "stopped"),
+            pid=_opt_int(data, "pid"),
+            restarts=_int(data, "restarts"),
+            launches=_int(data, "launches"),
+            failed_runs=_int(data, "failed_runs"),
+            readies=_int(data, "readies"),
+            startup_seconds=tuple(float(t) for t in seconds),
+            last_exit_code=_opt_int(data, "last_exit_code"),
+            last_error=str(error) if error is not None else None,
+            ready_since=_opt_float(data, "ready_since"),
+            log_tail=tuple(str(line) for line in _list(data, "log_tail")),
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "launches": self.launches,
+            "failed_runs": self.failed_runs,
+            "readies": self.readies,
+            "startup_seconds": list(self.startup_seconds),
+            "last_exit_code": self.last_exit_code,
+            "last_error": self.last_error,
+            "ready_since": self.ready_since,
+            "log_tail": list(self.log_tail),
+        }
 
 
 @dataclass(frozen=True)
@@ -64,7 +154,7 @@ class InstanceReport:
     slot_source: str = "slots"
     sleeping: bool = False
     issues: tuple[IssueReport, ...] = ()
-    supervisor: Mapping[str, Any] | None = None
+    supervisor: SupervisorReport | None = None
 
     @classmethod
     def from_wire(cls, data: object) -> InstanceReport:
@@ -76,8 +166,6 @@ class InstanceReport:
         supervisor = data.get("supervisor")
         if not isinstance(aliases, list) or not isinstance(issues, list):
             raise ProtocolError("`aliases` and `issues` must be lists")
-        if supervisor is not None and not isinstance(supervisor, Mapping):
-            raise ProtocolError("`supervisor` must be an object")
         return cls(
             id=_str(data, "id"),
             url=_str(data, "url"),
@@ -94,5 +182,24 @@ class InstanceReport:
                 for i in issues
                 if isinstance(i, Mapping)
             ),
-            supervisor=supervisor,
+            supervisor=SupervisorReport.from_wire(supervisor) if supervisor is not None else None,
         )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The instance as the agent writes it in a ``snapshot`` frame."""
+        wire: dict[str, Any] = {
+            "id": self.id,
+            "url": self.url,
+            "model": self.model,
+            "aliases": list(self.aliases),
+            "state": self.state,
+            "total_slots": self.total_slots,
+            "busy": self.busy,
+            "n_ctx": self.n_ctx,
+            "slot_source": self.slot_source,
+            "sleeping": self.sleeping,
+            "issues": [{"kind": i.kind, "message": i.message} for i in self.issues],
+        }
+        if self.supervisor is not None:
+            wire["supervisor"] = self.supervisor.to_wire()
+        return wire

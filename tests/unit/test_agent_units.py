@@ -15,7 +15,7 @@ from corral.agent import (
     instance_from_readings,
     model_name_from_props,
 )
-from corral.protocol import InstanceReport, ProtocolError
+from corral.protocol import InstanceReport, IssueReport, ProtocolError, SupervisorReport
 from corral.supervisor.flags import sleeps
 
 URL = "http://10.0.0.5:8080"
@@ -259,3 +259,44 @@ def test_what_the_agent_writes_is_what_the_balancer_reads() -> None:
     for bad, field in (({"url": "u"}, "id"), ({**written, "busy": -1}, "busy")):
         with pytest.raises(ProtocolError, match=f"`{field}`"):
             InstanceReport.from_wire(bad)
+
+
+def test_a_report_and_its_supervisor_survive_the_wire_unchanged() -> None:
+    """to_wire and from_wire are inverses, supervisor included; a malformed supervisor
+    is a ProtocolError naming its field."""
+    supervisor = SupervisorReport(
+        state="ready",
+        pid=4321,
+        restarts=2,
+        launches=3,
+        failed_runs=1,
+        readies=3,
+        startup_seconds=(0.5, 0.25),
+        last_exit_code=-9,
+        last_error="killed",
+        ready_since=1.5,
+        log_tail=("a line", "another"),
+    )
+    report = InstanceReport(
+        id="a/0",
+        url="http://127.0.0.1:1",
+        model="m",
+        aliases=("x",),
+        state="ready",
+        total_slots=4,
+        busy=1,
+        n_ctx=2048,
+        slot_source="metrics",
+        issues=(IssueReport("slow", "a message"),),
+        supervisor=supervisor,
+    )
+    wire = json.loads(json.dumps(report.to_wire()))  # as it crosses the socket
+    assert InstanceReport.from_wire(wire) == report
+    for bad, field in (
+        ({"pid": "12"}, "pid"),
+        ({"startup_seconds": [1, "x"]}, "startup_seconds"),
+        ({"restarts": -1}, "restarts"),
+        ({"log_tail": "one line"}, "log_tail"),
+    ):
+        with pytest.raises(ProtocolError, match=f"`{field}`"):
+            SupervisorReport.from_wire({**supervisor.to_wire(), **bad})

@@ -18,7 +18,7 @@ from corral.fleet.state import Instance
 from corral.observe.autoscaling import ANY_MODEL_NAME, fleet_demand, model_demand, wanted_instances
 from corral.observe.metrics import BalancerMetrics
 from corral.observe.statsd import statsd_lines
-from corral.protocol import InstanceReport
+from corral.protocol import InstanceReport, SupervisorReport
 from corral.scheduling.policies import LeastBusy, Placement, PrefixPolicy
 from corral.scheduling.scheduler import Scheduler
 
@@ -155,7 +155,7 @@ def test_supervisor_counts_are_counted_once_as_they_grow() -> None:
     instance = Instance(id="a/0", agent_id="a", url="http://x", model="m")
 
     def reported(**counts: Any) -> None:
-        instance.extra["supervisor"] = {"state": "ready", **counts}
+        instance.supervisor = SupervisorReport.from_wire({"state": "ready", **counts})
         metrics.observe_supervisors([instance])
 
     reported(launches=1, restarts=0, failed_runs=0, readies=1, startup_seconds=[0.5])

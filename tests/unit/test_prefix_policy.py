@@ -10,7 +10,7 @@ import pytest
 from corral.cli import build_parser
 from corral.config import load_settings
 from corral.fleet.state import Instance, InstanceState
-from corral.protocol import InstanceReport
+from corral.protocol import InstanceReport, SupervisorReport
 from corral.scheduling.policies import POLICIES, Placement, make_policy
 from corral.scheduling.policies.prefix import PrefixPolicy, PrefixSettings, prompt_text
 from corral.scheduling.scheduler import Scheduler
@@ -278,10 +278,10 @@ def test_no_candidates_means_no_placement() -> None:
 def test_a_restarted_instance_is_forgotten() -> None:
     policy = PrefixPolicy()
     a, b = instance("a"), instance("b")
-    a.extra["supervisor"] = {"pid": 100}
+    a.supervisor = SupervisorReport(pid=100)
     place(policy, [a, b], chat("tea", 1))
     a.served = 1
-    a.extra["supervisor"] = {"pid": 101}  # same id and address, new process
+    a.supervisor = SupervisorReport(pid=101)  # same id and address, new process
     assert place(policy, [a, b], chat("tea", 2)) is b
     assert "a" not in policy.tree.holders()
 

@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from corral.catalog.names import pattern_matches
+from corral.protocol import SupervisorReport
 
 #: Seconds a slot release keeps explaining a busy slot in agents' reports: about the
 #: time from an agent reading ``/slots`` to the balancer applying it.
@@ -122,7 +123,8 @@ class Instance:
     last_used: float = 0.0
     """Scheduler clock when a request last started or ended here (LRU, idle TTL)."""
     started_at: float = field(default_factory=time.time)
-    extra: dict[str, Any] = field(default_factory=dict)
+    supervisor: SupervisorReport | None = None
+    """Its supervising agent's view of the process (None when the agent only watches)."""
 
     @property
     def names(self) -> list[str]:
@@ -150,8 +152,7 @@ class Instance:
     @property
     def pid(self) -> int | None:
         """The supervised process's pid, when a supervisor reports one."""
-        pid = (self.extra.get("supervisor") or {}).get("pid")
-        return pid if isinstance(pid, int) else None
+        return self.supervisor.pid if self.supervisor is not None else None
 
     def start_draining(self) -> None:
         self.draining = True
@@ -160,11 +161,10 @@ class Instance:
     @property
     def given_up(self) -> bool:
         """Its supervisor stopped restarting it (``failed``): only an operator helps."""
-        return (self.extra.get("supervisor") or {}).get("state") == "failed"
+        return self.supervisor is not None and self.supervisor.state == "failed"
 
     def failure_reason(self) -> str:
-        supervisor = self.extra.get("supervisor") or {}
-        error = str(supervisor.get("last_error") or "")
+        error = (self.supervisor.last_error if self.supervisor is not None else None) or ""
         if not error and self.issues:
             error = self.issues[-1].message
         lines = [line for line in error.splitlines() if line.strip()]
@@ -215,7 +215,7 @@ class Instance:
             "breaker": self.breaker.state,
             "served": self.served,
             "seen_since": self.started_at,
-            **({"supervisor": self.extra["supervisor"]} if "supervisor" in self.extra else {}),
+            **({"supervisor": self.supervisor.to_wire()} if self.supervisor is not None else {}),
         }
 
 

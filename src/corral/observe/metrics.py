@@ -114,11 +114,6 @@ class _SupervisorCounts:
     readies: int = 0
 
 
-def _count(data: dict[str, Any], key: str) -> int:
-    value = data.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
 class BalancerMetrics:
     """The balancer's metric objects, in a registry of its own."""
 
@@ -218,15 +213,10 @@ class BalancerMetrics:
         """Count what each instance's supervisor did since its last report: launches,
         restarts, failed runs, and the startup time of each new ready."""
         for instance in instances:
-            data = instance.extra.get("supervisor")
-            if not isinstance(data, dict):
+            data = instance.supervisor
+            if data is None:
                 continue
-            now = _SupervisorCounts(
-                _count(data, "launches"),
-                _count(data, "restarts"),
-                _count(data, "failed_runs"),
-                _count(data, "readies"),
-            )
+            now = _SupervisorCounts(data.launches, data.restarts, data.failed_runs, data.readies)
             last = self._supervisors.pop(instance.id, None) or _SupervisorCounts()
             if now.launches < last.launches:
                 last = _SupervisorCounts()  # a new supervisor behind the same id
@@ -242,10 +232,9 @@ class BalancerMetrics:
                 if grown > 0:
                     counter.labels(model).inc(grown)
             new_readies = now.readies - last.readies
-            times = data.get("startup_seconds")
-            if new_readies > 0 and isinstance(times, list):
-                for seconds in times[-new_readies:]:
-                    if isinstance(seconds, int | float) and seconds >= 0:
+            if new_readies > 0:
+                for seconds in data.startup_seconds[-new_readies:]:
+                    if seconds >= 0:
                         self.startup_duration.labels(model).observe(seconds)
 
     def _on_event(self, event: dict[str, Any]) -> None:

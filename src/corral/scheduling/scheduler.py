@@ -634,7 +634,7 @@ class Scheduler:
                 self.policy.forget_instance(instance.id)
             instance.n_ctx = report.n_ctx
             if report.supervisor is not None:
-                instance.extra["supervisor"] = dict(report.supervisor)
+                instance.supervisor = report.supervisor
             instance.slot_source = report.slot_source
             instance.sleeping = report.sleeping
             instance.issues = [InstanceIssue(i.kind, i.message) for i in report.issues]

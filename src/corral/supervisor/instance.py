@@ -36,6 +36,7 @@ from pathlib import Path
 import aiohttp
 
 from corral.config import Settings
+from corral.protocol import SupervisorReport
 from corral.supervisor.process import ChildProcess, LogRing
 
 log = logging.getLogger(__name__)
@@ -150,20 +151,21 @@ class SupervisedInstance:
         if self.on_change is not None:
             self.on_change(self)
 
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "state": self.state,
-            "pid": self.child.pid if self.child else None,
-            "restarts": self.restarts,
-            "launches": self.launches,
-            "failed_runs": self.failed_runs,
-            "readies": self.readies,
-            "startup_seconds": [round(t, 6) for t in self.startup_seconds],
-            "last_exit_code": self.last_exit_code,
-            "last_error": self.last_error,
-            "ready_since": self.ready_since if self.state == "ready" else None,
-            "log_tail": self.child.tail(20) if self.child else [],
-        }
+    def report(self) -> SupervisorReport:
+        """What the agent reports of this process (see :class:`SupervisorReport`)."""
+        return SupervisorReport(
+            state=self.state,
+            pid=self.child.pid if self.child else None,
+            restarts=self.restarts,
+            launches=self.launches,
+            failed_runs=self.failed_runs,
+            readies=self.readies,
+            startup_seconds=tuple(round(t, 6) for t in self.startup_seconds),
+            last_exit_code=self.last_exit_code,
+            last_error=self.last_error,
+            ready_since=self.ready_since if self.state == "ready" else None,
+            log_tail=tuple(self.child.tail(20)) if self.child else (),
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -144,7 +144,7 @@ class ManagedInstance:
             url + self.health_path,
             name=f"{program}:{self.model_id}",
             options=options.supervisor,
-            on_change=lambda sup: self.agent.set_supervisor_state(sup.as_dict()),
+            on_change=lambda sup: self.agent.set_supervisor_state(sup.report()),
             log_path=(
                 options.log_dir / f"{self.model_id}-{options.port}.log"
                 if options.log_dir is not None
