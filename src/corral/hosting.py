@@ -13,7 +13,7 @@ import enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # types only: this module imports nothing of corral's at run time
-    from corral.catalog.discovery import Catalog
+    from corral.catalog.catalog import Catalog
     from corral.config import ModelConfig
 
 

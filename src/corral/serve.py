@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from corral.balancer import Balancer, BoundAddresses
-from corral.catalog.discovery import Catalog, CatalogChange, watch
+from corral.catalog.catalog import Catalog, watch
+from corral.catalog.model import CatalogChange
 from corral.config import ConfigError, ModelConfig, Settings, load_settings
 from corral.supervisor.host import HostOptions, ModelHost
 from corral.supervisor.managed import check_reserved

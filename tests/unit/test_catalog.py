@@ -25,20 +25,16 @@ import numpy as np
 import pytest
 import yaml
 
-from corral.catalog.discovery import (
-    Catalog,
-    CatalogChange,
-    CatalogModel,
-    GGUFError,
+from corral.catalog.catalog import Catalog, watch
+from corral.catalog.discovery import scan, scan_folders
+from corral.catalog.folders import (
     default_models_dirs,
     folder_signature,
     hf_hub_cache_dir,
     llama_cpp_cache_dir,
-    read_gguf_metadata,
-    scan,
-    scan_folders,
-    watch,
 )
+from corral.catalog.gguf_header import GGUFError, read_gguf_metadata
+from corral.catalog.model import CatalogChange, CatalogModel
 from corral.catalog.tiny import make_tiny_model, tiny_model_shape
 from corral.cli import main
 from corral.config import ModelConfig, check_file

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from corral.catalog.discovery import read_gguf_metadata, scan
+from corral.catalog.discovery import scan
+from corral.catalog.gguf_header import read_gguf_metadata
 from corral.catalog.memory import OVERHEAD_BYTES, context_tokens, estimate_bytes
 from corral.catalog.tiny import make_tiny_model
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import psutil
 
-from corral.catalog.discovery import CatalogModel
+from corral.catalog.model import CatalogModel
 
 #: Compute buffers, the HTTP server and the rest of a llama-server beyond its tensors.
 OVERHEAD_BYTES = 256 * 1024 * 1024

@@ -3,7 +3,7 @@
 ``ORG/REPO[:QUANT]`` means what it means to llama.cpp's ``-hf``: the repo's GGUF whose
 name carries the quantization tag ``QUANT`` (any case), with every shard of a split
 model and the repo's best ``mmproj`` projector. The files go into the Hugging Face hub
-cache (:func:`~corral.catalog.discovery.hf_hub_cache_dir`, so ``HF_HOME`` and
+cache (:func:`~corral.catalog.folders.hf_hub_cache_dir`, so ``HF_HOME`` and
 ``HF_HUB_CACHE`` count) through ``huggingface_hub`` itself: the same layout, locks and
 resumable temporary files as every other hub client, and the cache corral's discovery
 already scans. Nothing here keeps a catalog of its own.
@@ -55,19 +55,17 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from corral.catalog.discovery import (
-    _PRECISION_IN_NAME,
+from corral.catalog.discovery import scan_folders
+from corral.catalog.files import (
     MMPROJ_PREFERENCE,
+    PRECISION_IN_NAME,
     SPLIT_RE,
-    CatalogModel,
-    ScanProblem,
-    _is_mmproj_name,
-    _is_other_companion,
-    _tag,
-    default_models_dirs,
-    hf_hub_cache_dir,
-    scan_folders,
+    file_tag,
+    is_mmproj_name,
+    is_other_companion,
 )
+from corral.catalog.folders import default_models_dirs, hf_hub_cache_dir
+from corral.catalog.model import CatalogModel, ScanProblem
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -152,7 +150,7 @@ class _RepoModel:
     @property
     def tag(self) -> str:
         """The quantization as llama.cpp reads it from the name, else the name itself."""
-        return _tag(self.stem) or self.stem
+        return file_tag(self.stem) or self.stem
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +180,7 @@ def _repo_models(files: Iterable[str]) -> list[_RepoModel]:
         base = PurePosixPath(name).name
         if not base.lower().endswith(".gguf") or not _safe(name) or base.startswith("."):
             continue
-        if _is_mmproj_name(base) or _is_other_companion(base):
+        if is_mmproj_name(base) or is_other_companion(base):
             continue
         split = SPLIT_RE.match(base)
         if split is None:
@@ -216,9 +214,9 @@ def _pick_mmproj(files: Iterable[str], model: str) -> str | None:
         path = PurePosixPath(name)
         if not name.lower().endswith(".gguf") or not _safe(name) or path.name.startswith("."):
             continue
-        if not _is_mmproj_name(path.name) or path.parent not in above:
+        if not is_mmproj_name(path.name) or path.parent not in above:
             continue
-        found = _PRECISION_IN_NAME.search(path.name)
+        found = PRECISION_IN_NAME.search(path.name)
         precision = found.group(1).upper() if found else ""
         rank = MMPROJ_PREFERENCE.index(precision) if precision in MMPROJ_PREFERENCE else 99
         key = (above.index(path.parent), rank, name)

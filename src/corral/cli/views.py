@@ -276,7 +276,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     """List the models corral would serve: config entries plus GGUF files found."""
     import json
 
-    from corral.catalog.discovery import Catalog
+    from corral.catalog.catalog import Catalog
 
     _quiet_catalog_log(args)
     for folder in args.models_dir:
@@ -314,7 +314,7 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from corral.catalog.discovery import Catalog
+    from corral.catalog.catalog import Catalog
     from corral.config import ModelConfig
 
     _quiet_catalog_log(args)

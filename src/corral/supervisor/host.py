@@ -51,8 +51,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.catalog.discovery import Catalog, CatalogModel
+from corral.catalog.catalog import Catalog
 from corral.catalog.memory import available_bytes, estimate_bytes, format_bytes, total_bytes
+from corral.catalog.model import CatalogModel
 from corral.config import ModelConfig, Settings
 from corral.fleet.state import Instance
 from corral.hosting import LoadRefused, ModelState
