@@ -107,7 +107,8 @@ async def test_a_busy_model_keeps_taking_requests_for_the_swap_hold_before_it_dr
         assert local.host is not None
         long_a = asyncio.create_task(complete(http, base, "a", max_tokens=20))  # ~1 s
         await wait_for(lambda: local.host is not None and local.host.loading is None, "a idle")
-        await asyncio.sleep(0.2)  # long_a is in flight
+        pool = local.balancer.scheduler.fleet.pool
+        await wait_for(lambda: any(i.in_flight for i in pool("a")), "long_a in flight")
         wants_b = asyncio.create_task(complete(http, base, "b", max_tokens=1))
         await wait_for(lambda: local.host is not None and local.host.loading == "b", "b queued")
         second_a = await complete(http, base, "a", max_tokens=1)

@@ -13,13 +13,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from openai import OpenAI
 
 from tests.support.net import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.real
 
@@ -28,16 +29,10 @@ MANAGEMENT: dict[str, str] = {}
 """The management address of each front door."""
 
 
-def _wait(what: str, condition: object, procs: list[tuple[subprocess.Popen[bytes], Path]]) -> None:
-    deadline = time.monotonic() + START_S
-    while not condition():  # type: ignore[operator]
-        for proc, log in procs:
-            if proc.poll() is not None:
-                pytest.fail(f"{log.name} exited while waiting for {what}:\n{log.read_text()}")
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {log.name}\n{log.read_text()[-2000:]}" for _, log in procs)
-            pytest.fail(f"timed out waiting for {what}\n{logs}")
-        time.sleep(0.05)
+def _wait(
+    what: str, condition: Callable[[], bool], procs: list[tuple[subprocess.Popen[bytes], Path]]
+) -> None:
+    wait_until(condition, what, START_S, watch=procs)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ import pytest
 
 from tests.support.net import free_port
 from tests.support.serve_process import start_serve
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.real
 
@@ -115,17 +115,7 @@ class Stack:
         return started.base
 
     def wait(self, what: str, condition: Any) -> None:
-        deadline = time.monotonic() + START_S
-        while not condition():
-            for process, log in self.procs:
-                if process.poll() is not None:
-                    pytest.fail(f"{log.name} exited waiting for {what}:\n{log.read_text()}")
-            if time.monotonic() > deadline:
-                logs = "\n".join(
-                    f"--- {log.name}\n{log.read_text()[-2000:]}" for _, log in self.procs
-                )
-                pytest.fail(f"timed out waiting for {what}\n{logs}")
-            time.sleep(0.05)
+        wait_until(condition, what, START_S, watch=self.procs)
 
     def close(self) -> None:
         for process, _ in self.procs:

@@ -26,6 +26,7 @@ from openai import OpenAI
 from corral.catalog.tiny import make_tiny_model
 from tests.support.net import free_port
 from tests.support.serve_process import READY_TIMEOUT_S
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.real
 
@@ -65,11 +66,12 @@ def swapping(
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while b"corral serve:" not in log_path.read_bytes():
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"corral serve did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
+        wait_until(
+            lambda: b"corral serve:" in log_path.read_bytes(),
+            "corral serve to start",
+            READY_TIMEOUT_S,
+            watch=[(process, log_path)],
+        )
         yield f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}", log_path
     finally:
         process.terminate()

@@ -8,7 +8,6 @@ whose ``id_task`` changed), never from corral.
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import pytest
 from openai import OpenAI
 
 from tests.support.serve_process import start_serve
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.real
 
@@ -60,17 +60,21 @@ def pinned(
         llama_args=["--parallel", "3", "--ctx-size", "3072"],
     )
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
+
+        def usable() -> bool:
             try:
                 fleet = _get(corral.management + "/api/v1/fleet", TOKEN)
-                if fleet["instances"] and fleet["instances"][0]["usable"]:
-                    break
+                return bool(fleet["instances"] and fleet["instances"][0]["usable"])
             except (urllib.error.URLError, OSError, KeyError):
-                pass
-            if corral.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"corral serve did not become ready:\n{corral.log()}")
-            time.sleep(0.05)
+                return False
+
+        wait_until(
+            usable,
+            "corral serve's instance to be usable",
+            READY_TIMEOUT_S,
+            watch=[(corral.process, corral.log_path)],
+        )
+        fleet = _get(corral.management + "/api/v1/fleet", TOKEN)
         yield Pinned(corral.base, str(fleet["instances"][0]["url"]).rstrip("/"))
     finally:
         corral.stop()

@@ -17,7 +17,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import pytest
 from openai import OpenAI
 
 from tests.support.net import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.real
 
@@ -56,24 +56,6 @@ def _get(url: str) -> tuple[int, Any]:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
         return error.code, None
-
-
-def _wait_until(
-    condition: Callable[[], bool], *, timeout_s: float, what: str, server: RunningServer
-) -> None:
-    """Poll ``condition`` until true; fail with the server's log if it dies or times out."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if server.process.poll() is not None:
-            pytest.fail(
-                f"llama-server exited with {server.process.returncode} while waiting for "
-                f"{what}; log:\n{server.log_tail()}"
-            )
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"timed out after {timeout_s}s waiting for {what}; log:\n{server.log_tail()}"
-            )
-        time.sleep(POLL_INTERVAL_S)
 
 
 def _is_healthy(base_url: str) -> bool:
@@ -156,11 +138,11 @@ def test_health_reports_ok_once_tiny_model_is_loaded(tiny_server: RunningServer)
 
 
 def test_slots_lists_requested_parallel_slots_idle(tiny_server: RunningServer) -> None:
-    _wait_until(
+    wait_until(
         lambda: all(not s["is_processing"] for s in _get(f"{tiny_server.base_url}/slots")[1]),
-        timeout_s=REQUEST_TIMEOUT_S,
-        what="all slots idle",
-        server=tiny_server,
+        "all slots idle",
+        REQUEST_TIMEOUT_S,
+        watch=[(tiny_server.process, tiny_server.log_path)],
     )
     status, slots = _get(f"{tiny_server.base_url}/slots")
     assert status == 200

@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from corral.catalog.tiny import make_tiny_model
 from corral.supervisor.binary import InstallError, cached_binary, install_ui, ui_beside
 from tests.support.net import free_port
 from tests.support.serve_process import READY_TIMEOUT_S
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.real
 
@@ -88,11 +88,12 @@ def corral_two_models(
         )  # fmt: skip
     base = f"http://127.0.0.1:{inference}"
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _answers(base + "/v1/models"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"corral serve did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
+        wait_until(
+            lambda: _answers(base + "/v1/models"),
+            "corral serve to answer",
+            READY_TIMEOUT_S,
+            watch=[(process, log_path)],
+        )
         yield base
     finally:
         process.terminate()

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.net import free_port
+from tests.support.waiting import wait_until
 
 
 @dataclass
@@ -106,11 +106,12 @@ def corral(
     )
     server = Corral(started.process, started.base, started.management, started.log_path)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _healthy(server.base):
-            if server.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"corral serve did not become ready:\n{server.log()}")
-            time.sleep(0.05)
+        wait_until(
+            lambda: _healthy(server.base),
+            "corral serve to become ready",
+            READY_TIMEOUT_S,
+            watch=[(server.process, server.log_path)],
+        )
         yield server
     finally:
         server.stop()
