@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.processes import Processes
+from tests.support.processes import Processes
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.integration.fleet import CHAT
-from tests.integration.processes import (
+from tests.support.fleet import CHAT
+from tests.support.processes import (
     MANAGEMENT_TOKEN,
     BalancerProc,
     Proc,

@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from corral.testing.fake_llama_server import SERVER_KEY, FakeLlamaServer, Fault
-from tests.integration.fleet import CHAT, CLUSTER_TOKEN, MANAGEMENT_TOKEN, Fleet, start_fleet
+from tests.support.fleet import CHAT, CLUSTER_TOKEN, MANAGEMENT_TOKEN, Fleet, start_fleet
 from tests.support.waiting import wait_for
 
 

@@ -4,15 +4,14 @@ and one live stream of the whole fleet and its recent traffic."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 
 from corral.control.dashboard import ASSETS
-from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet
+from tests.support.events import events as sse_events
+from tests.support.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet
 
 AUTH = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
 
@@ -56,29 +55,6 @@ async def test_everything_else_still_needs_the_token(fleet: Fleet) -> None:
             assert (await response.json())["error"]["type"]
 
 
-async def read_events(
-    response: aiohttp.ClientResponse, count: int
-) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """The next ``count`` events of a server-sent event stream."""
-    buffer = b""
-    seen = 0
-    async for chunk in response.content.iter_any():
-        buffer += chunk
-        while b"\n\n" in buffer:
-            raw, buffer = buffer.split(b"\n\n", 1)
-            kind, data = "message", b""
-            for line in raw.split(b"\n"):
-                if line.startswith(b"event: "):
-                    kind = line[7:].decode()
-                elif line.startswith(b"data: "):
-                    data += line[6:]
-            if data:
-                yield kind, json.loads(data)
-                seen += 1
-                if seen >= count:
-                    return
-
-
 async def test_stream_shows_instances_coming_and_going_and_traffic(fleet: Fleet) -> None:
     assert fleet.http is not None
     async with fleet.http.get(
@@ -86,19 +62,20 @@ async def test_stream_shows_instances_coming_and_going_and_traffic(fleet: Fleet)
     ) as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == "text/event-stream"
-        events = read_events(response, 1000)
-        kind, first = await anext(events)
-        assert kind == "fleet" and first["instances"] == [] and first["catalog"] is None
-        kind, traffic = await anext(events)
-        assert kind == "traffic" and traffic["models"] == {}
+        events = sse_events(response)
+        first = await anext(events)
+        assert first.kind == "fleet"
+        assert first.data["instances"] == [] and first.data["catalog"] is None
+        traffic = await anext(events)
+        assert traffic.kind == "traffic" and traffic.data["models"] == {}
 
         node = await fleet.add_fake(model="alpha", slots=3)
 
         async def until(predicate: Any, what: str) -> dict[str, Any]:
             async with asyncio.timeout(10):
-                async for kind, data in events:
-                    if predicate(kind, data):
-                        return data
+                async for event in events:
+                    if predicate(event.kind, event.data):
+                        return dict(event.data)
             raise AssertionError(what)
 
         view = await until(lambda k, d: k == "fleet" and d["instances"], "the instance")

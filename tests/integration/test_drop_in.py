@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet
+from tests.support.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet
 from tests.support.waiting import wait_for
 
 

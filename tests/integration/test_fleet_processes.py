@@ -15,8 +15,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.integration.fleet import CHAT
-from tests.integration.processes import (
+from tests.support.fleet import CHAT
+from tests.support.processes import (
     START_S,
     BalancerProc,
     Processes,

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from corral.gateway.admission import MODEL_ROUTES
-from tests.integration.fleet import MANAGEMENT_TOKEN, Fleet, start_fleet
+from tests.support.fleet import MANAGEMENT_TOKEN, Fleet, start_fleet
 
 EXAMPLES = int(os.environ.get("CORRAL_FUZZ_EXAMPLES", "150"))
 KEY = "fuzz-right-key"

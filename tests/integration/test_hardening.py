@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet
+from tests.support.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet
 from tests.support.serve_fake import TOKEN as SERVE_TOKEN
 from tests.support.serve_fake import Serve, cleanup, start_serve
 from tests.support.waiting import wait_for

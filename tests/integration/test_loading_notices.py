@@ -14,6 +14,7 @@ import aiohttp
 import openai
 import pytest
 
+from tests.support.events import parse_events
 from tests.support.local_serve import chat, complete, serving
 
 SLOW = {"args": ["--load-delay", "0.4"]}
@@ -29,13 +30,8 @@ async def stream_events(
     async with http.post(
         base + "/v1/chat/completions", json=chat(model, True), headers=headers or {}
     ) as response:
-        raw = (await response.read()).decode()
-    events = [
-        json.loads(line[6:])
-        for line in raw.split("\n")
-        if line.startswith("data: ") and line != "data: [DONE]"
-    ]
-    return response, events
+        body = await response.read()
+    return response, [e.data for e in parse_events(body) if e.data != "[DONE]"]
 
 
 def notices_of(events: list[dict[str, Any]]) -> list[str]:

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet
 from tests.metrics_docs import documented_metrics
+from tests.support.fleet import CHAT, MANAGEMENT_TOKEN, Fleet, start_fleet
 from tests.support.local_serve import complete, pid_of, serving
 from tests.support.waiting import wait_for
 

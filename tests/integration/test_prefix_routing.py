@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDictProxy
 
-from tests.integration.fleet import Fleet, start_fleet
+from tests.support.fleet import Fleet, start_fleet
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.integration.fleet import CHAT
+from tests.support.fleet import CHAT
 from tests.support.serve_fake import (
     TOKEN,
     Serve,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.fleet import MANAGEMENT_TOKEN, Fleet, start_fleet
+from tests.support.fleet import MANAGEMENT_TOKEN, Fleet, start_fleet
 
 
 @pytest.fixture

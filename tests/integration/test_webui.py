@@ -6,31 +6,15 @@ The same real :class:`~corral.serve.LocalServe` over fake llama-servers as
 
 from __future__ import annotations
 
-import asyncio
-import json
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 
+from tests.support.events import collect
+from tests.support.events import events as sse_events
 from tests.support.local_serve import complete, running, serving, settled
 
 TWO = {"alpha": {}, "beta": {}}
-
-
-async def read_events(response: aiohttp.ClientResponse, until: Any) -> list[dict[str, Any]]:
-    """SSE records from ``response`` until ``until(records)`` holds (10 s at most)."""
-    records: list[dict[str, Any]] = []
-    buffer = b""
-    async with asyncio.timeout(10):
-        while not until(records):
-            buffer += await response.content.readany()
-            *complete_records, buffer = buffer.split(b"\n\n")
-            for record in complete_records:
-                if record.startswith(b"data: "):
-                    records.append(json.loads(record[6:]))
-    return records
 
 
 async def test_props_without_a_model_answers_like_router_mode(
@@ -79,9 +63,10 @@ async def test_load_and_model_events_report_loading_then_loaded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with serving(tmp_path, monkeypatch, TWO) as (local, base, http):
-        async with http.get(base + "/models/sse") as events:
-            assert events.headers["Content-Type"].startswith("text/event-stream")
-            snapshot = await read_events(events, lambda r: len(r) >= 2)
+        async with http.get(base + "/models/sse") as response:
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            events = sse_events(response)
+            snapshot = await collect(events, lambda r: len(r) >= 2)
             assert {(r["model"], r["event"], r["data"]["status"]) for r in snapshot} == {
                 ("alpha", "model_status", "unloaded"),
                 ("beta", "model_status", "unloaded"),
@@ -89,7 +74,7 @@ async def test_load_and_model_events_report_loading_then_loaded(
             async with http.post(base + "/models/load", json={"model": "beta"}) as response:
                 assert response.status == 200
                 assert await response.json() == {"success": True}
-            changes = await read_events(
+            changes = await collect(
                 events, lambda r: any(e["data"]["status"] == "loaded" for e in r)
             )
         assert [(r["model"], r["data"]["status"]) for r in changes] == [

@@ -148,6 +148,19 @@ def _is_command(config: ModelConfig | None) -> bool:
     return config is not None and config.cmd is not None
 
 
+class Refusal(Exception):
+    """An admission step refuses the request with ``response`` (corral's own error);
+    :meth:`Admission.admit` counts and returns it."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+    @classmethod
+    def of(cls, status: int, message: str) -> Refusal:
+        return cls(error_response(status, message))
+
+
 class Admission:
     """The front door's admission steps; see the module doc."""
 
@@ -229,92 +242,116 @@ class Admission:
         """The request's exchange, ready for placement (model, settings, flags,
         filters, placement, notices, body), or corral's refusal, counted."""
         ex = exchange_of(request)
-        route = ex.route
-        preflight = self.preflight(request)
-        if preflight is not None:
-            return self.accounting.finish(preflight, ex)
+        try:
+            preflight = self.preflight(request)
+            if preflight is not None:
+                raise Refusal(preflight)
+            body = await self._read_body(ex)
+            parsed = self._json(ex, body)
+            requested = self._asked(ex, parsed)
+            self._resolve(ex, requested)
+            self._command_refusal(ex)
+            if parsed is not None:
+                filtered = self._filtered(ex.config, requested, parsed)
+                if filtered is not None:
+                    parsed, body = filtered, json.dumps(filtered).encode()
+            ex.model = self._apply_flags(request, ex.model)
+            ex.placement = self._placement(ex, parsed)
+            ex.notices = self._notices(ex, parsed)
+        except Refusal as refusal:
+            return self.accounting.finish(refusal.response, ex)
+        ex.body = body
+        return ex
+
+    async def _read_body(self, ex: Exchange) -> bytes:
+        """The whole body, decoded, within its size and time limits."""
+        request = ex.request
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if encoding not in DECODED_ENCODINGS:
-            return self._unread_body(
+            raise self._unread_body(
                 ex, 415,
                 f"Content-Encoding {encoding!r} is not supported; send the body as is, or "
                 "encoded with one of: " + ", ".join(sorted(DECODED_ENCODINGS - {"", "identity"})),
             )  # fmt: skip
         try:
             async with asyncio.timeout(self.options.body_timeout):
-                body = await request.read()
+                return await request.read()
         except TimeoutError:
-            return self._unread_body(
+            raise self._unread_body(
                 ex, 408,
                 f"the request body did not arrive within {self.options.body_timeout:g} s "
                 "(client_body_timeout)",
-            )  # fmt: skip
+            ) from None  # fmt: skip
         except web.HTTPRequestEntityTooLarge:
             limit = f"request body is larger than the {self.options.max_body}-byte limit"
-            return self.accounting.finish(error_response(413, limit), ex)
+            raise Refusal(error_response(413, limit)) from None
         except RequestPayloadError as exc:
             # a body its Content-Encoding does not decode (or a broken chunk): the
             # client's fault, and the rest of it is unreadable
-            return self._unread_body(
+            raise self._unread_body(
                 ex, 400,
                 f"request body could not be read: {str(exc).splitlines()[-1].strip()} "
                 f"(Content-Encoding: {encoding or 'none'})",
-            )  # fmt: skip
-        parsed: dict[str, Any] | None = None
-        if body and request.method == "POST" and route in MODEL_ROUTES:
-            try:
-                value = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                bad = f"request body is not valid JSON: {exc}"
-                return self.accounting.finish(error_response(400, bad), ex)
-            except RecursionError:
-                deep = "request body is not valid JSON: it is nested too deeply"
-                return self.accounting.finish(error_response(400, deep), ex)
-            if not isinstance(value, dict):
-                return self.accounting.finish(
-                    error_response(400, "request body must be a JSON object"), ex
-                )
-            parsed = value
+            ) from None  # fmt: skip
+
+    @staticmethod
+    def _json(ex: Exchange, body: bytes) -> dict[str, Any] | None:
+        """The body as a JSON object on a model route; None elsewhere (and when empty)."""
+        if not body or ex.request.method != "POST" or ex.route not in MODEL_ROUTES:
+            return None
+        try:
+            value = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise Refusal(error_response(400, f"request body is not valid JSON: {exc}")) from None
+        except RecursionError:
+            deep = "request body is not valid JSON: it is nested too deeply"
+            raise Refusal(error_response(400, deep)) from None
+        if not isinstance(value, dict):
+            raise Refusal(error_response(400, "request body must be a JSON object"))
+        return value
+
+    @staticmethod
+    def _asked(ex: Exchange, parsed: dict[str, Any] | None) -> str | None:
+        """The model the request names: ``X-Model-Id``, else the body's ``model``, else
+        ``?model=``; None when it names none."""
+        request = ex.request
         requested = request.headers.get("X-Model-Id")
         if requested is None and parsed is not None:
             raw = parsed.get("model")
             if raw is not None and not isinstance(raw, str):
-                return self.accounting.finish(error_response(400, "`model` must be a string"), ex)
+                raise Refusal(error_response(400, "`model` must be a string"))
             requested = raw
         if requested is None:
             requested = request.query.get("model")
+        return requested
+
+    def _resolve(self, ex: Exchange, requested: str | None) -> None:
+        """The pool the request goes to, and its model's settings, looked up once (a
+        per-request flags key later has its model's)."""
         try:
             try:
-                model = self.scheduler.resolve_model(requested)
+                ex.model = self.scheduler.resolve_model(requested)
             except ModelRequired:
-                if route != "other":
+                if ex.route != "other":
                     raise
-                model = self._any_model()
+                ex.model = self._any_model()
         except SchedulingError as exc:
             # never a client's made-up name as a metric label (unbounded series): it is
             # logged as asked, the model label stays empty
             ex.asked = requested or ""
-            return self.accounting.finish(
-                error_response(exc.status, exc.message, exc.error_type, exc.headers), ex
-            )
-        ex.model = model
-        # the model's settings, looked up once (a per-request flags key has its model's)
-        ex.config = self.host.model_config(model) if self.host is not None else None
-        refused = self._command_refusal(ex)
-        if refused is not None:
-            return self.accounting.finish(refused, ex)
-        if parsed is not None:
-            filtered = self._filtered(ex.config, requested, parsed)
-            if filtered is not None:
-                parsed, body = filtered, json.dumps(filtered).encode()
-        flags_error = self._apply_flags(request, model)
-        if isinstance(flags_error, web.Response):
-            return self.accounting.finish(flags_error, ex)
-        ex.model = model = flags_error
+            raise Refusal(
+                error_response(exc.status, exc.message, exc.error_type, exc.headers)
+            ) from None
+        ex.config = self.host.model_config(ex.model) if self.host is not None else None
+
+    @staticmethod
+    def _placement(ex: Exchange, parsed: dict[str, Any] | None) -> Placement:
+        """What the scheduler and its policy see of the request."""
+        request, route = ex.request, ex.route
         session = request.headers.get("X-Session-Id")
         wanted = request.headers.get(INSTANCE_HEADER)
-        ex.placement = Placement(
-            model=model,
+        return Placement(
+            model=ex.model,
             body=parsed,
             headers={
                 **({"x-session-id": session} if session else {}),
@@ -323,12 +360,6 @@ class Admission:
             pinnable=route in PIN_ROUTES and not _is_command(ex.config),
             slotless=route == "other" or route in SLOTLESS_ROUTES or request.method != "POST",
         )
-        try:
-            ex.notices = self._notices(ex, parsed)
-        except BadNoticeHeader as exc:
-            return self.accounting.finish(error_response(400, str(exc)), ex)
-        ex.body = body
-        return ex
 
     def _notices(self, ex: Exchange, parsed: dict[str, Any] | None) -> LoadingNotices | None:
         """The loading notices of a request that wants them (it may never wait)."""
@@ -340,16 +371,12 @@ class Admission:
             return self.options.loading_notices
 
         header = ex.request.headers.get(NOTICES_HEADER)
-        if not notices_wanted(ex.request.path, parsed, header, configured):
-            return None
-        return LoadingNotices(
-            ex.request,
-            key=ex.model,
-            shown_as=ex.model,
-            request_id=ex.request_id,
-            scheduler=self.scheduler,
-            host=self.host,
-        )
+        try:
+            if not notices_wanted(ex.request.path, parsed, header, configured):
+                return None
+        except BadNoticeHeader as exc:
+            raise Refusal(error_response(400, str(exc))) from None
+        return LoadingNotices(ex, self.scheduler, self.host)
 
     @staticmethod
     def _filtered(
@@ -371,27 +398,26 @@ class Admission:
         return out
 
     @staticmethod
-    def _command_refusal(ex: Exchange) -> web.Response | None:
+    def _command_refusal(ex: Exchange) -> None:
         """For a model started from a command template (another server, not
         llama-server): a 404 for a path it does not serve, a 400 for llama-server flags."""
         request, model, config = ex.request, ex.model, ex.config
         if config is None or config.cmd is None:
-            return None
+            return
         program = config.cmd[0].rsplit("/", 1)[-1]
         if not _under(request.path, config.paths):
-            return error_response(
+            raise Refusal.of(
                 404,
                 f"model {model!r} is served by {program!r}, which serves only paths starting "
                 f"with {', '.join(config.paths)}; {request.method} {request.path} is not one "
                 f"of them (models.{model}.paths)",
             )
         if any(request.headers.get(h, "").strip() for h in FLAG_HEADERS):
-            return error_response(
+            raise Refusal.of(
                 400,
                 f"per-request llama-server flags (X-Corral-Flags) do not apply to model "
                 f"{model!r}: it is served by {program!r}, not llama-server",
             )
-        return None
 
     def _any_model(self) -> str:
         """A model for a request that names none and may go anywhere (the web UI's
@@ -411,14 +437,14 @@ class Admission:
             + ", ".join(self.scheduler.askable_names())
         )
 
-    def _apply_flags(self, request: web.Request, model: str) -> str | web.Response:
+    def _apply_flags(self, request: web.Request, model: str) -> str:
         """The pool for ``model`` run with the request's llama-server flags (the
         ``X-Corral-Flags`` header), or a 400 naming what is wrong with them."""
         raw = next((request.headers[h] for h in FLAG_HEADERS if h in request.headers), "")
         if not raw.strip():
             return model
         if self.host is None or self.host.resolve(model) is None:
-            return error_response(
+            raise Refusal.of(
                 400,
                 "per-request llama-server flags (X-Corral-Flags) apply to models that "
                 "`corral serve` starts; this model's servers are run by a remote agent",
@@ -426,18 +452,19 @@ class Admission:
         try:
             flags = normalize_flags(raw)
         except RequestFlagError as exc:
-            return error_response(400, str(exc))
+            raise Refusal.of(400, str(exc)) from None
         key = self.host.flagged_key(model, flags)
         refused = self.host.refuse_flags(key)
         if refused is not None:
-            return error_response(400, refused)
+            raise Refusal.of(400, refused)
         return key
 
-    def _unread_body(self, ex: Exchange, status: int, message: str) -> web.StreamResponse:
+    @staticmethod
+    def _unread_body(ex: Exchange, status: int, message: str) -> Refusal:
         """corral's error for a request whose body it will not read to the end: what is
         left of the body is dropped (aiohttp would linger reading it) and the connection
         closes after the answer."""
         ex.request.content.feed_eof()
         response = error_response(status, message)
         response.force_close()
-        return self.accounting.finish(response, ex)
+        return Refusal(response)

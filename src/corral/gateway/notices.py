@@ -41,6 +41,7 @@ from corral.gateway.errors import sse_error_event
 from corral.hosting import ModelState
 
 if TYPE_CHECKING:
+    from corral.gateway.exchange import Exchange
     from corral.hosting import Host
     from corral.scheduling.scheduler import Scheduler
 
@@ -96,20 +97,13 @@ class LoadingNotices:
     """The notice stream of one request: its SSE response, opened on first need, and
     the scheduler's model events turned into notices while it waits."""
 
-    def __init__(
-        self,
-        request: web.Request,
-        *,
-        key: str,
-        shown_as: str,
-        request_id: str,
-        scheduler: Scheduler,
-        host: Host | None,
-    ) -> None:
-        self.request = request
-        self.key = key
-        self.shown_as = shown_as
-        self.request_id = request_id
+    def __init__(self, ex: Exchange, scheduler: Scheduler, host: Host | None) -> None:
+        self.request = ex.request
+        self.key = ex.model
+        """The pool the request waits for."""
+        self.shown_as = ex.model
+        """How the notices name it."""
+        self.request_id = request_id = ex.request_id
         self.scheduler = scheduler
         self.host = host
         self.response: web.StreamResponse | None = None
