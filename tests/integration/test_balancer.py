@@ -258,6 +258,34 @@ async def test_api_keys_are_required_when_configured() -> None:
         await fleet.close()
 
 
+async def test_every_inference_route_but_health_requires_the_key() -> None:
+    """Every route the front door has (its router's, not a list kept here), with
+    every method it takes: 401 without a key; /health answers anyone."""
+    fleet = await start_fleet(api_keys=["k1"], expose_slots=True)
+    try:
+        await fleet.add_fake(model="m", slots=1)
+        gateway = fleet.balancer.gateway
+        assert gateway is not None and fleet.http is not None
+        routes = {
+            (r.method, r.resource.canonical.replace("{tail}", "some/page"))
+            for r in gateway.app.router.routes()
+            if r.resource is not None and r.method != "HEAD"
+        }
+        assert ("POST", "/v1/chat/completions") in routes and ("GET", "/v1/models") in routes
+        for method, path in sorted(routes):
+            if path in ("/health", "/v1/health"):
+                continue
+            for verb in ("GET", "POST", "DELETE") if method == "*" else (method,):
+                async with fleet.http.request(verb, fleet.base + path, json={}) as response:
+                    assert response.status == 401, (verb, path)
+                    assert (await response.json())["error"]["type"] == "authentication_error"
+        for path in ("/health", "/v1/health"):
+            async with fleet.http.get(fleet.base + path) as response:
+                assert response.status == 200, path
+    finally:
+        await fleet.close()
+
+
 def fake_of(server: TestServer) -> FakeLlamaServer:
     return server.app[SERVER_KEY]
 

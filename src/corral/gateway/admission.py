@@ -1,6 +1,6 @@
 """Admission: what a request passes before it is placed.
 
-In order: the API key (:meth:`Admission.middleware`, on every route of the front door
+In order: the API key (:meth:`Admission.guarded`, on every route of the front door
 but ``/health``), then, for a request to be forwarded (:meth:`Admission.admit`): a
 CORS preflight corral answers itself, the body (its encoding, size and arrival time,
 JSON when the route reads a model from it), the model it names (resolved once, its
@@ -102,9 +102,7 @@ SLOTLESS_ROUTES = frozenset(
     }
 )
 
-#: Routes anyone may call: a load balancer's or orchestrator's health check (as
-#: llama-server's own ``/health`` is public).
-PUBLIC_ROUTES = frozenset({"/health", "/v1/health"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: Request Content-Encodings aiohttp decodes before the body reaches corral; anything
 #: else is refused with a 415 rather than forwarded (llama-server decodes none).
@@ -170,18 +168,20 @@ class Admission:
         self.accounting = accounting
         self.host: Host | None = None
 
-    @web.middleware
-    async def middleware(
-        self,
-        request: web.Request,
-        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-    ) -> web.StreamResponse:
-        """The API key, checked before any route runs (``/health`` is public)."""
-        if request.path not in PUBLIC_ROUTES:
+    def guarded(self, handler: Handler) -> Handler:
+        """``handler`` behind the API key: the front door's auth middleware, which
+        :meth:`corral.gateway.proxy.Gateway.route` puts in front of every route but
+        ``/health``. Bound once per route rather than by aiohttp's middleware chain,
+        which wraps the handler anew (``partial`` and ``update_wrapper``) for every
+        request."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
             denied = self.unauthorized(request)
             if denied is not None:
                 return self.accounting.finish(denied, open_exchange(request))
-        return await handler(request)
+            return await handler(request)
+
+        return guarded
 
     async def cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         """CORS by corral's rules when ``cors_origins`` is set: llama-server's own

@@ -27,13 +27,12 @@ class ListingRoutes:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        router = gateway.app.router
         for path in ("/health", "/v1/health"):
-            router.add_get(path, self.health)
+            gateway.route("GET", path, self.health, public=True)
         for path in ("/v1/models", "/models"):
-            router.add_get(path, self.models)
+            gateway.route("GET", path, self.models)
         if gateway.options.expose_slots:
-            router.add_get(SLOTS_AGGREGATE, self.slots)
+            gateway.route("GET", SLOTS_AGGREGATE, self.slots)
 
     async def health(self, request: web.Request) -> web.Response:
         now = self.gateway.scheduler.clock()

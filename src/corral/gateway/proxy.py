@@ -2,9 +2,10 @@
 
 The request path, top to bottom:
 
-1. :mod:`corral.gateway.admission`: the API key (a middleware on every route but
-   ``/health``), then the body, the model, its settings, flags and filters, the
-   placement: an :class:`~corral.gateway.exchange.Exchange`, or corral's refusal;
+1. :mod:`corral.gateway.admission`: the API key (in front of every route but
+   ``/health``: :meth:`Gateway.route`), then the body, the model, its settings,
+   flags and filters, the placement: an :class:`~corral.gateway.exchange.Exchange`,
+   or corral's refusal;
 2. :meth:`Gateway._relay` (here): a slot lease from the scheduler (buffering if
    needed), one upstream request (:mod:`corral.gateway.upstream`), resent elsewhere
    when the upstream fails before the first byte reaches the client (the lease is
@@ -36,7 +37,7 @@ import aiohttp
 from aiohttp import web
 
 from corral.gateway.accounting import CLIENT_GONE, RECORDED, Accounting, ResponseTail, TokenUsage
-from corral.gateway.admission import MODEL_ROUTES, Admission
+from corral.gateway.admission import MODEL_ROUTES, Admission, Handler
 from corral.gateway.errors import error_response, sse_error_event
 from corral.gateway.exchange import Exchange
 from corral.gateway.listing import ListingRoutes
@@ -82,23 +83,31 @@ class Gateway:
             ),
             metrics,
         )
-        self.app = web.Application(
-            client_max_size=options.max_body, middlewares=[self.admission.middleware]
-        )
+        self.app = web.Application(client_max_size=options.max_body)
         self.listing = ListingRoutes(self)
         """The front door's own answers: ``/health``, ``/v1/models``, the slots aggregate."""
         for route in MODEL_ROUTES:
-            self.app.router.add_post(route, self.forward)
+            self.route("POST", route, self.forward)
         self.webui = WebUIRoutes(self)
         """Router mode's routes for llama-server's web UI (``/props``, ``/models/sse``)."""
         # paths corral doesn't route by model (the web UI's page, /slots, /props...) go
         # to the default model, or, when several are served and the request names
         # none, to any ready instance (every llama-server serves the same web UI),
         # starting the first listed model when none is ready
-        self.app.router.add_route("*", "/{tail:.*}", self.forward)
+        self.route("*", "/{tail:.*}", self.forward)
         self.app.on_startup.append(self.upstream.start)
         self.app.on_cleanup.append(self.upstream.stop)
         self.app.on_response_prepare.append(self.admission.cors_headers)
+
+    def route(self, method: str, path: str, handler: Handler, *, public: bool = False) -> None:
+        """Add a route to the front door: behind the API key unless ``public`` (only
+        the health check is: a load balancer's or orchestrator's probe, as llama-server's
+        own ``/health`` is public)."""
+        guarded = handler if public else self.admission.guarded(handler)
+        if method == "GET":
+            self.app.router.add_get(path, guarded)  # and HEAD, as aiohttp's add_get does
+        else:
+            self.app.router.add_route(method, path, guarded)
 
     @property
     def host(self) -> Host | None:

@@ -71,11 +71,11 @@ class WebUIRoutes:
         self.queues: set[asyncio.Queue[dict[str, Any]]] = set()
         gateway.scheduler.listeners.append(self._broadcast)
         app = gateway.app
-        app.router.add_get("/props", self.props)
-        app.router.add_get("/models/sse", self.model_events)
-        app.router.add_post("/models/load", self.load)
-        app.router.add_post("/models/unload", self.unload)
-        app.router.add_post("/v1/streams/lookup", self.streams_lookup)
+        gateway.route("GET", "/props", self.props)
+        gateway.route("GET", "/models/sse", self.model_events)
+        gateway.route("POST", "/models/load", self.load)
+        gateway.route("POST", "/models/unload", self.unload)
+        gateway.route("POST", "/v1/streams/lookup", self.streams_lookup)
         app.on_shutdown.append(self._close_streams)
 
     def several_models(self) -> bool:
