@@ -346,15 +346,17 @@ class Admission:
     def _placement(ex: Exchange, parsed: dict[str, Any] | None) -> Placement:
         """What the scheduler and its policy see of the request."""
         request, route = ex.request, ex.route
+        headers: dict[str, str] = {}
         session = request.headers.get("X-Session-Id")
+        if session:
+            headers["x-session-id"] = session
         wanted = request.headers.get(INSTANCE_HEADER)
+        if wanted:
+            headers["x-corral-instance"] = wanted
         return Placement(
             model=ex.model,
             body=parsed,
-            headers={
-                **({"x-session-id": session} if session else {}),
-                **({"x-corral-instance": wanted} if wanted else {}),
-            },
+            headers=headers,
             pinnable=route in PIN_ROUTES and not _is_command(ex.config),
             slotless=route == "other" or route in SLOTLESS_ROUTES or request.method != "POST",
         )

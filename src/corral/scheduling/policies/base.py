@@ -36,7 +36,7 @@ class Placement:
     """llama-server answers the route without a slot (see :meth:`Scheduler.peek`)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Served:
     """What a response reported of its prompt: the gateway sets it on the request's
     lease, and the scheduler's release hands it to :meth:`Policy.record_cached` before
