@@ -155,3 +155,12 @@ def test_random_with_the_same_seed_repeats_its_choices() -> None:
     run_a = [first.choose(candidates, PLACEMENT) for _ in range(50)]
     run_b = [second.choose(candidates, PLACEMENT) for _ in range(50)]
     assert [i.id for i in run_a if i] == [i.id for i in run_b if i]
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_policy_s_flags_say_which_hooks_it_writes(name: str) -> None:
+    """``learns`` and ``advises_waits`` spare the gateway and scheduler per-request work
+    for policies without those hooks: a policy that writes a hook must say so."""
+    policy = make_policy(name)
+    assert policy.learns is (type(policy).record_cached is not Policy.record_cached)
+    assert policy.advises_waits is (type(policy).wait_advice is not Policy.wait_advice)

@@ -188,8 +188,10 @@ def logfmt(fields: list[tuple[str, object]]) -> str:
 class Accounting:
     """Counts and logs finished responses; see the module doc."""
 
-    def __init__(self, metrics: BalancerMetrics) -> None:
+    def __init__(self, metrics: BalancerMetrics, *, learns: bool = True) -> None:
         self.metrics = metrics
+        self.learns = learns
+        """The placement policy learns from responses (:attr:`Policy.learns`)."""
         self.traffic: RecentTraffic | None = None
         """Recent traffic per model for the dashboard, when the balancer keeps it."""
 
@@ -251,7 +253,7 @@ class Accounting:
         self.metrics.prompt_tokens.labels(instance.model, instance.id, "uncached").inc(
             max(0, prompt - cached)
         )
-        if ex.placement is not None:
+        if self.learns and ex.placement is not None:
             lease.served = Served(
                 ex.placement,
                 cached,

@@ -72,7 +72,7 @@ class Gateway:
         self.scheduler = scheduler
         self.metrics = metrics
         self.options = options
-        self.accounting = Accounting(metrics)
+        self.accounting = Accounting(metrics, learns=scheduler.learns)
         self.admission = Admission(scheduler, options, self.accounting)
         self.upstream = Upstream(
             UpstreamOptions(
@@ -102,8 +102,10 @@ class Gateway:
     def route(self, method: str, path: str, handler: Handler, *, public: bool = False) -> None:
         """Add a route to the front door: behind the API key unless ``public`` (only
         the health check is: a load balancer's or orchestrator's probe, as llama-server's
-        own ``/health`` is public)."""
-        guarded = handler if public else self.admission.guarded(handler)
+        own ``/health`` is public). Without ``api_keys`` (they are fixed at start) there
+        is no key to check, and no guard in the way."""
+        keyed = bool(self.options.api_keys) and not public
+        guarded = self.admission.guarded(handler) if keyed else handler
         if method == "GET":
             self.app.router.add_get(path, guarded)  # and HEAD, as aiohttp's add_get does
         else:

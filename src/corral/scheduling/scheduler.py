@@ -221,6 +221,11 @@ class Scheduler:
                 return loadable
         return self.fleet.resolve(name)
 
+    @property
+    def learns(self) -> bool:
+        """The policy learns from what responses report (see :class:`Served`)."""
+        return self.policy.learns
+
     def resolve_model(self, requested: str | None) -> str:
         """The pool a request goes to, or an error a client can act on.
 

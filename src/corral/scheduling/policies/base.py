@@ -71,6 +71,10 @@ class Policy:
     advises_waits: bool = False
     """The policy writes :meth:`wait_advice`: the scheduler then gathers the usable pool
     for it on every placement (a pass over the fleet it skips otherwise)."""
+    learns: bool = False
+    """The policy writes :meth:`record_cached`: the gateway then hands each response's
+    prompt usage to the lease (:class:`Served`); for one that does not, nothing is
+    built per request."""
 
     def __init__(self) -> None:
         self.decisions: Counter[str] = Counter()

@@ -277,6 +277,7 @@ class PrefixPolicy(Policy):
 
     name = "prefix"
     advises_waits = True
+    learns = True
 
     def __init__(self, settings: PrefixSettings | None = None) -> None:
         super().__init__()
