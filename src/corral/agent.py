@@ -173,6 +173,14 @@ class AgentOptions:
     its own requests). With either, ``/props`` is read every poll to report
     ``sleeping`` (it does not wake the server)."""
 
+    balancer_dns_interval: float = 15.0
+    """Seconds between lookups of balancers given by name: every address of the name is
+    a balancer (a Kubernetes headless Service has one per pod), so addresses that appear
+    get a connection of their own and those that go lose theirs, without a restart."""
+    resolve: Callable[[str, int], Awaitable[list[str]]] | None = None
+    """Looks a balancer's name up; None: the system's resolver
+    (:func:`resolve_balancers`). Tests give their own."""
+
     def __post_init__(self) -> None:
         if not self.balancers:
             raise ValueError("balancers: give at least one balancer management address")
@@ -194,6 +202,8 @@ class AgentOptions:
             raise ValueError("report_interval: must be > 0 and at most 1.0 s")
         if self.request_timeout <= 0:
             raise ValueError("request_timeout: must be > 0")
+        if self.balancer_dns_interval <= 0:
+            raise ValueError("balancer_dns_interval: must be > 0")
         if not 0 < self.backoff_initial <= self.backoff_max:
             raise ValueError("backoff_initial: must be > 0 and at most backoff_max")
         if self.server_kind not in ("llama-server", "generic"):
@@ -209,6 +219,23 @@ class AgentOptions:
                 raise ValueError(
                     f"health_path: expected a path starting with /, got {self.health_path!r}"
                 )
+
+
+async def resolve_balancers(host: str, port: int) -> list[str]:
+    """Every address of ``host``, sorted: its IPv4 ones when it has any (a dual-stack
+    name would otherwise count each balancer twice), else its IPv6 ones."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    v4 = sorted({str(i[4][0]) for i in infos if i[0] == socket.AF_INET})
+    return v4 or sorted({str(i[4][0]) for i in infos if i[0] == socket.AF_INET6})
+
+
+def _is_name(host: str) -> bool:
+    """A DNS name to look up, rather than an address."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return True
+    return False
 
 
 def balancer_socket_url(address: str) -> str:
@@ -561,6 +588,9 @@ class BalancerLink:
     snapshots_sent: int = 0
     last_error: str = ""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    host_header: str | None = None
+    """The name the balancer was given by (``NAME:PORT``), sent as ``Host`` when the
+    link dials one of its addresses."""
 
 
 class Agent:
@@ -575,6 +605,10 @@ class Agent:
         self.url = (options.external_llama_server or options.local_llama_server).rstrip("/")
         """The URL reported to balancers; resolved at the start of :meth:`run`."""
         self.links = [BalancerLink(a, balancer_socket_url(a)) for a in options.balancers]
+        """One per balancer: a balancer given by name has one per address of the name
+        once it is looked up (see :meth:`_discover`)."""
+        self._link_tasks: dict[str, asyncio.Task[None]] = {}
+        """The running link of each socket URL."""
         self.instance: dict[str, Any] | None = None
         """The watched server as last read; None before the first read."""
         self.seq = 0
@@ -623,17 +657,23 @@ class Agent:
                 if not await self._resolve_url(control):
                     return
                 tasks.append(asyncio.create_task(self._poll_loop(llama), name="agent-poll"))
-                tasks += [
-                    asyncio.create_task(self._link_loop(control, link), name="agent-link")
-                    for link in self.links
-                ]
+                named = any(_is_name(URL(link.socket_url).host or "") for link in self.links)
+                if named:
+                    await self._discover()
+                for link in self.links:
+                    self._start_link(control, link)
+                if named:
+                    tasks.append(
+                        asyncio.create_task(self._discover_loop(control), name="agent-dns")
+                    )
                 await self._stopping.wait()
             finally:
                 self._stopping.set()
                 for link in self.links:
                     link.wake.set()
                 # links send deregister and close; give them a bounded moment
-                links = tasks[1:]
+                links = list(self._link_tasks.values())
+                tasks += links
                 if links:
                     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                         await asyncio.wait_for(
@@ -644,6 +684,65 @@ class Agent:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 log.info("agent stopped agent=%s", self.agent_id)
+
+    def _start_link(self, session: aiohttp.ClientSession, link: BalancerLink) -> None:
+        self._link_tasks[link.socket_url] = asyncio.create_task(
+            self._link_loop(session, link), name="agent-link"
+        )
+
+    async def _discover(self) -> tuple[list[BalancerLink], list[BalancerLink]]:
+        """Look up every balancer given by name; one link per address. Returns the links
+        added and removed. A lookup that fails or finds nothing keeps what there is (at
+        first: the name itself, which each connection attempt resolves)."""
+        resolve = self.options.resolve or resolve_balancers
+        wanted: list[BalancerLink] = []
+        for address in self.options.balancers:
+            url = URL(balancer_socket_url(address))
+            host = url.host or ""
+            current = [link for link in self.links if link.address == address]
+            if not _is_name(host):
+                wanted += current
+                continue
+            port = url.port or (443 if url.scheme == "wss" else 80)
+            try:
+                found = await resolve(host, port)
+            except OSError as exc:
+                log.warning("balancer lookup failed name=%s error=%s", host, exc)
+                found = []
+            if not found:
+                wanted += current
+                continue
+            by_url = {link.socket_url: link for link in current}
+            for ip in found:
+                socket_url = str(url.with_host(ip))
+                wanted.append(
+                    by_url.get(socket_url)
+                    or BalancerLink(address, socket_url, host_header=f"{host}:{port}")
+                )
+        kept = {id(link) for link in self.links} & {id(link) for link in wanted}
+        added = [link for link in wanted if id(link) not in kept]
+        removed = [link for link in self.links if id(link) not in kept]
+        self.links = wanted
+        for link in added:
+            log.info("balancer address found name=%s url=%s", link.address, link.socket_url)
+        for link in removed:
+            log.info("balancer address gone name=%s url=%s", link.address, link.socket_url)
+        return added, removed
+
+    async def _discover_loop(self, session: aiohttp.ClientSession) -> None:
+        """Look the balancers' names up again every ``balancer_dns_interval``: connect to
+        addresses that appear, drop those that went."""
+        while not self._stopping.is_set():
+            await self._sleep_unless_stopping(self.options.balancer_dns_interval)
+            if self._stopping.is_set():
+                return
+            added, removed = await self._discover()
+            for link in removed:
+                task = self._link_tasks.pop(link.socket_url, None)
+                if task is not None:
+                    task.cancel()  # the balancer sees the socket close: the agent left it
+            for link in added:
+                self._start_link(session, link)
 
     async def stop(self) -> None:
         """Ask :meth:`run` to deregister from every balancer and return."""
@@ -845,6 +944,8 @@ class Agent:
         """Keep one balancer informed: connect, report, reconnect with backoff."""
         backoff = self.options.backoff_initial
         headers = {"Authorization": f"Bearer {self.options.cluster_token}"}
+        if link.host_header is not None:
+            headers["Host"] = link.host_header
         while not self._stopping.is_set():
             try:
                 async with session.ws_connect(

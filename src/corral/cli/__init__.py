@@ -177,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="URL balancers use to reach it, if different (host may be aws:metadata:local-ipv4)",
     )
     agent.add_argument(
-        "--balancer", action="append", default=[], help="balancer management HOST:PORT"
+        "--balancer",
+        action="append",
+        default=[],
+        help="balancer management HOST:PORT (repeatable); a name stands for every address it "
+        "has (a headless Service: every balancer pod), looked up again every 15 s",
     )
     agent.add_argument("--name", default=None, help="name shown by balancers (host name)")
     agent.add_argument("--cluster-token-file", type=Path, default=None)
