@@ -348,6 +348,12 @@ class Settings(BaseModel):
         default_factory=list, description="Management addresses an agent reports to."
     )
     agent_name: str | None = Field(default=None, description="Name an agent reports as.")
+    balancer_dns_interval: float = Field(
+        default=15.0,
+        gt=0,
+        description="Seconds between an agent's lookups of balancers given by name (every "
+        "address of the name is a balancer).",
+    )
     local_llama_server: str | None = Field(
         default=None, description="URL of an external llama-server an agent watches."
     )

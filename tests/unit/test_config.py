@@ -150,3 +150,17 @@ def test_schema_lists_every_setting_with_a_description() -> None:
     assert set(properties) == set(Settings.model_fields)
     missing = [name for name, prop in properties.items() if not prop.get("description")]
     assert missing == []
+
+
+def test_the_balancer_lookup_interval_comes_from_flag_environment_or_file() -> None:
+    from corral.cli import build_parser
+    from corral.cli.launch import _agent_overrides
+
+    assert load_settings(environ={}).balancer_dns_interval == 15.0
+    env = load_settings(environ={"CORRAL_BALANCER_DNS_INTERVAL": "2.5"})
+    assert env.balancer_dns_interval == 2.5
+    args = build_parser().parse_args(["agent", "--balancer-dns-interval", "4"])
+    flagged = load_settings(environ={}, overrides=_agent_overrides(args))
+    assert flagged.balancer_dns_interval == 4.0
+    with pytest.raises(ConfigError, match="balancer_dns_interval"):
+        load_settings(environ={"CORRAL_BALANCER_DNS_INTERVAL": "0"})

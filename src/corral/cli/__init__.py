@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="balancer management HOST:PORT (repeatable); a name stands for every address it "
         "has (a headless Service: every balancer pod), looked up again every 15 s",
     )
+    agent.add_argument(
+        "--balancer-dns-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how often balancer names are looked up again (15)",
+    )
     agent.add_argument("--name", default=None, help="name shown by balancers (host name)")
     agent.add_argument("--cluster-token-file", type=Path, default=None)
     agent.add_argument(

@@ -167,22 +167,25 @@ def _add_balancer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--statsd-prefix", default=None, help="StatsD name prefix (corral)")
 
 
+def _agent_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings ``corral agent``'s flags set (None: not given)."""
+    return {
+        "balancers": args.balancer or None,
+        "local_llama_server": args.local_llama_server,
+        "external_llama_server": args.external_llama_server,
+        "slot_source": args.slot_source,
+        "agent_name": args.name,
+        "balancer_dns_interval": args.balancer_dns_interval,
+        "cluster_token_file": args.cluster_token_file,
+        "log_dir": args.log_dir,
+    }
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from corral.agent import Agent, AgentOptions
     from corral.tokens import TokenError
 
-    settings = settings_from(
-        args,
-        {
-            "balancers": args.balancer or None,
-            "local_llama_server": args.local_llama_server,
-            "external_llama_server": args.external_llama_server,
-            "slot_source": args.slot_source,
-            "agent_name": args.name,
-            "cluster_token_file": args.cluster_token_file,
-            "log_dir": args.log_dir,
-        },
-    )
+    settings = settings_from(args, _agent_overrides(args))
     owns = bool(args.model) or (bool(settings.models) and not settings.local_llama_server)
     if bool(settings.local_llama_server) == owns:
         _err(
@@ -210,6 +213,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         external_llama_server=settings.external_llama_server,
         slot_source=settings.slot_source,
         llama_server_api_key=api_key.get_secret_value() if api_key else None,
+        balancer_dns_interval=settings.balancer_dns_interval,
     )
     if settings.agent_name:
         options.name = settings.agent_name
@@ -284,6 +288,7 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
                     cluster_token=cluster_token,
                     llama_args=extra,
                     agent_name=settings.agent_name or socket.gethostname(),
+                    balancer_dns_interval=settings.balancer_dns_interval,
                     poll_interval=0.25,
                     supervisor=supervisor_options(settings),
                     log_dir=settings.log_dir,

@@ -87,6 +87,8 @@ class ManagedOptions:
     """Other names clients may use for it."""
     agent_name: str = "local"
     poll_interval: float = 0.5
+    balancer_dns_interval: float = 15.0
+    """How often the agent looks balancers given by name up again."""
     supervisor: SupervisorOptions = field(default_factory=SupervisorOptions)
     log_dir: Path | None = None
     """Where to keep rotating log files (NAME.log, NAME.log.1, ...); None: memory only."""
@@ -128,6 +130,7 @@ class ManagedInstance:
                 cluster_token=options.cluster_token,
                 name=options.agent_name,
                 poll_interval=options.poll_interval,
+                balancer_dns_interval=options.balancer_dns_interval,
                 on_command=self.command,
                 extra_aliases=list(options.aliases),
                 model_name=self.model_id,
