@@ -719,6 +719,12 @@ class Agent:
                     by_url.get(socket_url)
                     or BalancerLink(address, socket_url, host_header=f"{host}:{port}")
                 )
+        # two names (or a name and an address) for one balancer: one link, or the agent
+        # would register there twice and flap
+        unique: dict[str, BalancerLink] = {}
+        for link in wanted:
+            unique.setdefault(link.socket_url, link)
+        wanted = list(unique.values())
         kept = {id(link) for link in self.links} & {id(link) for link in wanted}
         added = [link for link in wanted if id(link) not in kept]
         removed = [link for link in self.links if id(link) not in kept]

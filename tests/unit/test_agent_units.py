@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from corral.agent import (
+    Agent,
     AgentOptions,
     Reading,
     balancer_socket_url,
@@ -300,3 +301,27 @@ def test_a_report_and_its_supervisor_survive_the_wire_unchanged() -> None:
     ):
         with pytest.raises(ProtocolError, match=f"`{field}`"):
             SupervisorReport.from_wire({**supervisor.to_wire(), **bad})
+
+
+async def test_two_names_for_one_balancer_make_one_link() -> None:
+    """An address two names share (or a name and an address given as is) is one
+    balancer: two links would register the agent twice and flap."""
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return {"a.test": ["10.0.0.1", "10.0.0.2"], "b.test": ["10.0.0.2"]}[host]
+
+    agent = Agent(
+        AgentOptions(
+            local_llama_server="http://127.0.0.1:1",
+            balancers=["a.test:9", "b.test:9", "10.0.0.1:9"],
+            cluster_token="t",
+            resolve=resolve,
+        )
+    )
+    added, removed = await agent._discover()
+    assert sorted(link.socket_url for link in agent.links) == [
+        "ws://10.0.0.1:9/api/v1/agents/socket",
+        "ws://10.0.0.2:9/api/v1/agents/socket",
+    ]
+    assert {link.host_header for link in agent.links} == {"a.test:9"}
+    assert len(added) == 2 and len(removed) == 3  # the names, and the address a.test has
