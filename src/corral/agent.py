@@ -60,6 +60,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -173,6 +174,9 @@ class AgentOptions:
     its own requests). With either, ``/props`` is read every poll to report
     ``sleeping`` (it does not wake the server)."""
 
+    tls: ssl.SSLContext | None = None
+    """What ``wss://`` (``https://``) balancers are verified with; None: the system's
+    trust store (see :func:`corral.tls.client_context`)."""
     balancer_dns_interval: float = 15.0
     """Seconds between lookups of balancers given by name: every address of the name is
     a balancer (a Kubernetes headless Service has one per pod), so addresses that appear
@@ -957,6 +961,7 @@ class Agent:
                 async with session.ws_connect(
                     link.socket_url,
                     headers=headers,
+                    ssl=self.options.tls if self.options.tls is not None else True,
                     heartbeat=BALANCER_HEARTBEAT_S,
                     timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
                     max_msg_size=4 * 1024 * 1024,
@@ -1000,6 +1005,11 @@ class Agent:
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 link.failures += 1
                 link.last_error = str(exc) or type(exc).__name__
+                if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+                    link.last_error = (
+                        f"the balancer's TLS certificate is not trusted "
+                        f"({exc.certificate_error}): give its CA with --tls-ca (tls_ca)"
+                    )
                 log.warning(
                     "balancer unreachable balancer=%s error=%s retry_in=%.1fs",
                     link.socket_url,

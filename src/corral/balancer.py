@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import ssl
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -31,6 +33,7 @@ from corral.observe.recent import RecentTraffic
 from corral.observe.statsd import StatsdPusher
 from corral.scheduling.policies import make_policy
 from corral.scheduling.scheduler import Scheduler
+from corral.tls import ServerCertificate, self_context
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +105,16 @@ class Balancer:
         )
         self._runners: list[web.AppRunner] = []
         self._stale_task: asyncio.Task[None] | None = None
+        self.certificate: ServerCertificate | None = None
+        """TLS on both listeners (``tls_cert``/``tls_key``), reloaded when its files change."""
+        self._cert_task: asyncio.Task[None] | None = None
         self.addresses = BoundAddresses("", "")
 
     async def start(self) -> BoundAddresses:
         """Listen on both addresses (port 0 picks a free port); return what was bound."""
         bound: list[str] = []
+        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+            self.certificate = ServerCertificate(self.settings.tls_cert, self.settings.tls_key)
         for app, (host, port) in (
             (self.gateway.app, self.settings.inference_host_port()),
             (self.management.app, self.settings.management_host_port()),
@@ -125,7 +133,21 @@ class Balancer:
                 handler_cancellation=True,
             )
             await runner.setup()
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            if self.certificate is None and not _loopback(host):
+                log.warning(
+                    "listening on %s:%s without TLS: tokens, keys and prompts cross the "
+                    "network in clear text (set tls_cert and tls_key, or put it behind a "
+                    "mesh that encrypts)",
+                    host,
+                    port,
+                )
+            site = web.TCPSite(
+                runner,
+                host,
+                port,
+                reuse_address=True,
+                ssl_context=self.certificate.context if self.certificate is not None else None,
+            )
             try:
                 await site.start()
             except OSError as exc:
@@ -137,6 +159,8 @@ class Balancer:
             bound.append(f"{sock_host}:{sock_port}")
         self.addresses = BoundAddresses(bound[0], bound[1])
         self._stale_task = asyncio.create_task(self._check_stale(), name="stale-check")
+        if self.certificate is not None:
+            self._cert_task = asyncio.create_task(self.certificate.watch(), name="tls-reload")
         if self.statsd is not None:
             await self.statsd.start()
         log.info(
@@ -146,6 +170,21 @@ class Balancer:
             self.scheduler.policy.name,
         )
         return self.addresses
+
+    @property
+    def agent_address(self) -> str:
+        """Where this process's own agents report: the management address, over TLS
+        when the listeners have it."""
+        if self.certificate is not None:
+            return f"https://{self.addresses.management}"
+        return self.addresses.management
+
+    @property
+    def agent_tls(self) -> ssl.SSLContext | None:
+        """What this process's own agents verify the listener with: its own certificate."""
+        if self.settings.tls_cert is None or self.certificate is None:
+            return None
+        return self_context(self.settings.tls_cert)
 
     async def _check_stale(self) -> None:
         while True:
@@ -165,10 +204,21 @@ class Balancer:
     async def _cleanup(self) -> None:
         if self.statsd is not None:
             await self.statsd.stop()
-        if self._stale_task is not None:
-            self._stale_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stale_task
-            self._stale_task = None
+        for task in (self._stale_task, self._cert_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._stale_task = self._cert_task = None
         while self._runners:
             await self._runners.pop().cleanup()
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -267,6 +267,17 @@ class Settings(BaseModel):
     cluster_token_file: Path | None = Field(
         default=None, description="File holding the cluster token."
     )
+    tls_cert: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) the inference and management listeners serve "
+        "TLS with (with tls_key); reloaded when the file changes.",
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert.")
+    tls_ca: Path | None = Field(
+        default=None,
+        description="PEM CA bundle an agent verifies https:// balancers against (default: "
+        "the system's trust store).",
+    )
     policy: PolicyName = Field(default="least_busy", description="Placement policy.")
     pin_slots: bool = Field(
         default=False,
@@ -449,6 +460,12 @@ class Settings(BaseModel):
     groups: dict[str, GroupConfig] = Field(
         default_factory=dict, description="Swap groups by name (file only)."
     )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both, or neither")
+        return self
 
     @field_validator("inference_addr", "management_addr", "statsd_addr")
     @classmethod

@@ -119,8 +119,9 @@ class LocalServe:
             scheduler,
             HostOptions(
                 binary=self.options.binary,
-                balancer=addresses.management,
+                balancer=self.balancer.agent_address,
                 cluster_token=self.options.cluster_token,
+                tls=self.balancer.agent_tls,
             ),
         )
         scheduler.loader = self.host

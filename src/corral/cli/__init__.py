@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         "has (a headless Service: every balancer pod), looked up again every 15 s",
     )
     agent.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="PEM CA bundle https:// balancers are verified against (the system's by default)",
+    )
+    agent.add_argument(
         "--balancer-dns-interval",
         type=float,
         default=None,

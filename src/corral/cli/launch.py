@@ -18,6 +18,7 @@ from corral.cli.common import (
     settings_from,
 )
 from corral.config import Settings
+from corral.tls import client_context
 
 if TYPE_CHECKING:
     pass
@@ -41,11 +42,13 @@ def _balancer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "statsd_addr": args.statsd_addr,
         "statsd_prefix": args.statsd_prefix,
         "log_dir": getattr(args, "log_dir", None),
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
     }
 
 
 def _inner_agents(
-    args: argparse.Namespace, settings: Any, addresses: Any, cluster_token: str
+    args: argparse.Namespace, settings: Any, balancer: Any, cluster_token: str
 ) -> list[Any]:
     """Agent options for each ``--local-llama-server`` of ``corral balancer``."""
     from corral.agent import AgentOptions
@@ -54,8 +57,9 @@ def _inner_agents(
     return [
         AgentOptions(
             local_llama_server=url.rstrip("/"),
-            balancers=[addresses.management],
+            balancers=[balancer.agent_address],
             cluster_token=cluster_token,
+            tls=balancer.agent_tls,
             llama_server_api_key=key.get_secret_value() if key else None,
             slot_source=args.slot_source or settings.slot_source,
         )
@@ -89,13 +93,14 @@ def cmd_balancer(args: argparse.Namespace) -> int:
         except OSError as exc:
             _err(str(exc))
             return 1
+        scheme = "https" if balancer.certificate is not None else "http"
         sys.stderr.write(
-            f"corral balancer: inference http://{addresses.inference}  "
-            f"management http://{addresses.management}  "
-            f"dashboard http://{addresses.management}/dashboard\n"
+            f"corral balancer: inference {scheme}://{addresses.inference}  "
+            f"management {scheme}://{addresses.management}  "
+            f"dashboard {scheme}://{addresses.management}/dashboard\n"
         )
         agents = [
-            Agent(options) for options in _inner_agents(args, settings, addresses, cluster_token)
+            Agent(options) for options in _inner_agents(args, settings, balancer, cluster_token)
         ]
         tasks = [asyncio.create_task(agent.run()) for agent in agents]
         for agent in agents:
@@ -116,6 +121,14 @@ def _add_balancer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="YAML settings file")
     parser.add_argument("--inference-addr", default=None, help="HOST:PORT (127.0.0.1:8080)")
     parser.add_argument("--management-addr", default=None, help="HOST:PORT (127.0.0.1:8085)")
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        help="serve both listeners over TLS with this PEM certificate (chain); reloaded when "
+        "the file changes",
+    )
+    parser.add_argument("--tls-key", type=Path, default=None, help="the PEM key of --tls-cert")
     parser.add_argument(
         "--policy",
         default=None,
@@ -176,6 +189,7 @@ def _agent_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "slot_source": args.slot_source,
         "agent_name": args.name,
         "balancer_dns_interval": args.balancer_dns_interval,
+        "tls_ca": args.tls_ca,
         "cluster_token_file": args.cluster_token_file,
         "log_dir": args.log_dir,
     }
@@ -214,6 +228,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         slot_source=settings.slot_source,
         llama_server_api_key=api_key.get_secret_value() if api_key else None,
         balancer_dns_interval=settings.balancer_dns_interval,
+        tls=client_context(settings.tls_ca),
     )
     if settings.agent_name:
         options.name = settings.agent_name
@@ -289,6 +304,7 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
                     llama_args=extra,
                     agent_name=settings.agent_name or socket.gethostname(),
                     balancer_dns_interval=settings.balancer_dns_interval,
+                    tls=client_context(settings.tls_ca),
                     poll_interval=0.25,
                     supervisor=supervisor_options(settings),
                     log_dir=settings.log_dir,
@@ -389,13 +405,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await local.stop()
             return 1
         names = ", ".join(local.models) or "no models yet (watching the model folders)"
+        web = "https" if local.balancer.certificate is not None else "http"
         sys.stderr.write(
-            f"corral serve: {names} at http://{addresses.inference}/v1  "
-            f"(management http://{addresses.management}, "
-            f"dashboard http://{addresses.management}/dashboard)\n"
+            f"corral serve: {names} at {web}://{addresses.inference}/v1  "
+            f"(management {web}://{addresses.management}, "
+            f"dashboard {web}://{addresses.management}/dashboard)\n"
         )
         if binary is not None and ui_beside(binary) is not None:
-            sys.stderr.write(f"llama-server's web UI: http://{addresses.inference}/\n")
+            sys.stderr.write(f"llama-server's web UI: {web}://{addresses.inference}/\n")
         elif binary is not None and binary == cached_binary():
             sys.stderr.write(
                 "llama-server's web UI is not built: `corral llama-server install` builds "

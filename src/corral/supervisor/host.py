@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -124,6 +125,8 @@ class HostOptions:
     balancer: str
     """Management address of the balancer the instances report to."""
     cluster_token: str
+    tls: ssl.SSLContext | None = None
+    """What the instances' agents verify the balancer's TLS listener with."""
 
 
 class ModelHost:
@@ -630,6 +633,7 @@ class ModelHost:
                 lease=lease,
                 balancers=[self.options.balancer],
                 cluster_token=self.options.cluster_token,
+                tls=self.options.tls,
                 llama_args=self._args(model, flags) if config.cmd is None else [],
                 poll_interval=0.5,
                 supervisor=(

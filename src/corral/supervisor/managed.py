@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,8 @@ class ManagedOptions:
     poll_interval: float = 0.5
     balancer_dns_interval: float = 15.0
     """How often the agent looks balancers given by name up again."""
+    tls: ssl.SSLContext | None = None
+    """What the agent verifies ``https://`` balancers with (None: the system's store)."""
     supervisor: SupervisorOptions = field(default_factory=SupervisorOptions)
     log_dir: Path | None = None
     """Where to keep rotating log files (NAME.log, NAME.log.1, ...); None: memory only."""
@@ -131,6 +134,7 @@ class ManagedInstance:
                 name=options.agent_name,
                 poll_interval=options.poll_interval,
                 balancer_dns_interval=options.balancer_dns_interval,
+                tls=options.tls,
                 on_command=self.command,
                 extra_aliases=list(options.aliases),
                 model_name=self.model_id,

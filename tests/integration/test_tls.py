@@ -1,0 +1,148 @@
+"""TLS on the listeners and between agents and balancers, with certificates made in the
+test by trustme: a client over https, an agent over wss:// with and without the CA, a
+certificate rotated on disk, and corral serve's own agents over its TLS listener."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from pathlib import Path
+
+import aiohttp
+import pytest
+import trustme
+from aiohttp.test_utils import TestServer
+
+from corral.agent import Agent, AgentOptions
+from corral.testing.fake_llama_server import FakeOptions, build_app
+from corral.tls import client_context
+from tests.support.fleet import CHAT, CLUSTER_TOKEN, start_fleet
+from tests.support.local_serve import serving
+from tests.support.waiting import wait_for
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def write_pair(ca: trustme.CA, folder: Path) -> tuple[Path, Path]:
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    key_path.write_bytes(cert.private_key_pem.bytes())
+    return cert_path, key_path
+
+
+async def peer_certificate(address: str, context: ssl.SSLContext) -> bytes:
+    host, port = address.rsplit(":", 1)
+    _, writer = await asyncio.open_connection(host, int(port), ssl=context)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        await writer.wait_closed()
+    return bytes(der)
+
+
+async def test_listeners_serve_tls_agents_verify_it_and_a_rotation_needs_no_restart(
+    ca: trustme.CA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="corral.agent")
+    cert, key = write_pair(ca, tmp_path)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    fleet = await start_fleet(tls_cert=str(cert), tls_key=str(key))
+    addresses = fleet.balancer.addresses
+    trusted = client_context(ca_file)
+    server = TestServer(build_app(FakeOptions(model="m", slots=2)))
+    await server.start_server()
+    agents: list[tuple[Agent, asyncio.Task[None]]] = []
+
+    def agent(tls: ssl.SSLContext | None) -> Agent:
+        made = Agent(
+            AgentOptions(
+                local_llama_server=str(server.make_url("")).rstrip("/"),
+                balancers=[f"https://{addresses.management}"],
+                cluster_token=CLUSTER_TOKEN,
+                poll_interval=0.05,
+                backoff_initial=0.05,
+                tls=tls,
+            )
+        )
+        agents.append((made, asyncio.create_task(made.run())))
+        return made
+
+    try:
+        # an agent that does not trust the certificate is refused, and says why
+        untrusting = agent(None)
+        await wait_for(lambda: untrusting.links[0].failures > 0, "the untrusted handshake")
+        assert "TLS certificate is not trusted" in untrusting.links[0].last_error
+        assert "--tls-ca" in caplog.text
+        assert not fleet.balancer.scheduler.fleet.instances
+        # one with the CA registers over wss://, and requests go over https
+        agent(trusted)
+        await wait_for(lambda: fleet.usable() == 1, "the instance over wss://")
+        async with aiohttp.ClientSession() as http:
+            url = f"https://{addresses.inference}/v1/chat/completions"
+            async with http.post(url, json={**CHAT, "model": "m"}, ssl=trusted) as response:
+                assert response.status == 200
+            with pytest.raises(aiohttp.ClientError):  # plain HTTP gets no answer
+                async with http.get(f"http://{addresses.inference}/health") as response:
+                    await response.read()
+        # a renewed certificate written over the old one is served at the next handshake
+        before = await peer_certificate(addresses.inference, trusted)
+        write_pair(ca, tmp_path)
+        certificate = fleet.balancer.certificate
+        assert certificate is not None
+        await wait_for(certificate.reload_if_changed, "the reload", 5.0)
+        after = await peer_certificate(addresses.management, trusted)
+        assert after != before and certificate.reloads == 1
+        assert fleet.usable() == 1  # the open agent socket carries on
+    finally:
+        for made, task in agents:
+            await made.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await server.close()
+        await fleet.close()
+
+
+async def test_a_half_written_certificate_keeps_the_old_one(ca: trustme.CA, tmp_path: Path) -> None:
+    cert, key = write_pair(ca, tmp_path)
+    fleet = await start_fleet(tls_cert=str(cert), tls_key=str(key))
+    try:
+        certificate = fleet.balancer.certificate
+        assert certificate is not None
+        cert.write_bytes(b"-----BEGIN CERTIFICATE-----\ntruncated")
+        assert certificate.reload_if_changed() is False
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        await peer_certificate(fleet.balancer.addresses.inference, client_context(ca_file))
+    finally:
+        await fleet.close()
+
+
+async def test_serve_over_tls_reports_its_own_instances_and_answers(
+    ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = write_pair(ca, tmp_path)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    settings = {"tls_cert": str(cert), "tls_key": str(key)}
+    async with serving(tmp_path, monkeypatch, {"a": {}}, **settings) as (local, base, http):
+        assert base.startswith("http://")  # the helper's; the listener speaks TLS
+        address = local.balancer.addresses.inference
+        url = f"https://{address}/v1/chat/completions"
+        body = {**CHAT, "model": "a", "max_tokens": 2}
+        async with http.post(url, json=body, ssl=client_context(ca_file)) as response:
+            assert response.status == 200, await response.text()
+        assert local.host is not None and local.host.state("a").value == "loaded"
+
+
+def test_tls_cert_and_key_go_together(tmp_path: Path) -> None:
+    from corral.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
+        load_settings(environ={}, overrides={"tls_cert": str(tmp_path / "c.pem")})
