@@ -12,9 +12,9 @@ import logging
 import pytest
 from aiohttp.test_utils import TestServer
 
-from corral.agent import Agent, AgentOptions, resolve_balancers
+from corral.agent import Agent, resolve_balancers
 from corral.testing.fake_llama_server import FakeOptions, build_app
-from tests.support.fleet import CLUSTER_TOKEN, Fleet, start_fleet
+from tests.support.fleet import Fleet, start_fleet, watching
 from tests.support.net import free_port
 from tests.support.waiting import wait_for
 
@@ -38,17 +38,7 @@ async def test_an_agent_follows_the_addresses_of_its_balancers_name(
 
     server = TestServer(build_app(FakeOptions(model="m", slots=2)))
     await server.start_server()
-    agent = Agent(
-        AgentOptions(
-            local_llama_server=str(server.make_url("")).rstrip("/"),
-            balancers=[f"{NAME}:{port}"],
-            cluster_token=CLUSTER_TOKEN,
-            poll_interval=0.05,
-            backoff_initial=0.05,
-            balancer_dns_interval=0.1,
-            resolve=resolve,
-        )
-    )
+    agent = Agent(watching(server, [f"{NAME}:{port}"], balancer_dns_interval=0.1, resolve=resolve))
     task = asyncio.create_task(agent.run())
 
     def reported(ip: str) -> bool:

@@ -15,10 +15,10 @@ import pytest
 import trustme
 from aiohttp.test_utils import TestServer
 
-from corral.agent import Agent, AgentOptions
+from corral.agent import Agent
 from corral.testing.fake_llama_server import FakeOptions, build_app
 from corral.tls import client_context
-from tests.support.fleet import CHAT, CLUSTER_TOKEN, start_fleet
+from tests.support.fleet import CHAT, start_fleet, watching
 from tests.support.local_serve import serving
 from tests.support.waiting import wait_for
 
@@ -61,16 +61,7 @@ async def test_listeners_serve_tls_agents_verify_it_and_a_rotation_needs_no_rest
     agents: list[tuple[Agent, asyncio.Task[None]]] = []
 
     def agent(tls: ssl.SSLContext | None) -> Agent:
-        made = Agent(
-            AgentOptions(
-                local_llama_server=str(server.make_url("")).rstrip("/"),
-                balancers=[f"https://{addresses.management}"],
-                cluster_token=CLUSTER_TOKEN,
-                poll_interval=0.05,
-                backoff_initial=0.05,
-                tls=tls,
-            )
-        )
+        made = Agent(watching(server, [f"https://{addresses.management}"], tls=tls))
         agents.append((made, asyncio.create_task(made.run())))
         return made
 

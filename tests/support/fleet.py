@@ -27,6 +27,19 @@ CLUSTER_TOKEN = "test-cluster-token"
 CHAT = {"messages": [{"role": "user", "content": "hello there my friend"}]}
 
 
+def watching(server: TestServer, balancers: list[str], **options: Any) -> AgentOptions:
+    """A test agent's options: it watches ``server`` and reports to ``balancers``,
+    polling and reconnecting quickly; ``options`` are more :class:`AgentOptions`."""
+    return AgentOptions(
+        local_llama_server=str(server.make_url("")).rstrip("/"),
+        balancers=balancers,
+        cluster_token=CLUSTER_TOKEN,
+        poll_interval=0.05,
+        backoff_initial=0.05,
+        **options,
+    )
+
+
 @dataclass
 class FakeNode:
     server: TestServer
@@ -74,14 +87,7 @@ class Fleet:
         server = TestServer(build_app(FakeOptions(**options)))
         await server.start_server()
         agent = Agent(
-            AgentOptions(
-                local_llama_server=str(server.make_url("")).rstrip("/"),
-                balancers=[self.balancer.addresses.management],
-                cluster_token=CLUSTER_TOKEN,
-                poll_interval=0.05,
-                backoff_initial=0.05,
-                llama_server_api_key=agent_key,
-            )
+            watching(server, [self.balancer.addresses.management], llama_server_api_key=agent_key)
         )
         node = FakeNode(server, agent, asyncio.create_task(agent.run()))
         self.nodes.append(node)
