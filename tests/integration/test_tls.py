@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import ssl
+import sys
+from asyncio.subprocess import PIPE
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from corral.agent import Agent
 from corral.testing.fake_llama_server import FakeOptions, build_app
 from corral.tls import client_context
-from tests.support.fleet import CHAT, start_fleet, watching
+from tests.support.fleet import CHAT, MANAGEMENT_TOKEN, start_fleet, watching
 from tests.support.local_serve import serving
 from tests.support.waiting import wait_for
 
@@ -137,3 +141,28 @@ def test_tls_cert_and_key_go_together(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
         load_settings(environ={}, overrides={"tls_cert": str(tmp_path / "c.pem")})
+
+
+async def test_status_reads_a_tls_management_listener_with_its_ca(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    cert, key = write_pair(ca, tmp_path)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    fleet = await start_fleet(tls_cert=str(cert), tls_key=str(key))
+    try:
+        env = {**os.environ, "CORRAL_MANAGEMENT_TOKEN": MANAGEMENT_TOKEN}
+        base = [sys.executable, "-m", "corral.cli", "status", "--json"]
+        base += ["--management-addr", fleet.balancer.addresses.management]
+        for extra, code in ((["--tls-ca", str(ca_file)], 0), ([], 1)):
+            process = await asyncio.create_subprocess_exec(
+                *base, *extra, stdout=PIPE, stderr=PIPE, env=env
+            )
+            out, err = await process.communicate()
+            assert process.returncode == code, err.decode()
+            if code == 0:
+                assert json.loads(out)["instances"] == []
+            else:  # plain http to a TLS listener: no answer, and the error says where
+                assert "cannot reach the balancer's management API" in err.decode()
+    finally:
+        await fleet.close()

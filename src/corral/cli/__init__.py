@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--management-addr", default=None, help="HOST:PORT (127.0.0.1:8085)")
     status.add_argument("--token-file", type=Path, default=None, help="management token file")
     status.add_argument("--json", action="store_true", help="print the raw fleet JSON")
+    status.add_argument(
+        "--tls-ca", type=Path, default=None, help="PEM CA of a TLS management listener"
+    )
     status.set_defaults(func=cmd_status)
     top = commands.add_parser(
         "top",
@@ -227,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--management-addr", default=None, help="HOST:PORT (127.0.0.1:8085)")
     top.add_argument("--token-file", type=Path, default=None, help="management token file")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (1)")
+    top.add_argument(
+        "--tls-ca", type=Path, default=None, help="PEM CA of a TLS management listener"
+    )
     top.add_argument(
         "--iterations",
         type=int,

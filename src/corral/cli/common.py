@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from corral.config import Settings, load_settings
+from corral.tls import client_context, self_context
 
 if TYPE_CHECKING:
     pass
@@ -17,6 +19,20 @@ if TYPE_CHECKING:
 
 def _err(message: str) -> None:
     sys.stderr.write(f"corral: {message}\n")
+
+
+def management_endpoint(
+    settings: Settings, addr: str, path: str
+) -> tuple[str, ssl.SSLContext | None]:
+    """The URL of ``path`` on the management API at ``addr``, and the TLS context to
+    read it with: over https when the settings name a CA (``tls_ca``) or the
+    listener's certificate (``tls_cert``: the balancer's own config, whose certificate
+    is then trusted as it is), else plain http."""
+    if settings.tls_ca is not None:
+        return f"https://{addr}{path}", client_context(settings.tls_ca)
+    if settings.tls_cert is not None:
+        return f"https://{addr}{path}", self_context(settings.tls_cert)
+    return f"http://{addr}{path}", None
 
 
 def settings_from(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:

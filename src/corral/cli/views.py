@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.cli.common import (
     _err,
+    management_endpoint,
     settings_from,
 )
 from corral.config import Settings, check_file
@@ -40,7 +41,11 @@ def _fleet_source(args: argparse.Namespace) -> Callable[[], dict[str, Any]] | No
 
     settings = settings_from(
         args,
-        {"management_addr": args.management_addr, "management_token_file": args.token_file},
+        {
+            "management_addr": args.management_addr,
+            "management_token_file": args.token_file,
+            "tls_ca": getattr(args, "tls_ca", None),
+        },
     )
     token = _status_token(settings)
     if not token:
@@ -49,12 +54,12 @@ def _fleet_source(args: argparse.Namespace) -> Callable[[], dict[str, Any]] | No
             "balancer writes one to ~/.local/state/corral/management-token)"
         )
         return None
-    url = f"http://{settings.management_addr}/api/v1/fleet"
+    url, tls = management_endpoint(settings, settings.management_addr, "/api/v1/fleet")
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
 
     def read() -> dict[str, Any]:
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=10, context=tls) as response:
                 fleet: dict[str, Any] = json.loads(response.read())
                 return fleet
         except urllib.error.HTTPError as exc:
@@ -213,10 +218,9 @@ def _loaded_states(addr: str, settings: Settings) -> dict[str, str]:
     token = _status_token(settings)
     if not token:
         raise OSError("no management token: set CORRAL_MANAGEMENT_TOKEN or --token-file")
-    request = urllib.request.Request(
-        f"http://{addr}/api/v1/fleet", headers={"Authorization": f"Bearer {token}"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
+    url, tls = management_endpoint(settings, addr, "/api/v1/fleet")
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10, context=tls) as response:
         fleet = json.loads(response.read())
     rank = {"ready": 0, "starting": 1, "draining": 2}
     states: dict[str, str] = {}
