@@ -216,9 +216,9 @@ class Balancer:
 
 def _loopback(host: str) -> bool:
     """Whether ``host`` is reachable from this machine only."""
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
+    if host == "localhost":
+        return True
+    try:  # "" (every interface) and other names are not
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
