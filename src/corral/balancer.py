@@ -172,19 +172,20 @@ class Balancer:
         return self.addresses
 
     @property
+    def scheme(self) -> str:
+        """How clients reach both listeners: ``https`` with TLS, else ``http``."""
+        return "https" if self.certificate is not None else "http"
+
+    @property
     def agent_address(self) -> str:
         """Where this process's own agents report: the management address, over TLS
         when the listeners have it."""
-        if self.certificate is not None:
-            return f"https://{self.addresses.management}"
-        return self.addresses.management
+        return f"{self.scheme}://{self.addresses.management}"
 
     @property
     def agent_tls(self) -> ssl.SSLContext | None:
         """What this process's own agents verify the listener with: its own certificate."""
-        if self.settings.tls_cert is None or self.certificate is None:
-            return None
-        return self_context(self.settings.tls_cert)
+        return self_context(self.certificate.cert) if self.certificate is not None else None
 
     async def _check_stale(self) -> None:
         while True:

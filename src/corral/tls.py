@@ -1,5 +1,6 @@
 """TLS for corral's listeners and its agents' connections (the bottom layer: it imports
-nothing of corral's).
+nothing of corral's). Every context is Python's default one (TLS 1.2 at least, the
+system's ciphers), with corral's certificates in it.
 
 A listener's context is made once from a PEM certificate (chain) and key and reloaded
 in place when either file changes on disk (:class:`ServerCertificate`), so a rotation
@@ -28,7 +29,6 @@ class ServerCertificate:
         self.cert = cert
         self.key = key
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.context.load_cert_chain(cert, key)  # raises for a bad pair: corral won't start
         self._stamp = self._stamps()
         self.reloads = 0
@@ -69,9 +69,7 @@ class ServerCertificate:
 def client_context(ca: Path | None) -> ssl.SSLContext:
     """What an agent verifies a balancer's certificate against: ``ca`` (a PEM bundle),
     else the system's trust store."""
-    context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    return ssl.create_default_context(cafile=str(ca) if ca is not None else None)
 
 
 def self_context(cert: Path) -> ssl.SSLContext:

@@ -93,7 +93,7 @@ def cmd_balancer(args: argparse.Namespace) -> int:
         except OSError as exc:
             _err(str(exc))
             return 1
-        scheme = "https" if balancer.certificate is not None else "http"
+        scheme = balancer.scheme
         sys.stderr.write(
             f"corral balancer: inference {scheme}://{addresses.inference}  "
             f"management {scheme}://{addresses.management}  "
@@ -405,7 +405,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await local.stop()
             return 1
         names = ", ".join(local.models) or "no models yet (watching the model folders)"
-        web = "https" if local.balancer.certificate is not None else "http"
+        web = local.balancer.scheme
         sys.stderr.write(
             f"corral serve: {names} at {web}://{addresses.inference}/v1  "
             f"(management {web}://{addresses.management}, "
