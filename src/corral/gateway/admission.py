@@ -282,7 +282,7 @@ class Admission:
             ) from None  # fmt: skip
         except web.HTTPRequestEntityTooLarge:
             limit = f"request body is larger than the {self.options.max_body}-byte limit"
-            raise Refusal(error_response(413, limit)) from None
+            raise Refusal.of(413, limit) from None
         except RequestPayloadError as exc:
             # a body its Content-Encoding does not decode (or a broken chunk): the
             # client's fault, and the rest of it is unreadable
@@ -300,12 +300,12 @@ class Admission:
         try:
             value = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise Refusal(error_response(400, f"request body is not valid JSON: {exc}")) from None
+            raise Refusal.of(400, f"request body is not valid JSON: {exc}") from None
         except RecursionError:
             deep = "request body is not valid JSON: it is nested too deeply"
-            raise Refusal(error_response(400, deep)) from None
+            raise Refusal.of(400, deep) from None
         if not isinstance(value, dict):
-            raise Refusal(error_response(400, "request body must be a JSON object"))
+            raise Refusal.of(400, "request body must be a JSON object")
         return value
 
     @staticmethod
@@ -317,7 +317,7 @@ class Admission:
         if requested is None and parsed is not None:
             raw = parsed.get("model")
             if raw is not None and not isinstance(raw, str):
-                raise Refusal(error_response(400, "`model` must be a string"))
+                raise Refusal.of(400, "`model` must be a string")
             requested = raw
         if requested is None:
             requested = request.query.get("model")
@@ -375,7 +375,7 @@ class Admission:
             if not notices_wanted(ex.request.path, parsed, header, configured):
                 return None
         except BadNoticeHeader as exc:
-            raise Refusal(error_response(400, str(exc))) from None
+            raise Refusal.of(400, str(exc)) from None
         return LoadingNotices(ex, self.scheduler, self.host)
 
     @staticmethod
