@@ -4,7 +4,8 @@ It wires one :class:`~corral.scheduling.scheduler.Scheduler` (the fleet picture 
 the buffers) to two HTTP servers on the same event loop: the gateway on the inference
 address and the management API (agents' WebSocket, fleet views, metrics) on the
 management address. A background task takes instances out of their pools when their
-agent stops reporting.
+agent stops reporting; its beat is the liveness ``/livez`` reports, and ``/readyz``
+follows start and shutdown (:mod:`corral.control.probes`).
 
 Shutdown is graceful: the inference listener closes first and requests already
 accepted, buffered ones included, get up to ``shutdown_timeout`` to finish; only then
@@ -103,6 +104,7 @@ class Balancer:
             if settings.statsd_addr
             else None
         )
+        self.probes = self.management.probes
         self._runners: list[web.AppRunner] = []
         self._stale_task: asyncio.Task[None] | None = None
         self.certificate: ServerCertificate | None = None
@@ -158,6 +160,8 @@ class Balancer:
             sock_host, sock_port = runner.addresses[0][:2]
             bound.append(f"{sock_host}:{sock_port}")
         self.addresses = BoundAddresses(bound[0], bound[1])
+        self.probes.beat()
+        self.probes.started = True
         self._stale_task = asyncio.create_task(self._check_stale(), name="stale-check")
         if self.certificate is not None:
             self._cert_task = asyncio.create_task(self.certificate.watch(), name="tls-reload")
@@ -191,10 +195,12 @@ class Balancer:
         while True:
             await asyncio.sleep(STALE_CHECK_INTERVAL)
             self.scheduler.check_stale()
+            self.probes.beat()
 
     async def stop(self) -> None:
         """Stop taking requests, let accepted ones finish (bounded), then close."""
         log.info("balancer stopping; in-flight requests may finish")
+        self.probes.stopping = True
         # The inference runner's cleanup closes the listener, then waits for running
         # handlers (buffered requests too) up to shutdown_timeout.
         if self._runners:

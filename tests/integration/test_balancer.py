@@ -502,6 +502,43 @@ async def test_graceful_stop_lets_in_flight_requests_finish() -> None:
     await fleet.http.close()
 
 
+async def test_probes_answer_without_a_token_and_readiness_ends_when_draining_begins() -> None:
+    fleet = await start_fleet()
+    assert fleet.http is not None
+    probe = aiohttp.ClientSession()  # no token: a kubelet sends none
+    try:
+        for path, word in (("/livez", "alive"), ("/readyz", "ready")):
+            async with probe.get(fleet.management + path) as response:
+                assert response.status == 200
+                assert await response.json() == {"status": word}
+        # no instance at all is still ready: requests buffer (scale from zero)
+        assert not fleet.balancer.scheduler.fleet.instances
+        # the rest of the management API still wants its token
+        async with probe.get(fleet.management + "/api/v1/fleet") as response:
+            assert response.status == 401
+        await fleet.add_fake(model="m", slots=1, token_delay=0.05, tokens=20)
+        running = asyncio.create_task(fleet.chat("m"))
+        await wait_for(
+            lambda: fleet.balancer.scheduler.fleet.pool("m")[0].in_flight == 1, "the request"
+        )
+        stopping = asyncio.create_task(fleet.balancer.stop())
+        await wait_for(lambda: fleet.balancer.probes.stopping, "the stop to begin")
+        async with probe.get(fleet.management + "/readyz") as response:
+            assert response.status == 503
+            assert "draining" in (await response.json())["reason"]
+        async with probe.get(fleet.management + "/livez") as response:
+            assert response.status == 200
+        status, body, _ = await running
+        assert status == 200, body
+        await stopping
+    finally:
+        await probe.close()
+        for node in fleet.nodes:
+            await node.stop_agent()
+            await node.server.close()
+        await fleet.http.close()
+
+
 async def test_statsd_receives_slot_and_buffer_gauges() -> None:
     received: asyncio.Queue[bytes] = asyncio.Queue()
 

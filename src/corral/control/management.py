@@ -1,6 +1,7 @@
 """The management API: fleet views, events, metrics, and the agents' WebSocket.
 
-Every route needs a token: the management token for people and tools, the cluster
+Every route but the dashboard's static files and the probes (``/livez``, ``/readyz``:
+:mod:`corral.control.probes`) needs a token: the management token for people and tools, the cluster
 token for agents registering over ``/api/v1/agents/socket``. Both are compared in
 constant time and never logged.
 
@@ -36,6 +37,7 @@ from corral import __version__
 from corral.control.admin import InstanceAdmin
 from corral.control.dashboard import Dashboard, is_public
 from corral.control.models_admin import ModelAdmin
+from corral.control.probes import PROBE_PATHS, Probes
 from corral.gateway.auth import key_matches, presented_key
 from corral.gateway.errors import error_response
 from corral.observe.autoscaling import TARGET_UTILIZATION, fleet_demand, model_demand
@@ -86,6 +88,9 @@ class Management:
         r.add_get("/api/v1/autoscaling", self.autoscaling)
         r.add_get("/api/v1/events", self.events)
         r.add_get("/metrics", self.prometheus)
+        self.probes = Probes()
+        """``/livez`` and ``/readyz``: the balancer drives their state."""
+        self.probes.add_routes(r)
         self.traffic: RecentTraffic | None = None
         """Recent traffic per model (the balancer's), for the dashboard."""
         Dashboard(self).add_routes(r)
@@ -93,9 +98,9 @@ class Management:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if is_public(request.path):
+        if is_public(request.path) or request.path in PROBE_PATHS:
             response: web.StreamResponse = await handler(request)
-            return response  # the dashboard's static files: no data in them
+            return response  # the dashboard's static files and the probes: no data in them
         token = self.cluster_token if request.path == AGENT_SOCKET_PATH else self.management_token
         if not key_matches(presented_key(request), [token]):
             what = "cluster token" if request.path == AGENT_SOCKET_PATH else "management token"
