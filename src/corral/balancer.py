@@ -28,10 +28,11 @@ from corral.control.management import Management
 from corral.gateway.guard import ConnectionLimits, GuardedAppRunner
 from corral.gateway.options import GatewayOptions
 from corral.gateway.proxy import Gateway
-from corral.observe import redact
+from corral.observe import redact, tracing
 from corral.observe.metrics import BalancerMetrics
 from corral.observe.recent import RecentTraffic
 from corral.observe.statsd import StatsdPusher
+from corral.observe.tracing import Tracing
 from corral.scheduling.policies import make_policy
 from corral.scheduling.scheduler import Scheduler
 from corral.tls import ServerCertificate, self_context
@@ -58,6 +59,7 @@ class Balancer:
         management_token: str,
         cluster_token: str,
         scheduler: Scheduler | None = None,
+        service: str = "corral-balancer",
     ) -> None:
         redact.add_secrets([management_token, cluster_token, *settings.resolved_api_keys()])
         self.settings = settings
@@ -111,10 +113,18 @@ class Balancer:
         """TLS on both listeners (``tls_cert``/``tls_key``), reloaded when its files change."""
         self._cert_task: asyncio.Task[None] | None = None
         self.addresses = BoundAddresses("", "")
+        self.service = service
+        """The service name traces carry unless ``OTEL_SERVICE_NAME`` gives one."""
+        self.tracing: Tracing | None = None
+        """Traces (:mod:`corral.observe.tracing`), when the ``OTEL_*`` variables ask."""
 
     async def start(self) -> BoundAddresses:
         """Listen on both addresses (port 0 picks a free port); return what was bound."""
         bound: list[str] = []
+        self.tracing = tracing.from_environment(self.service)  # TracingError: bad OTEL_*
+        if self.tracing is not None:
+            self.gateway.admission.tracing = self.tracing
+            self.tracing.watch(self.scheduler)
         if self.settings.tls_cert is not None and self.settings.tls_key is not None:
             self.certificate = ServerCertificate(self.settings.tls_cert, self.settings.tls_key)
         for app, (host, port) in (
@@ -211,6 +221,9 @@ class Balancer:
     async def _cleanup(self) -> None:
         if self.statsd is not None:
             await self.statsd.stop()
+        if self.tracing is not None:  # the last spans go out (bounded by the exporter)
+            await asyncio.to_thread(self.tracing.shutdown)
+            self.tracing = None
         for task in (self._stale_task, self._cert_task):
             if task is not None:
                 task.cancel()

@@ -101,6 +101,7 @@ class LocalServe:
             settings,
             management_token=options.management_token,
             cluster_token=options.cluster_token,
+            service="corral-serve",
         )
         self.catalog = catalog or build_catalog(settings, options)
         self.host: ModelHost | None = None

@@ -70,6 +70,7 @@ def _inner_agents(
 def cmd_balancer(args: argparse.Namespace) -> int:
     from corral.agent import Agent
     from corral.balancer import Balancer
+    from corral.observe.tracing import TracingError
     from corral.tokens import TokenError
 
     settings = settings_from(args, _balancer_overrides(args))
@@ -90,7 +91,7 @@ def cmd_balancer(args: argparse.Namespace) -> int:
         )
         try:
             addresses = await balancer.start()
-        except OSError as exc:
+        except (OSError, TracingError) as exc:
             _err(str(exc))
             return 1
         scheme = balancer.scheme

@@ -220,6 +220,14 @@ class Accounting:
         if ttft is not None:
             self.metrics.ttft.labels(model, route, code).observe(ttft)
         usage = usage or TokenUsage()
+        ex.trace.finish(
+            model=model,
+            status=status,
+            instance=ex.instance,
+            input_tokens=usage.prompt,
+            output_tokens=usage.generated,
+            cached_tokens=usage.cached,
+        )
         if self.traffic is not None:
             self.traffic.record(model, status, elapsed, ttft)
         if access_log.isEnabledFor(logging.INFO):

@@ -41,6 +41,7 @@ from corral.supervisor.request_flags import normalize as normalize_flags
 
 if TYPE_CHECKING:
     from corral.hosting import Host
+    from corral.observe.tracing import Tracing
 
 #: Routes whose POST body names a model and which take a slot.
 MODEL_ROUTES = (
@@ -167,6 +168,15 @@ class Admission:
         self.options = options
         self.accounting = accounting
         self.host: Host | None = None
+        self.tracing: Tracing | None = None
+        """Traces, when the ``OTEL_*`` variables turn them on: each exchange gets one."""
+
+    def exchange(self, request: web.Request) -> Exchange:
+        """:func:`open_exchange`, with its trace begun when traces are on."""
+        ex = open_exchange(request)
+        if self.tracing is not None:
+            ex.trace = self.tracing.request(request, ex.route, ex.request_id)
+        return ex
 
     def guarded(self, handler: Handler) -> Handler:
         """``handler`` behind the API key: the front door's auth middleware, which
@@ -178,7 +188,7 @@ class Admission:
         async def guarded(request: web.Request) -> web.StreamResponse:
             denied = self.unauthorized(request)
             if denied is not None:
-                return self.accounting.finish(denied, open_exchange(request))
+                return self.accounting.finish(denied, self.exchange(request))
             return await handler(request)
 
         return guarded
@@ -239,7 +249,7 @@ class Admission:
     async def admit(self, request: web.Request) -> Exchange | web.StreamResponse:
         """The request's exchange, ready for placement (model, settings, flags,
         filters, placement, notices, body), or corral's refusal, counted."""
-        ex = open_exchange(request)
+        ex = self.exchange(request)
         try:
             preflight = self.preflight(request)
             if preflight is not None:

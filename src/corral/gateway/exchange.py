@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from corral.config import ModelConfig
+from corral.observe.tracing import NO_TRACE, NullTrace
 from corral.scheduling.policies.base import Placement
 
 if TYPE_CHECKING:
@@ -41,3 +42,5 @@ class Exchange:
     notices: LoadingNotices | None = None
     body: bytes = b""
     """The body as it goes upstream (after the model's filters)."""
+    trace: NullTrace = NO_TRACE
+    """Its trace (:mod:`corral.observe.tracing`): a no-op unless traces are on."""

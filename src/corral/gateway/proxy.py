@@ -207,7 +207,9 @@ class Gateway:
         exclude: set[str] = set()
         headers = self.upstream.headers(ex.request, ex.request_id)
         failures: list[str] = []
+        trace = ex.trace
         while True:
+            trace.waiting()
             try:
                 lease, noticed = await self._acquire(
                     model, ex.placement, frozenset(exclude), notices
@@ -231,12 +233,16 @@ class Gateway:
             if lease.waited:
                 self.metrics.buffer_wait.labels(model).observe(lease.waited)
             ex.instance = lease.instance.id
+            trace.granted(lease, self.scheduler.policy.name)
             with lease:  # released on leaving, as lease.outcome says (client_gone unless set)
                 if noticed and notices is not None:
                     await notices.ready(lease.waited)
                 try:
-                    upstream, first = await self.upstream.open(ex.request, ex.body, lease, headers)
+                    upstream, first = await self.upstream.open(
+                        ex.request, ex.body, lease, trace.sending(headers), trace
+                    )
                 except UpstreamFailed as exc:
+                    trace.failed(str(exc))
                     lease.outcome = "upstream_failed"
                     failures.append(f"{lease.instance.id}: {exc}")
                     log.warning(

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from corral.gateway.notices import HEADER as NOTICES_HEADER
 from corral.observe.metrics import BalancerMetrics
+from corral.observe.tracing import NO_TRACE, NullTrace
 from corral.scheduling.scheduler import Lease, SchedulingError
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,12 @@ class Upstream:
         return headers
 
     async def open(
-        self, request: web.Request, body: bytes, lease: Lease, headers: dict[str, str]
+        self,
+        request: web.Request,
+        body: bytes,
+        lease: Lease,
+        headers: dict[str, str],
+        trace: NullTrace = NO_TRACE,
     ) -> tuple[aiohttp.ClientResponse, bytes]:
         """Send the request upstream and read its head and first chunk.
 
@@ -229,6 +235,7 @@ class Upstream:
                         headers=headers,
                         allow_redirects=False,
                     )
+                    trace.answered()
                     if response.status in RETRY_STATUSES:
                         detail = (await response.read())[:200].decode(errors="replace")
                         response.release()
@@ -242,6 +249,7 @@ class Upstream:
                             connection.protocol.force_close()
                         self.warm(lease.instance.url, lease.instance.in_flight)
                     first = await response.content.readany()
+                    trace.first_bytes()
                     return response, first
             except UpstreamFailed:
                 raise

@@ -123,6 +123,8 @@ class Lease:
     """The slot the request is pinned to (``id_slot``), or None: llama-server picks."""
     slotless: bool = False
     """No slot was claimed (see :meth:`Scheduler.peek`): releasing it changes nothing."""
+    reason: str | None = None
+    """Why the policy chose this instance (:attr:`Policy.last_reason`), when it says."""
     outcome: str = "client_gone"
     """How the request ended, for :meth:`Scheduler.release` when the lease is used as
     a context manager: the holder sets ``ok`` or ``upstream_failed``; a lease left
@@ -348,6 +350,7 @@ class Scheduler:
             granted_at=self.clock(),
             probe=probe,
             slot=slot,
+            reason=self.policy.last_reason,
             scheduler=self,
         )
 

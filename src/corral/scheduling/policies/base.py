@@ -79,6 +79,9 @@ class Policy:
     def __init__(self) -> None:
         self.decisions: Counter[str] = Counter()
         """How many placements each reason took; empty for a policy with no reasons."""
+        self.last_reason: str | None = None
+        """Why the last :meth:`choose` chose what it chose (one of :attr:`decisions`'
+        reasons); None for a policy with no reasons. A lease carries it (traces)."""
 
     def choose(self, candidates: Sequence[Instance], request: Placement) -> Instance | None:
         """Pick one of ``candidates`` (all usable, all with a free slot), or None."""

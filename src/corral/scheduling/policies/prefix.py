@@ -337,6 +337,7 @@ class PrefixPolicy(Policy):
         self._record(request, session, blocks, chosen, matched)
         decision = Decision(reason, chosen.id, matched, len(blocks))
         self.last_decision = decision
+        self.last_reason = reason
         self.decisions[reason] += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
