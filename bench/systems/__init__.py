@@ -8,7 +8,7 @@ starts, so no two compete for the machine's cores.
 from __future__ import annotations
 
 from bench.systems.base import Endpoint, System
-from bench.systems.corral import Corral, CorralBaseline
+from bench.systems.corral import Corral, CorralBaseline, CorralTraced
 from bench.systems.direct import Direct
 from bench.systems.litellm import LiteLLM
 from bench.systems.nginx import Nginx
@@ -18,7 +18,8 @@ from bench.systems.router import Router
 __all__ = ["ALL_SYSTEMS", "Endpoint", "System", "make_systems"]
 
 ALL_SYSTEMS: dict[str, type[System]] = {
-    cls.name: cls for cls in (Direct, Corral, CorralBaseline, Router, LiteLLM, Nginx, Passthrough)
+    cls.name: cls
+    for cls in (Direct, Corral, CorralTraced, CorralBaseline, Router, LiteLLM, Nginx, Passthrough)
 }
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import secrets
 import shlex
 import sys
+import urllib.request
 from pathlib import Path
 
 from bench.context import REPO_ROOT, BenchContext, StartupError, http_json, wait_healthy, wait_until
@@ -147,6 +149,66 @@ class Corral(System):
             f"`corral serve --model {ctx.model.name} --llama-server BIN "
             f"--inference-addr 127.0.0.1:P --management-addr 127.0.0.1:Q -- "
             f"{shlex.join(ctx.llama_args)}` (default policy and log level)"
+        )
+
+
+class CorralTraced(Corral):
+    """``corral serve`` with traces on, exporting every request's spans over OTLP/HTTP
+    to a local receiver (:mod:`bench.otlp_sink`): what traces cost beside plain corral."""
+
+    name = "corral-traced"
+    label = "corral serve, traces on"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sink_port = 0
+        self.sink: ManagedProcess | None = None
+        """Not among :attr:`procs`: those share the proxy's core, and a collector
+        runs elsewhere."""
+        self.exported = ""
+
+    async def start(self, ctx: BenchContext) -> Endpoint:
+        self.sink_port = free_port()
+        args = [sys.executable, "-m", "bench.otlp_sink", str(self.sink_port)]
+        self.sink = ManagedProcess("otlp-sink", args, ctx.log_path("otlp-sink"), cwd=REPO_ROOT)
+        self.sink.start()
+        await wait_until(self._sink_up, what="the OTLP receiver", within=20, proc=self.sink)
+        return await super().start(ctx)
+
+    async def _sink_up(self) -> bool:
+        return isinstance(await http_json(self._count_url()), dict)
+
+    def _count_url(self) -> str:
+        return f"http://127.0.0.1:{self.sink_port}/count"
+
+    def extra_env(self) -> dict[str, str]:
+        return {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{self.sink_port}/v1/traces"
+        }
+
+    def stop(self) -> None:
+        super().stop()  # corral exports what is left as it stops
+        if self.sink is not None:
+            try:
+                with urllib.request.urlopen(self._count_url(), timeout=5) as answer:
+                    counts = json.loads(answer.read())
+                self.exported = f"{counts['spans']} spans in {counts['batches']} batches"
+            except (OSError, ValueError, KeyError):
+                self.exported = ""
+            self.sink.stop()
+            self.sink = None
+
+    def observations(self, ctx: BenchContext) -> list[str]:
+        out = super().observations(ctx)
+        if self.exported:
+            out.append(f"The OTLP receiver got {self.exported}.")
+        return out
+
+    def setup(self, ctx: BenchContext) -> str:
+        return (
+            super().setup(ctx)
+            + " with `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` at a local OTLP/HTTP receiver "
+            "(bench/otlp_sink.py), SDK defaults otherwise"
         )
 
 
