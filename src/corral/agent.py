@@ -177,6 +177,9 @@ class AgentOptions:
     tls: ssl.SSLContext | None = None
     """What ``wss://`` (``https://``) balancers are verified with; None: the system's
     trust store (see :func:`corral.tls.client_context`)."""
+    upstream_tls: ssl.SSLContext | None = None
+    """What an ``https://`` llama-server is verified with; None: the system's trust
+    store."""
     balancer_dns_interval: float = 15.0
     """Seconds between lookups of balancers given by name: every address of the name is
     a balancer (a Kubernetes headless Service has one per pod), so addresses that appear
@@ -595,6 +598,9 @@ class BalancerLink:
     host_header: str | None = None
     """The name the balancer was given by (``NAME:PORT``), sent as ``Host`` when the
     link dials one of its addresses."""
+    server_name: str | None = None
+    """That name without the port: over ``wss://``, the name the balancer's certificate
+    is checked against (and sent as SNI), not the address dialed."""
 
 
 class Agent:
@@ -645,7 +651,11 @@ class Agent:
         timeout = aiohttp.ClientTimeout(total=self.options.request_timeout)
         async with (
             aiohttp.ClientSession(
-                timeout=timeout, connector=aiohttp.TCPConnector(force_close=True)
+                timeout=timeout,
+                connector=aiohttp.TCPConnector(
+                    force_close=True,
+                    ssl=self.options.upstream_tls if self.options.upstream_tls else True,
+                ),
             ) as llama,
             aiohttp.ClientSession(
                 # bounds the connect and the handshake; a live socket is watched by heartbeat
@@ -721,7 +731,9 @@ class Agent:
                 socket_url = str(url.with_host(ip))
                 wanted.append(
                     by_url.get(socket_url)
-                    or BalancerLink(address, socket_url, host_header=f"{host}:{port}")
+                    or BalancerLink(
+                        address, socket_url, host_header=f"{host}:{port}", server_name=host
+                    )
                 )
         # two names (or a name and an address) for one balancer: one link, or the agent
         # would register there twice and flap
@@ -954,6 +966,7 @@ class Agent:
         """Keep one balancer informed: connect, report, reconnect with backoff."""
         backoff = self.options.backoff_initial
         headers = {"Authorization": f"Bearer {self.options.cluster_token}"}
+        secure = link.socket_url.startswith("wss://")
         if link.host_header is not None:
             headers["Host"] = link.host_header
         while not self._stopping.is_set():
@@ -962,6 +975,7 @@ class Agent:
                     link.socket_url,
                     headers=headers,
                     ssl=self.options.tls if self.options.tls is not None else True,
+                    server_hostname=link.server_name if secure else None,
                     heartbeat=BALANCER_HEARTBEAT_S,
                     timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
                     max_msg_size=4 * 1024 * 1024,
@@ -986,10 +1000,14 @@ class Agent:
                 link.failures += 1
                 if exc.status in (401, 403):
                     link.refusals += 1
-                    link.last_error = f"cluster token refused (HTTP {exc.status})"
+                    link.last_error = (
+                        f"cluster token or client certificate refused (HTTP {exc.status})"
+                    )
                     log.error(
-                        "balancer refused the cluster token balancer=%s status=%s: check "
-                        "CORRAL_CLUSTER_TOKEN matches the balancer's; retry_in=%.1fs",
+                        "balancer refused the cluster token or client certificate balancer=%s "
+                        "status=%s: check CORRAL_CLUSTER_TOKEN matches the balancer's, and "
+                        "under its agent_auth certificate or both, that tls_client_cert is "
+                        "issued by its tls_client_ca; retry_in=%.1fs",
                         link.socket_url,
                         exc.status,
                         backoff,

@@ -35,7 +35,7 @@ from corral.observe.statsd import StatsdPusher
 from corral.observe.tracing import Tracing
 from corral.scheduling.policies import make_policy
 from corral.scheduling.scheduler import Scheduler
-from corral.tls import ServerCertificate, self_context
+from corral.tls import ServerCertificate, client_context, self_context
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class Balancer:
                 cors_origins=tuple(settings.cors_origins),
                 expose_slots=settings.expose_slots,
                 loading_notices=settings.loading_notices,
+                upstream_tls=client_context(settings.tls_ca) if settings.tls_ca else None,
             ),
         )
         self.management = Management(
@@ -97,6 +98,7 @@ class Balancer:
             self.metrics,
             management_token=management_token,
             cluster_token=cluster_token,
+            agent_auth=settings.agent_auth,
         )
         self.traffic = RecentTraffic()
         self.gateway.traffic = self.traffic
@@ -126,7 +128,9 @@ class Balancer:
             self.gateway.admission.tracing = self.tracing
             self.tracing.watch(self.scheduler)
         if self.settings.tls_cert is not None and self.settings.tls_key is not None:
-            self.certificate = ServerCertificate(self.settings.tls_cert, self.settings.tls_key)
+            self.certificate = ServerCertificate(
+                self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca
+            )
         for app, (host, port) in (
             (self.gateway.app, self.settings.inference_host_port()),
             (self.management.app, self.settings.management_host_port()),

@@ -275,8 +275,28 @@ class Settings(BaseModel):
     tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert.")
     tls_ca: Path | None = Field(
         default=None,
-        description="PEM CA bundle an agent verifies https:// balancers against (default: "
-        "the system's trust store).",
+        description="PEM CA bundle https:// balancers (for an agent) and https:// "
+        "llama-servers (for an agent and a balancer) are verified against (default: the "
+        "system's trust store).",
+    )
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description="Balancer: PEM CA bundle agents' client certificates are verified "
+        "against (mutual TLS; needs tls_cert). The management listener then asks every "
+        "client for a certificate; people and tools without one still use the token.",
+    )
+    tls_client_cert: Path | None = Field(
+        default=None,
+        description="Agent: PEM client certificate (chain) it presents to balancers "
+        "(mutual TLS, with tls_client_key); loaded when the agent starts.",
+    )
+    tls_client_key: Path | None = Field(
+        default=None, description="Agent: PEM private key of tls_client_cert."
+    )
+    agent_auth: Literal["token", "certificate", "both"] = Field(
+        default="token",
+        description="Balancer: what lets an agent register: the cluster token, a client "
+        "certificate verified against tls_client_ca, or both.",
     )
     policy: PolicyName = Field(default="least_busy", description="Placement policy.")
     pin_slots: bool = Field(
@@ -369,7 +389,15 @@ class Settings(BaseModel):
         default=None, description="URL of an external llama-server an agent watches."
     )
     external_llama_server: str | None = Field(
-        default=None, description="URL the balancer uses to reach it, if different."
+        default=None,
+        description="URL the balancer uses to reach it, if different. For the llama-servers "
+        "an agent starts (--model): a URL without a port gets each server's own port.",
+    )
+    llama_server_host: str = Field(
+        default="127.0.0.1",
+        description="Agent with --model: the address the llama-servers it starts listen on "
+        "(0.0.0.0, or the host's address, for balancers on other hosts; with "
+        "external_llama_server naming the address they dial).",
     )
     slot_source: SlotSource = Field(
         default="slots",
@@ -465,6 +493,17 @@ class Settings(BaseModel):
     def _check_tls(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both, or neither")
+        if (self.tls_client_cert is None) != (self.tls_client_key is None):
+            raise ValueError(
+                "tls_client_cert and tls_client_key go together: give both, or neither"
+            )
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs TLS on the listeners: set tls_cert and tls_key")
+        if self.agent_auth != "token" and self.tls_client_ca is None:
+            raise ValueError(
+                f"agent_auth: {self.agent_auth} checks agents' client certificates: set "
+                "tls_client_ca (the CA that issues them)"
+            )
         return self
 
     @field_validator("inference_addr", "management_addr", "statsd_addr")

@@ -23,18 +23,31 @@ RELOAD_INTERVAL = 5.0
 
 
 class ServerCertificate:
-    """The server context of ``cert`` and ``key``, reloaded when they change."""
+    """The server context of ``cert`` and ``key``, reloaded when they change.
 
-    def __init__(self, cert: Path, key: Path) -> None:
+    With ``client_ca`` (mutual TLS) the listener asks every client for a certificate
+    and verifies one it gets against that bundle; a client that sends none still
+    connects (people and tools use the management token), and the handler decides with
+    :func:`verified_peer`. A changed bundle adds its certificates at the next reload
+    (one taken out stays trusted until a restart)."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
         self.cert = cert
         self.key = key
+        self.client_ca = client_ca
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(cert, key)  # raises for a bad pair: corral won't start
+        if client_ca is not None:
+            self.context.verify_mode = ssl.CERT_OPTIONAL
+            self.context.load_verify_locations(cafile=str(client_ca))
         self._stamp = self._stamps()
         self.reloads = 0
 
-    def _stamps(self) -> tuple[int, int]:
-        return self.cert.stat().st_mtime_ns, self.key.stat().st_mtime_ns
+    def _stamps(self) -> tuple[int, ...]:
+        files = (self.cert, self.key) if self.client_ca is None else (
+            self.cert, self.key, self.client_ca
+        )  # fmt: skip
+        return tuple(path.stat().st_mtime_ns for path in files)
 
     def reload_if_changed(self) -> bool:
         """Load the files again if they changed; True when the new pair took effect. A
@@ -48,6 +61,8 @@ class ServerCertificate:
             return False
         try:
             self.context.load_cert_chain(self.cert, self.key)
+            if self.client_ca is not None:
+                self.context.load_verify_locations(cafile=str(self.client_ca))
         except (OSError, ssl.SSLError) as exc:
             log.warning(
                 "TLS certificate not reloaded (the old one stays) cert=%s error=%s", self.cert, exc
@@ -66,10 +81,23 @@ class ServerCertificate:
                 self.reload_if_changed()
 
 
-def client_context(ca: Path | None) -> ssl.SSLContext:
+def client_context(
+    ca: Path | None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
     """What an agent verifies a balancer's certificate against: ``ca`` (a PEM bundle),
-    else the system's trust store."""
-    return ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    else the system's trust store; with ``cert`` and ``key``, the client certificate it
+    presents (mutual TLS)."""
+    context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    if cert is not None and key is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def verified_peer(transport: object) -> bool:
+    """Whether the peer of a TLS ``transport`` presented a certificate that verified
+    against the listener's ``client_ca`` (:class:`ServerCertificate`)."""
+    get = getattr(transport, "get_extra_info", None)
+    return bool(get("peercert")) if get is not None else False
 
 
 def self_context(cert: Path) -> ssl.SSLContext:

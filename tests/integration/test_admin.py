@@ -35,13 +35,17 @@ AUTH = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
 
 
 async def owning_agent(
-    procs: Processes, balancer: BalancerProc, model: Path, *llama_args: str
+    procs: Processes,
+    balancer: BalancerProc,
+    model: Path,
+    *llama_args: str,
+    flags: tuple[str, ...] = (),
 ) -> Proc:
     binary = fake_binary(procs.tmp, "--token-delay", "0.02", "--tokens", "10")
     args = [
         sys.executable, "-m", "corral.cli", "agent", "--model", str(model),
         "--llama-server", str(binary), "--balancer", balancer.management,
-        "--log-dir", str(procs.tmp / "logs"), "--", *llama_args,
+        "--log-dir", str(procs.tmp / "logs"), *flags, "--", *llama_args,
     ]  # fmt: skip
     return await procs._spawn("agent", args, procs._env())
 
@@ -95,6 +99,23 @@ async def test_agent_with_model_starts_and_reports_its_own_llama_server(
     assert await asyncio.wait_for(agent.process.wait(), 20) == 0
     _, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
+
+
+async def test_an_agents_llama_server_listens_where_other_hosts_reach_it(
+    procs: Processes, http: aiohttp.ClientSession, model: Path
+) -> None:
+    # every address, and balancers told another one (127.0.0.2 stands for the pod's IP)
+    balancer = await procs.balancer()
+    flags = ("--llama-server-host", "0.0.0.0", "--external-llama-server", "http://127.0.0.2")
+    agent = await owning_agent(procs, balancer, model, flags=flags)
+    await wait_for(ready_count(balancer, http)(1), "the instance")
+    instance = await only_instance(http, balancer)
+    (server,) = psutil.Process(agent.process.pid).children(recursive=True)
+    line = server.cmdline()
+    port = line[line.index("--port") + 1]
+    assert line[line.index("--host") + 1] == "0.0.0.0"
+    assert instance["url"] == f"http://127.0.0.2:{port}"  # its own port, added to the URL
+    assert await chat(http, balancer) == 200  # the balancer dialed 127.0.0.2
 
 
 async def test_reconfigure_restarts_with_new_arguments_and_loses_no_request(

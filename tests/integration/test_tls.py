@@ -166,3 +166,158 @@ async def test_status_reads_a_tls_management_listener_with_its_ca(
                 assert "cannot reach the balancer's management API" in err.decode()
     finally:
         await fleet.close()
+
+
+def write_client_pair(ca: trustme.CA, folder: Path, name: str) -> tuple[Path, Path]:
+    issued = ca.issue_cert(name)
+    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
+    cert_path.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    key_path.write_bytes(issued.private_key_pem.bytes())
+    return cert_path, key_path
+
+
+@pytest.mark.parametrize("agent_auth", ["certificate", "both"])
+async def test_mutual_tls_lets_in_agents_with_a_client_certificate(
+    agent_auth: str, ca: trustme.CA, tmp_path: Path
+) -> None:
+    cert, key = write_pair(ca, tmp_path)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    outsider = trustme.CA()  # a certificate from another CA is no better than none
+    fleet = await start_fleet(
+        tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(ca_file), agent_auth=agent_auth
+    )
+    management = f"https://{fleet.balancer.addresses.management}"
+    server = TestServer(build_app(FakeOptions(model="m", slots=2)))
+    await server.start_server()
+    agents: list[tuple[Agent, asyncio.Task[None]]] = []
+
+    def agent(client: tuple[Path, Path] | None, **options: str) -> Agent:
+        tls = client_context(ca_file, *(client or (None, None)))
+        made = Agent(watching(server, [management], tls=tls, **options))
+        agents.append((made, asyncio.create_task(made.run())))
+        return made
+
+    try:
+        # no client certificate: refused, whatever the token
+        bare = agent(None)
+        foreign = agent(write_client_pair(outsider, tmp_path, "foreign"))
+        await wait_for(lambda: bare.links[0].refusals > 0, "the refusal")
+        assert "refused" in bare.links[0].last_error
+        await wait_for(lambda: foreign.links[0].failures > 0, "the foreign certificate")
+        pair = write_client_pair(ca, tmp_path, "agent-1")
+        if agent_auth == "both":  # a good certificate with a wrong token: refused too
+            wrong = agent(pair, cluster_token="wrong")
+            await wait_for(lambda: wrong.links[0].refusals > 0, "the token's refusal")
+        assert not fleet.balancer.scheduler.fleet.instances
+        # a certificate the balancer's CA issued: registered (with the token for "both";
+        # under "certificate" the token is not looked at)
+        token = {} if agent_auth == "both" else {"cluster_token": "not-checked"}
+        agent(pair, **token)
+        await wait_for(lambda: fleet.usable() == 1, "the agent with its certificate")
+        # people and tools without a certificate still use the management token
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                management + "/api/v1/fleet",
+                headers={"Authorization": f"Bearer {MANAGEMENT_TOKEN}"},
+                ssl=client_context(ca_file),
+            ) as response,
+        ):
+            assert response.status == 200
+    finally:
+        for made, task in agents:
+            await made.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await server.close()
+        await fleet.close()
+
+
+def test_mutual_tls_settings_say_what_is_missing(tmp_path: Path) -> None:
+    from corral.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="set tls_client_ca"):
+        load_settings(environ={}, overrides={"agent_auth": "certificate"})
+    with pytest.raises(ConfigError, match="tls_client_ca needs TLS"):
+        load_settings(environ={}, overrides={"tls_client_ca": str(tmp_path / "ca.pem")})
+    with pytest.raises(ConfigError, match="tls_client_cert and tls_client_key go together"):
+        load_settings(environ={}, overrides={"tls_client_cert": str(tmp_path / "c.pem")})
+
+
+async def test_an_https_llama_server_is_verified_against_the_ca(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(served)
+    # llama-server with --ssl-key-file/--ssl-cert-file: the fake speaks https the same way
+    server = TestServer(build_app(FakeOptions(model="m", slots=2)))
+    await server.start_server(ssl=served)
+    assert str(server.make_url("")).startswith("https://")
+    agents: list[tuple[Agent, asyncio.Task[None]]] = []
+
+    def agent(fleet_address: str, upstream: ssl.SSLContext | None) -> Agent:
+        made = Agent(watching(server, [fleet_address], upstream_tls=upstream))
+        agents.append((made, asyncio.create_task(made.run())))
+        return made
+
+    trusting = await start_fleet(tls_ca=str(ca_file))
+    untrusting = await start_fleet()
+    try:
+        # an agent without the CA cannot read it: the instance is reported unusable
+        blind = agent(untrusting.balancer.addresses.management, None)
+        instances = untrusting.balancer.scheduler.fleet.instances
+        await wait_for(lambda: blind.seq > 0 and bool(instances), "the blind agent report")
+        (seen,) = instances.values()
+        await wait_for(lambda: bool(seen.issues), "the certificate problem")
+        assert "certificate" in seen.issues[0].message.lower(), seen.issues
+        assert untrusting.usable() == 0
+        # with it, the agent reports the instance and the balancer relays over https
+        agent(trusting.balancer.addresses.management, client_context(ca_file))
+        await wait_for(lambda: trusting.usable() == 1, "the instance over https")
+        status, body, _ = await trusting.chat("m")
+        assert status == 200, body
+    finally:
+        for made, task in agents:
+            await made.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await server.close()
+        await trusting.close()
+        await untrusting.close()
+
+
+async def test_balancers_found_by_name_are_verified_by_that_name(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    name = "balancers.corral.test"  # a headless Service: the certificate names it, not pods
+    issued = ca.issue_cert(name)
+    cert, key = tmp_path / "name.pem", tmp_path / "name.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    key.write_bytes(issued.private_key_pem.bytes())
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    fleet = await start_fleet(tls_cert=str(cert), tls_key=str(key))
+    port = int(fleet.balancer.addresses.management.rsplit(":", 1)[1])
+
+    async def resolve(host: str, asked_port: int) -> list[str]:
+        assert host == name
+        return ["127.0.0.1"]
+
+    server = TestServer(build_app(FakeOptions(model="m", slots=2)))
+    await server.start_server()
+    agent = Agent(
+        watching(server, [f"https://{name}:{port}"], tls=client_context(ca_file), resolve=resolve)
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        await wait_for(lambda: fleet.usable() == 1, "the agent over wss:// to 127.0.0.1")
+        assert agent.links[0].socket_url == f"wss://127.0.0.1:{port}/api/v1/agents/socket"
+    finally:
+        await agent.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await server.close()
+        await fleet.close()

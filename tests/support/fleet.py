@@ -31,12 +31,14 @@ def watching(server: TestServer, balancers: list[str], **options: Any) -> AgentO
     """A test agent's options: it watches ``server`` and reports to ``balancers``,
     polling and reconnecting quickly; ``options`` are more :class:`AgentOptions`."""
     return AgentOptions(
-        local_llama_server=str(server.make_url("")).rstrip("/"),
-        balancers=balancers,
-        cluster_token=CLUSTER_TOKEN,
-        poll_interval=0.05,
-        backoff_initial=0.05,
-        **options,
+        **{
+            "local_llama_server": str(server.make_url("")).rstrip("/"),
+            "balancers": balancers,
+            "cluster_token": CLUSTER_TOKEN,
+            "poll_interval": 0.05,
+            "backoff_initial": 0.05,
+            **options,
+        }
     )
 
 

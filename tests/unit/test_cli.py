@@ -93,6 +93,23 @@ def test_llama_server_is_found_flag_then_env_then_cache_then_path(tmp_path: Path
     assert find_llama_server(None, environ).how == "cache"
 
 
+def test_a_build_variant_has_its_own_cached_binary(tmp_path: Path) -> None:
+    plain = {"CORRAL_CACHE_DIR": str(tmp_path), "PATH": ""}
+    cuda = {**plain, "CORRAL_LLAMA_SERVER_CMAKE_ARGS": "-DGGML_CUDA=ON"}
+    both = {**plain, "CORRAL_LLAMA_SERVER_CMAKE_ARGS": "-DLLAMA_OPENSSL=ON  -DGGML_CUDA=ON"}
+    swapped = {**plain, "CORRAL_LLAMA_SERVER_CMAKE_ARGS": "-DGGML_CUDA=ON -DLLAMA_OPENSSL=ON"}
+    folders = {cached_binary(environ=e).parent.name for e in (plain, cuda, both)}
+    assert len(folders) == 3 and cached_binary(environ=plain).parent.name.startswith("b")
+    assert cached_binary(environ=both) == cached_binary(environ=swapped)  # order is no variant
+    made = make_executable(cached_binary(environ=cuda))
+    assert find_llama_server(None, cuda).path == made
+    with pytest.raises(LlamaServerNotFound, match="llama-server install"):
+        find_llama_server(None, plain)  # the default build is another binary
+    bad = {**plain, "CORRAL_LLAMA_SERVER_CMAKE_ARGS": "-DGGML_CUDA=ON --fresh"}
+    with pytest.raises(LlamaServerNotFound, match="only -DNAME=VALUE"):
+        find_llama_server(None, bad)
+
+
 def test_missing_llama_server_says_how_to_install(tmp_path: Path) -> None:
     environ = {"CORRAL_CACHE_DIR": str(tmp_path / "empty"), "PATH": str(tmp_path)}
     with pytest.raises(LlamaServerNotFound, match="corral llama-server install"):

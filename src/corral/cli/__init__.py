@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import get_args
 
 from corral import __version__
+from corral.cli.api_cmds import cmd_openapi
 from corral.cli.common import (
     _err,
 )
@@ -78,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("file", type=Path, help="llama-swap config.yaml")
     swap.add_argument("--write", type=Path, default=None, help="write here instead of stdout")
     swap.set_defaults(func=cmd_config_import_llama_swap)
+
+    # openapi
+    openapi = commands.add_parser(
+        "openapi",
+        help="print the OpenAPI 3.1 description of the management API",
+        description="The OpenAPI 3.1 document of the management API and of the front "
+        "door's own routes, generated from corral's typed models: the same document "
+        "GET /api/v1/openapi.json serves. docs/openapi.json is this output.",
+    )
+    openapi.add_argument(
+        "--output", type=Path, default=None, metavar="FILE", help="write here instead of stdout"
+    )
+    openapi.set_defaults(func=cmd_openapi)
 
     # llama-server
     llama = commands.add_parser("llama-server", help="build and locate llama-server")
@@ -188,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="PEM CA bundle https:// balancers are verified against (the system's by default)",
+    )
+    agent.add_argument(
+        "--llama-server-host",
+        default=None,
+        help="with --model: the address its llama-server listens on (127.0.0.1; 0.0.0.0 "
+        "for balancers on other hosts, with --external-llama-server http://THIS-HOST)",
+    )
+    agent.add_argument(
+        "--tls-client-cert",
+        type=Path,
+        default=None,
+        help="mutual TLS: the PEM client certificate (chain) presented to balancers",
+    )
+    agent.add_argument(
+        "--tls-client-key", type=Path, default=None, help="the PEM key of --tls-client-cert"
     )
     agent.add_argument(
         "--balancer-dns-interval",

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import ssl
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,9 @@ def _balancer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "log_dir": getattr(args, "log_dir", None),
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
+        "tls_ca": args.tls_ca,
+        "tls_client_ca": args.tls_client_ca,
+        "agent_auth": args.agent_auth,
     }
 
 
@@ -60,6 +64,7 @@ def _inner_agents(
             balancers=[balancer.agent_address],
             cluster_token=cluster_token,
             tls=balancer.agent_tls,
+            upstream_tls=client_context(settings.tls_ca) if settings.tls_ca else None,
             llama_server_api_key=key.get_secret_value() if key else None,
             slot_source=args.slot_source or settings.slot_source,
         )
@@ -131,6 +136,25 @@ def _add_balancer_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tls-key", type=Path, default=None, help="the PEM key of --tls-cert")
     parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="PEM CA bundle https:// llama-servers are verified against (the system's by default)",
+    )
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="mutual TLS: verify agents' client certificates against this PEM CA bundle",
+    )
+    parser.add_argument(
+        "--agent-auth",
+        default=None,
+        choices=["token", "certificate", "both"],
+        help="what lets an agent register: the cluster token (the default), a client "
+        "certificate verified against --tls-client-ca, or both",
+    )
+    parser.add_argument(
         "--policy",
         default=None,
         choices=["least_busy", "round_robin", "random", "prefix"],
@@ -187,13 +211,22 @@ def _agent_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "balancers": args.balancer or None,
         "local_llama_server": args.local_llama_server,
         "external_llama_server": args.external_llama_server,
+        "llama_server_host": args.llama_server_host,
         "slot_source": args.slot_source,
         "agent_name": args.name,
         "balancer_dns_interval": args.balancer_dns_interval,
         "tls_ca": args.tls_ca,
+        "tls_client_cert": args.tls_client_cert,
+        "tls_client_key": args.tls_client_key,
         "cluster_token_file": args.cluster_token_file,
         "log_dir": args.log_dir,
     }
+
+
+def agent_tls(settings: Any) -> ssl.SSLContext:
+    """What an agent dials balancers with: their CA (``tls_ca``, else the system's) and,
+    for mutual TLS, its client certificate (``tls_client_cert``/``tls_client_key``)."""
+    return client_context(settings.tls_ca, settings.tls_client_cert, settings.tls_client_key)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -213,6 +246,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
         _err("an agent reports to balancers: give --balancer HOST:PORT (repeatable)")
         return 2
     try:
+        agent_tls(settings)
+    except (OSError, ssl.SSLError) as exc:
+        _err(f"cannot load the agent's TLS files (tls_ca, tls_client_cert/key): {exc}")
+        return 2
+    try:
         cluster_token = _cluster_token(settings, create=False)
     except (TokenError, OSError) as exc:
         _err(str(exc))
@@ -229,7 +267,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         slot_source=settings.slot_source,
         llama_server_api_key=api_key.get_secret_value() if api_key else None,
         balancer_dns_interval=settings.balancer_dns_interval,
-        tls=client_context(settings.tls_ca),
+        tls=agent_tls(settings),
+        upstream_tls=client_context(settings.tls_ca) if settings.tls_ca else None,
     )
     if settings.agent_name:
         options.name = settings.agent_name
@@ -256,6 +295,8 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
     table (one per model): start, supervise and report each."""
     import socket
 
+    from yarl import URL
+
     from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
     from corral.supervisor.instance import supervisor_options
     from corral.supervisor.managed import ManagedInstance, ManagedOptions, check_reserved
@@ -278,6 +319,13 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
                 _err(f"models.{model_id}.path: an agent needs the GGUF file to start")
                 return 2
             wanted.append((model_id, config.path, list(config.args), list(config.aliases)))
+    external = settings.external_llama_server
+    if external is not None and len(wanted) > 1 and URL(external).explicit_port is not None:
+        _err(
+            "external_llama_server names one port, and this agent starts "
+            f"{len(wanted)} llama-servers: give it without a port (each server's own is used)"
+        )
+        return 2
     try:
         binary = find_llama_server(args.llama_server or settings.llama_server).path
         for model_id, path, extra, _ in wanted:
@@ -302,10 +350,12 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
                     lease=lease,
                     balancers=list(settings.balancers),
                     cluster_token=cluster_token,
+                    host=settings.llama_server_host,
+                    external_url=settings.external_llama_server,
                     llama_args=extra,
                     agent_name=settings.agent_name or socket.gethostname(),
                     balancer_dns_interval=settings.balancer_dns_interval,
-                    tls=client_context(settings.tls_ca),
+                    tls=agent_tls(settings),
                     poll_interval=0.25,
                     supervisor=supervisor_options(settings),
                     log_dir=settings.log_dir,

@@ -6,7 +6,8 @@ then does the instance's agent restart it. Requests that arrive meanwhile wait i
 the buffer or go to other instances of the model. Commands travel over the agent's
 WebSocket, so the same calls work for ``corral serve`` and for remote agents.
 
-Routes (``AGENT/ID`` is the instance id shown by ``/api/v1/instances``):
+Routes (``AGENT/ID`` is the instance id shown by ``/api/v1/instances``; their answers,
+query parameters and defaults are typed in :mod:`corral.control.api_schema`):
 
 - ``POST /api/v1/instances/AGENT/ID/restart``: drain, restart.
 - ``POST /api/v1/instances/AGENT/ID/reconfigure`` with ``{"args": [...]}`` and/or
@@ -23,10 +24,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
+from corral.control.api_schema import (
+    MAX_LOG_LINES,
+    BadInput,
+    DrainQuery,
+    LogsAnswer,
+    LogsQuery,
+    Query,
+    ReconfigureAnswer,
+    RestartAnswer,
+    RestartStep,
+    RollingRestartAnswer,
+    RollingRestartQuery,
+    parse_query,
+    reply,
+)
 from corral.fleet.state import Instance, InstanceState
 from corral.gateway.errors import error_response
 from corral.supervisor.flags import FlagError, check_llama_args
@@ -36,10 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DRAIN_TIMEOUT = 30.0
-DEFAULT_READY_TIMEOUT = 300.0
-DEFAULT_LOG_LINES = 200
-MAX_LOG_LINES = 5000
 LOG_FOLLOW_INTERVAL = 0.5
 
 
@@ -50,14 +62,15 @@ class AdminError(Exception):
         self.message = message
 
 
-def _seconds(request: web.Request, name: str, default: float) -> float:
+Q = TypeVar("Q", bound=Query)
+
+
+def _query(model: type[Q], request: web.Request) -> Q:
+    """The route's query parameters (:mod:`corral.control.api_schema`), or a 400."""
     try:
-        value = float(request.query.get(name, default))
-    except ValueError:
-        raise AdminError(400, f"{name} must be a number of seconds") from None
-    if value < 0:
-        raise AdminError(400, f"{name} must not be negative")
-    return value
+        return parse_query(model, request)
+    except BadInput as exc:
+        raise AdminError(400, str(exc)) from None
 
 
 class InstanceAdmin:
@@ -119,74 +132,81 @@ class InstanceAdmin:
 
     async def restart(self, request: web.Request) -> web.Response:
         try:
+            query = _query(DrainQuery, request)
             instance = self._instance(request)
-            timeout = _seconds(request, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)
-            drained = await self._drain_and_command(instance, timeout, "restart", {})
+            drained = await self._drain_and_command(instance, query.drain_timeout, "restart", {})
         except AdminError as exc:
             return self._error(exc)
-        return web.json_response(
-            {"instance": instance.id, "restarting": True, "drained": drained}, status=202
-        )
+        return reply(RestartAnswer(instance=instance.id, restarting=True, drained=drained), 202)
 
     async def reconfigure(self, request: web.Request) -> web.Response:
         try:
+            query = _query(DrainQuery, request)
+            change = await self._change(request)  # a bad request is a 400 for any instance
             instance = self._instance(request)
-            timeout = _seconds(request, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)
-            try:
-                body = await request.json()
-            except (ValueError, UnicodeDecodeError):
-                raise AdminError(
-                    400, 'the body must be JSON: {"args": ["--flag", "value"]}'
-                ) from None
-            usage = 'the body must be {"args": [...], "port": N}, with at least one of them'
-            if not isinstance(body, dict) or not ({"args", "port"} & set(body)):
-                raise AdminError(400, usage)
-            if set(body) - {"args", "port"}:
-                raise AdminError(400, f"unknown keys {sorted(set(body) - {'args', 'port'})}")
-            change: dict[str, Any] = {}
-            if "args" in body:
-                if not isinstance(body["args"], list):
-                    raise AdminError(400, "args must be a list of strings")
-                try:
-                    change["args"] = check_llama_args(body["args"])
-                except FlagError as exc:
-                    raise AdminError(400, f"refused llama-server arguments: {exc}") from None
-            if "port" in body:
-                port = body["port"]
-                if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-                    raise AdminError(400, "port must be a whole number from 1 to 65535")
-                change["port"] = port
-            drained = await self._drain_and_command(instance, timeout, "reconfigure", change)
+            drained = await self._drain_and_command(
+                instance, query.drain_timeout, "reconfigure", change
+            )
         except AdminError as exc:
             return self._error(exc)
-        return web.json_response(
-            {"instance": instance.id, "restarting": True, "drained": drained, **change},
-            status=202,
-        )
+        answer = ReconfigureAnswer(instance=instance.id, restarting=True, drained=drained, **change)
+        return reply(answer, 202)
+
+    @staticmethod
+    async def _change(request: web.Request) -> dict[str, Any]:
+        """The reconfigure body (:class:`~corral.control.api_schema.ReconfigureRequest`),
+        checked by hand so that each refusal says exactly which argument is wrong."""
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deep
+            raise AdminError(400, 'the body must be JSON: {"args": ["--flag", "value"]}') from None
+        usage = 'the body must be {"args": [...], "port": N}, with at least one of them'
+        if not isinstance(body, dict) or not ({"args", "port"} & set(body)):
+            raise AdminError(400, usage)
+        if set(body) - {"args", "port"}:
+            raise AdminError(400, f"unknown keys {sorted(set(body) - {'args', 'port'})}")
+        change: dict[str, Any] = {}
+        if "args" in body:
+            if not isinstance(body["args"], list):
+                raise AdminError(400, "args must be a list of strings")
+            try:
+                change["args"] = check_llama_args(body["args"])
+            except FlagError as exc:
+                raise AdminError(400, f"refused llama-server arguments: {exc}") from None
+        if "port" in body:
+            port = body["port"]
+            if isinstance(port, float) and port.is_integer():
+                port = int(port)  # 8080.0 is the integer 8080 to JSON (and its schema)
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+                raise AdminError(400, "port must be a whole number from 1 to 65535")
+            change["port"] = port
+        return change
 
     async def rolling_restart(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
         try:
-            drain_timeout = _seconds(request, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)
-            ready_timeout = _seconds(request, "ready_timeout", DEFAULT_READY_TIMEOUT)
+            query = _query(RollingRestartQuery, request)
             pool = sorted(self.scheduler.fleet.pool(model), key=lambda i: i.id)
             if not pool:
                 raise AdminError(404, f"no instance serves model {model!r}")
-            results = []
+            results: list[RestartStep] = []
             for instance in pool:
-                drained = await self._drain_and_command(instance, drain_timeout, "restart", {})
+                drained = await self._drain_and_command(
+                    instance, query.drain_timeout, "restart", {}
+                )
                 await self._wait_down(instance.id)
-                ready = await self._wait_ready(instance.id, ready_timeout)
-                results.append({"instance": instance.id, "drained": drained, "ready": ready})
+                ready = await self._wait_ready(instance.id, query.ready_timeout)
+                results.append(RestartStep(instance=instance.id, drained=drained, ready=ready))
                 if not ready:
+                    steps = json.dumps([step.model_dump() for step in results])
                     raise AdminError(
                         504,
-                        f"{instance.id} was not ready again within {ready_timeout:g} s; "
-                        f"the rolling restart stopped there: {json.dumps(results)}",
+                        f"{instance.id} was not ready again within {query.ready_timeout:g} s; "
+                        f"the rolling restart stopped there: {steps}",
                     )
         except AdminError as exc:
             return self._error(exc)
-        return web.json_response({"model": model, "restarted": results})
+        return reply(RollingRestartAnswer(model=model, restarted=results))
 
     async def _wait_down(self, instance_id: str, limit_s: float = 10.0) -> None:
         """Wait until the agent reports the instance not ready (the restart began)."""
@@ -199,24 +219,21 @@ class InstanceAdmin:
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
         try:
+            query = _query(LogsQuery, request)
             instance = self._instance(request)
-            try:
-                lines = min(int(request.query.get("lines", DEFAULT_LOG_LINES)), MAX_LOG_LINES)
-            except ValueError:
-                raise AdminError(400, "lines must be a whole number") from None
-            reply = await self.management.command(
-                instance.agent_id, instance.id, "logs", {"lines": lines}
+            answer = await self.management.command(
+                instance.agent_id, instance.id, "logs", {"lines": min(query.lines, MAX_LOG_LINES)}
             )
-            if reply is None or not reply.get("ok"):
-                detail = "no answer from the agent" if reply is None else reply.get("detail")
+            if answer is None or not answer.get("ok"):
+                detail = "no answer from the agent" if answer is None else answer.get("detail")
                 raise AdminError(409, f"cannot read the logs of {instance.id}: {detail}")
         except AdminError as exc:
             return self._error(exc)
-        if request.query.get("follow") not in ("1", "true", "yes"):
-            return web.json_response(
-                {"instance": instance.id, "lines": reply["lines"], "cursor": reply["cursor"]}
+        if not query.follow:
+            return reply(
+                LogsAnswer(instance=instance.id, lines=answer["lines"], cursor=answer["cursor"])
             )
-        return await self._follow(request, instance, reply)
+        return await self._follow(request, instance, answer)
 
     async def _follow(
         self, request: web.Request, instance: Instance, first: dict[str, Any]

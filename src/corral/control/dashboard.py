@@ -18,18 +18,21 @@ Live data comes from one server-sent event stream, ``GET /api/v1/dashboard/strea
 - ``traffic``: requests, errors and latency per model over the last minutes
   (:class:`corral.observe.recent.RecentTraffic`), every ``TRAFFIC_EVERY`` seconds.
 
-``GET /api/v1/traffic`` answers the latter once, for scripts.
+``GET /api/v1/traffic`` answers the latter once, for scripts. Both events' data are
+typed in :mod:`corral.control.api_schema` (``DashboardFleetView``, ``TrafficView``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+from corral.control.api_schema import DashboardFleetView, TrafficView
+from corral.observe.recent import RecentTraffic
 
 if TYPE_CHECKING:
     from corral.control.management import Management
@@ -97,16 +100,17 @@ class Dashboard:
         )
 
     def traffic_view(self) -> dict[str, Any]:
-        traffic = self.management.traffic
-        if traffic is None:
-            return {"time": time.time(), "models": {}}
-        return traffic.summary()
+        """:class:`~corral.control.api_schema.TrafficView`: nothing recorded yet, in the
+        same shape, when this management API keeps no traffic."""
+        traffic = self.management.traffic or RecentTraffic()
+        return TrafficView.model_validate(traffic.summary()).model_dump(mode="json")
 
     def fleet_view(self) -> dict[str, Any]:
-        view = self.management.snapshot()
+        """:class:`~corral.control.api_schema.DashboardFleetView`."""
         host = self.management.host
-        view["catalog"] = host.status() if host is not None else None
-        return view
+        catalog = host.status() if host is not None else None
+        view = DashboardFleetView.model_validate({**self.management.snapshot(), "catalog": catalog})
+        return view.model_dump(mode="json", exclude_unset=True)
 
     async def traffic(self, request: web.Request) -> web.Response:
         return web.json_response(self.traffic_view())

@@ -1,6 +1,8 @@
 """The management API: fleet views, events, metrics, and the agents' WebSocket.
 
-Every route but the dashboard's static files and the probes (``/livez``, ``/readyz``:
+Every route is described, with its answers' shapes, by the OpenAPI document at
+``/api/v1/openapi.json`` (:mod:`corral.control.openapi`). Every route but the
+dashboard's static files and the probes (``/livez``, ``/readyz``:
 :mod:`corral.control.probes`) needs a token: the management token for people and tools, the cluster
 token for agents registering over ``/api/v1/agents/socket``. Both are compared in
 constant time and never logged.
@@ -35,16 +37,31 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from corral import __version__
 from corral.control.admin import InstanceAdmin
+from corral.control.api_schema import (
+    AgentsList,
+    AutoscalingQuery,
+    BadInput,
+    BufferView,
+    FleetDemandView,
+    FleetView,
+    InstancesList,
+    ModelDemandView,
+    parse_query,
+    reply,
+)
 from corral.control.dashboard import Dashboard, is_public
+from corral.control.http_errors import note_prepared, openai_errors
 from corral.control.models_admin import ModelAdmin
+from corral.control.openapi import OPENAPI_PATH, openapi_text
 from corral.control.probes import PROBE_PATHS, Probes
 from corral.gateway.auth import key_matches, presented_key
 from corral.gateway.errors import error_response
-from corral.observe.autoscaling import TARGET_UTILIZATION, fleet_demand, model_demand
+from corral.observe.autoscaling import fleet_demand, model_demand
 from corral.observe.metrics import BalancerMetrics
 from corral.observe.recent import RecentTraffic
 from corral.protocol import AGENT_SOCKET_PATH, InstanceReport
 from corral.scheduling.scheduler import Scheduler
+from corral.tls import verified_peer
 
 if TYPE_CHECKING:
     from corral.hosting import Host
@@ -62,8 +79,11 @@ class Management:
         *,
         management_token: str,
         cluster_token: str,
+        agent_auth: str = "token",
     ) -> None:
         self.scheduler = scheduler
+        self.agent_auth = agent_auth
+        """What lets an agent register: ``token``, ``certificate`` (mutual TLS) or ``both``."""
         self.metrics = metrics
         self.management_token = management_token
         self.cluster_token = cluster_token
@@ -73,8 +93,10 @@ class Management:
         self._pending: dict[Any, asyncio.Future[dict[str, Any]]] = {}
         self._command_ids = itertools.count(1)
         scheduler.listeners.append(self._broadcast)
-        self.app = web.Application(middlewares=[self._auth])
+        self.app = web.Application(middlewares=[openai_errors, self._auth])
+        self.app.on_response_prepare.append(note_prepared)
         r = self.app.router
+        r.add_get(OPENAPI_PATH, self.openapi)
         r.add_get(AGENT_SOCKET_PATH, self.agent_socket)
         r.add_get("/api/v1/agents", self.agents)
         r.add_get("/api/v1/instances", self.instances)
@@ -101,28 +123,52 @@ class Management:
         if is_public(request.path) or request.path in PROBE_PATHS:
             response: web.StreamResponse = await handler(request)
             return response  # the dashboard's static files and the probes: no data in them
-        token = self.cluster_token if request.path == AGENT_SOCKET_PATH else self.management_token
-        if not key_matches(presented_key(request), [token]):
-            what = "cluster token" if request.path == AGENT_SOCKET_PATH else "management token"
+        if request.path == AGENT_SOCKET_PATH:
+            refused = self._agent_refused(request)
+            if refused is not None:
+                return refused
+            response = await handler(request)
+            return response
+        if not key_matches(presented_key(request), [self.management_token]):
             return error_response(
                 401,
-                f"missing or invalid {what}: send `Authorization: Bearer TOKEN`",
+                "missing or invalid management token: send `Authorization: Bearer TOKEN`",
                 headers={"WWW-Authenticate": "Bearer"},
             )
         response = await handler(request)
         return response
 
+    def _agent_refused(self, request: web.Request) -> web.Response | None:
+        """None when the agent may register (``agent_auth``); else the 401 saying what
+        it lacks: the cluster token, a verified client certificate, or both."""
+        lacks = []
+        if self.agent_auth in ("certificate", "both") and not verified_peer(request.transport):
+            lacks.append("a client certificate issued by the balancer's tls_client_ca")
+        if self.agent_auth in ("token", "both") and not key_matches(
+            presented_key(request), [self.cluster_token]
+        ):
+            lacks.append("the cluster token (`Authorization: Bearer TOKEN`)")
+        if not lacks:
+            return None
+        return error_response(
+            401,
+            "agent refused: it needs " + " and ".join(lacks),
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
     # -- views --------------------------------------------------------------------------
 
     async def agents(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"agents": [a.as_dict() for a in self.scheduler.fleet.agents.values()]}
-        )
+        agents = [a.as_dict() for a in self.scheduler.fleet.agents.values()]
+        return reply(AgentsList.model_validate({"agents": agents}))
 
     async def instances(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"instances": [i.as_dict() for i in self.scheduler.fleet.instances.values()]}
-        )
+        instances = [i.as_dict() for i in self.scheduler.fleet.instances.values()]
+        return reply(InstancesList.model_validate({"instances": instances}))
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """This API's OpenAPI description (:mod:`corral.control.openapi`)."""
+        return web.Response(text=openapi_text(), content_type="application/json")
 
     async def command(
         self,
@@ -158,49 +204,53 @@ class Management:
 
     async def buffer(self, request: web.Request) -> web.Response:
         depth = {m or "(any)": self.scheduler.buffered(m) for m in self.scheduler.buffers}
-        return web.json_response(
-            {
-                "buffered": self.scheduler.buffered(),
-                "by_model": depth,
-                "max_buffered_requests": self.scheduler.max_buffered,
-                "buffered_request_timeout": self.scheduler.buffer_timeout,
-            }
+        return reply(
+            BufferView(
+                buffered=self.scheduler.buffered(),
+                by_model=depth,
+                max_buffered_requests=self.scheduler.max_buffered,
+                buffered_request_timeout=self.scheduler.buffer_timeout,
+            )
         )
 
     async def fleet(self, request: web.Request) -> web.Response:
         return web.json_response(self.snapshot())
 
     def snapshot(self) -> dict[str, Any]:
+        """:class:`~corral.control.api_schema.FleetView`, JSON-ready (the events
+        stream's first event, the dashboard's too)."""
         fleet = self.scheduler.fleet
-        return {
-            "version": __version__,
-            "time": time.time(),
-            "agents": [a.as_dict() for a in fleet.agents.values()],
-            "instances": [i.as_dict() for i in fleet.instances.values()],
-            "buffered": {m or "(any)": self.scheduler.buffered(m) for m in self.scheduler.buffers},
-            "models": fleet.served_models(),
-        }
+        view = FleetView.model_validate(
+            {
+                "version": __version__,
+                "time": time.time(),
+                "agents": [a.as_dict() for a in fleet.agents.values()],
+                "instances": [i.as_dict() for i in fleet.instances.values()],
+                "buffered": {
+                    m or "(any)": self.scheduler.buffered(m) for m in self.scheduler.buffers
+                },
+                "models": fleet.served_models(),
+            }
+        )
+        return view.model_dump(mode="json", exclude_unset=True)
 
     async def autoscaling(self, request: web.Request) -> web.Response:
         """Wanted instances per model (:mod:`corral.observe.autoscaling`); ``?model=``
         answers for one model at the top level, ``?target=`` sets the utilization."""
-        raw = request.query.get("target", str(TARGET_UTILIZATION))
         try:
-            target = float(raw)
-        except ValueError:
-            target = -1.0
-        if not 0 < target <= 1:
-            return error_response(400, f"target must be a number in (0, 1], not {raw!r}")
-        model = request.query.get("model")
-        if model is not None:
-            return web.json_response(model_demand(self.scheduler, model, target).as_dict())
-        models = fleet_demand(self.scheduler, target)
-        return web.json_response(
-            {
-                "target_utilization": target,
-                "wanted_instances": sum(m.wanted_instances for m in models),
-                "models": {m.model: m.as_dict() for m in models},
-            }
+            query = parse_query(AutoscalingQuery, request)
+        except BadInput as exc:
+            return error_response(400, str(exc))
+        if query.model is not None:
+            one = model_demand(self.scheduler, query.model, query.target)
+            return reply(ModelDemandView.model_validate(one.as_dict()))
+        models = fleet_demand(self.scheduler, query.target)
+        return reply(
+            FleetDemandView(
+                target_utilization=query.target,
+                wanted_instances=sum(m.wanted_instances for m in models),
+                models={m.model: ModelDemandView.model_validate(m.as_dict()) for m in models},
+            )
         )
 
     async def prometheus(self, request: web.Request) -> web.Response:

@@ -14,6 +14,8 @@ instances belong to remote agents) answers 501.
 - ``POST /api/v1/config/reload``: re-read the config file; only the models whose
   settings changed are unloaded (drained) and load again with the new settings on
   their next request.
+
+Their answers and query parameters are typed in :mod:`corral.control.api_schema`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,18 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from corral.control.api_schema import (
+    LOAD_WAIT_S,
+    BadInput,
+    LoadAnswer,
+    LoadQuery,
+    ModelsList,
+    ReloadAnswer,
+    RescanAnswer,
+    UnloadAnswer,
+    parse_query,
+    reply,
+)
 from corral.gateway.errors import error_body, error_response
 from corral.hosting import LoadRefused
 
@@ -33,9 +47,6 @@ if TYPE_CHECKING:
     from corral.hosting import Host
 
 log = logging.getLogger(__name__)
-
-#: Longest a load call waits for the model to be ready before answering 202.
-LOAD_WAIT_S = 300.0
 
 
 class ModelAdmin:
@@ -65,25 +76,28 @@ class ModelAdmin:
 
     async def list(self, request: web.Request) -> web.Response:
         host = self.host()
-        return web.json_response(
-            {"models": host.status(), "problems": [str(p) for p in host.catalog.problems]}
-        )
+        problems = [str(p) for p in host.catalog.problems]
+        return reply(ModelsList.model_validate({"models": host.status(), "problems": problems}))
 
     async def load(self, request: web.Request) -> web.Response:
         host = self.host()
         name = request.match_info["model"]
         try:
+            query = parse_query(LoadQuery, request)
+        except BadInput as exc:
+            return error_response(400, str(exc))
+        try:
             key = host.load(name)
         except LoadRefused as exc:
             return error_response(404, str(exc), "not_found_error")
-        if request.query.get("wait", "1") in ("0", "false", "no"):
-            return web.json_response({"model": key, "state": "loading"}, status=202)
+        if not query.wait:
+            return reply(LoadAnswer(model=key, state="loading"), 202)
         if await host.wait_loaded(key, LOAD_WAIT_S):
-            return web.json_response({"model": key, "state": "loaded"})
+            return reply(LoadAnswer(model=key, state="loaded"))
         error = host.last_error.get(key)
         if error:
             return error_response(503, error)
-        return web.json_response({"model": key, "state": "loading"}, status=202)
+        return reply(LoadAnswer(model=key, state="loading"), 202)
 
     async def unload(self, request: web.Request) -> web.Response:
         host = self.host()
@@ -97,18 +111,18 @@ class ModelAdmin:
                 f"model {name!r} still had requests in flight after "
                 f"{host.drain_timeout:g} s (drain_timeout); it keeps serving",
             )
-        return web.json_response({"model": name, "state": "unloaded"})
+        return reply(UnloadAnswer(model=name, state="unloaded"))
 
     async def rescan(self, request: web.Request) -> web.Response:
         host = self.host()
         change = host.catalog.apply(await asyncio.to_thread(host.catalog.scan_folders))
-        return web.json_response(
-            {
-                "added": [m.id for m in change.added],
-                "removed": [m.id for m in change.removed],
-                "updated": [m.id for m in change.updated],
-                "models": [m.id for m in host.catalog.models],
-            }
+        return reply(
+            RescanAnswer(
+                added=[m.id for m in change.added],
+                removed=[m.id for m in change.removed],
+                updated=[m.id for m in change.updated],
+                models=[m.id for m in host.catalog.models],
+            )
         )
 
     async def reload_config(self, request: web.Request) -> web.Response:
@@ -119,4 +133,4 @@ class ModelAdmin:
             result = await self.reload()
         except ValueError as exc:
             return error_response(400, f"config not reloaded: {exc}")
-        return web.json_response(result)
+        return reply(ReloadAnswer.model_validate(result))

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Literal
 
 from aiohttp import web
+
+from corral.control.api_schema import ProbeFailing, ProbePassing, reply
 
 #: Seconds without a beat of the control loop after which ``/livez`` fails.
 LIVENESS_LIMIT = 10.0
@@ -69,7 +72,8 @@ class Probes:
         return _answer("ready", self.not_ready())
 
 
-def _answer(good: str, problem: str | None) -> web.Response:
+def _answer(good: Literal["alive", "ready"], problem: str | None) -> web.Response:
     if problem is None:
-        return web.json_response({"status": good})
-    return web.json_response({"status": "not " + good, "reason": problem}, status=503)
+        return reply(ProbePassing(status=good))
+    bad: Literal["not alive", "not ready"] = "not alive" if good == "alive" else "not ready"
+    return reply(ProbeFailing(status=bad, reason=problem), 503)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 
 
@@ -23,3 +24,5 @@ class GatewayOptions:
     loading_notices: bool = False
     """Loading notices for streaming chat requests that wait for their model (see
     :mod:`corral.gateway.notices`); a model's own setting and a request header win."""
+    upstream_tls: ssl.SSLContext | None = None
+    """What ``https://`` instances are verified with (``tls_ca``); None: the system's."""

@@ -80,6 +80,7 @@ class Gateway:
                 upstream_api_key=options.upstream_api_key,
                 connect_timeout=options.connect_timeout,
                 first_byte_timeout=options.first_byte_timeout,
+                tls=options.upstream_tls,
             ),
             metrics,
         )

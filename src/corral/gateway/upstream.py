@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from dataclasses import dataclass
 
 import aiohttp
@@ -67,6 +68,8 @@ class UpstreamOptions:
     """llama-server's ``--api-key``, sent upstream when corral checks keys itself."""
     connect_timeout: float = 5.0
     first_byte_timeout: float = 600.0
+    tls: ssl.SSLContext | None = None
+    """What ``https://`` instances are verified with (``tls_ca``); None: the system's."""
 
 
 class UpstreamFailed(Exception):
@@ -138,7 +141,12 @@ class Upstream:
         """Spare upstream connections being opened, by instance URL (see :meth:`warm`)."""
 
     async def start(self, app: web.Application) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0, enable_cleanup_closed=True)
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            keepalive_timeout=4.0,
+            enable_cleanup_closed=True,
+            ssl=self.options.tls if self.options.tls is not None else True,
+        )
         self.session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,

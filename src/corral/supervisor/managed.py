@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yarl import URL
+
 from corral.agent import Agent, AgentOptions
 from corral.config import SlotSource
 from corral.supervisor.binary import ui_beside
@@ -72,6 +74,25 @@ def static_path_args(
     return ["--path", str(ui)]
 
 
+def _polled(host: str) -> str:
+    """Where the agent reads a server listening on ``host``: loopback for every address."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _with_port(url: str | None, port: int) -> str | None:
+    """``url`` with ``port`` when it names none (``http://10.0.0.5`` -> ``...:8081``)."""
+    if url is None:
+        return None
+    parsed = URL(url)
+    if parsed.explicit_port is not None:
+        return url
+    return str(parsed.with_port(port)).rstrip("/")
+
+
 @dataclass
 class ManagedOptions:
     binary: Path | None
@@ -81,6 +102,11 @@ class ManagedOptions:
     port: int
     balancers: list[str]
     cluster_token: str
+    host: str = "127.0.0.1"
+    """The address llama-server listens on; the agent polls it there (on loopback when
+    it listens on every address)."""
+    external_url: str | None = None
+    """The URL balancers dial, when not the polled one; without a port, :attr:`port`'s."""
     llama_args: list[str] = field(default_factory=list)
     model_id: str | None = None
     """Name clients use; the model file's stem by default."""
@@ -124,11 +150,12 @@ class ManagedInstance:
         self.options = options
         self.model_id = options.model_id or (options.model.stem if options.model else "")
         self.llama_args = list(options.llama_args)
-        url = f"http://127.0.0.1:{options.port}"
+        url = f"http://{_polled(options.host)}:{options.port}"
         generic = options.command is not None
         self.agent = Agent(
             AgentOptions(
                 local_llama_server=url,
+                external_llama_server=_with_port(options.external_url, options.port),
                 balancers=list(options.balancers),
                 cluster_token=options.cluster_token,
                 name=options.agent_name,
@@ -175,7 +202,7 @@ class ManagedInstance:
         if self.options.command is not None:
             values = {
                 **self.options.template_values,
-                "host": "127.0.0.1",
+                "host": self.options.host,
                 "port": str(self.options.port),
                 "model_id": self.model_id,
             }
@@ -185,7 +212,7 @@ class ManagedInstance:
             str(self.options.binary),
             "--model", str(self.options.model),
             "--alias", self.model_id,
-            "--host", "127.0.0.1",
+            "--host", self.options.host,
             "--port", str(self.options.port),
             *self.llama_args,
             *static_path_args(self.options.binary, self.llama_args, self.options.env),
