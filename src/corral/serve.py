@@ -68,13 +68,20 @@ class ServeOptions:
     log_dir: Path | None = None
 
 
-def build_catalog(settings: Settings, options: ServeOptions) -> Catalog:
+def manual_models(settings: Settings, options: ServeOptions) -> dict[str, ModelConfig]:
+    """The models the operator named: the config's ``models`` table, and ``--model``
+    unless the table names it too."""
     manual = dict(settings.models)
     if options.model is not None:
         manual.setdefault(
             options.model.stem,
             ModelConfig(path=options.model, args=list(options.llama_args), preload=True),
         )
+    return manual
+
+
+def build_catalog(settings: Settings, options: ServeOptions) -> Catalog:
+    manual = manual_models(settings, options)
     dirs = list(options.models_dirs or settings.models_dirs)
     if dirs:
         return Catalog(dirs, manual)
@@ -168,7 +175,8 @@ class LocalServe:
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
         old = self.settings
-        changed = set(self.catalog.set_manual(new.models))
+        # --model stays: it came from the command line, not from the file
+        changed = set(self.catalog.set_manual(manual_models(new, self.options)))
         if old.llama_args != new.llama_args or old.model_ttl != new.model_ttl:
             changed.update(m.id for m in self.catalog.models)  # every model's settings
         for group in set(old.groups) | set(new.groups):

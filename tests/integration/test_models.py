@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from corral.config import ConfigError, Settings, load_settings
+from corral.serve import LocalServe, ServeOptions
 from tests.support.local_serve import (
     AUTH,
     TOKEN,
@@ -270,6 +271,38 @@ async def test_reload_restarts_only_the_models_whose_settings_changed(
             assert response.status == 400
             assert "unknown group" in (await response.json())["error"]["message"]
         assert pid_of(local, "a") == pid_a  # a bad file changes nothing
+
+
+async def test_reload_keeps_the_model_given_on_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORRAL_STATE_DIR", str(tmp_path))
+    for name in ("a", "extra"):
+        (tmp_path / f"{name}.gguf").write_bytes(b"GGUF")
+    config = tmp_path / "corral.yaml"
+    table = {"a": {"path": str(tmp_path / "a.gguf")}}
+    addrs = {"inference_addr": "127.0.0.1:0", "management_addr": "127.0.0.1:0"}
+    config.write_text(yaml.safe_dump({**addrs, "models": table}))
+    local = LocalServe(
+        load_settings(config, environ={}),
+        ServeOptions(
+            binary=fake_binary(tmp_path),
+            management_token=TOKEN,
+            cluster_token="cluster",
+            model=tmp_path / "extra.gguf",  # corral serve --model extra.gguf --config ...
+        ),
+    )
+    local.config_file = config
+    await local.start()
+    try:
+        assert sorted(local.models) == ["a", "extra"]
+        table["a"]["args"] = ["-np", "2"]
+        config.write_text(yaml.safe_dump({**addrs, "models": table}))
+        result = await local.reload()
+        assert result["changed"] == ["a"]
+        assert sorted(result["models"]) == ["a", "extra"]
+    finally:
+        await local.stop()
 
 
 async def test_a_model_that_cannot_start_fails_its_waiting_requests_with_the_reason(
