@@ -364,8 +364,10 @@ def _in_words(
             low, high = min(factors), max(factors)
             span = f"{low:.1f}x" if high - low < 0.05 else f"{low:.1f}x to {high:.1f}x"
             text = f"- {labels[name]} adds {span} what corral adds"
-        else:
+        elif bounds:
             text = f"- {labels[name]} adds at least {min(bounds):.0f}x what corral adds"
+        else:  # corral's added p50 is below zero in every cell where this one's is above
+            text = f"- {labels[name]} adds time where corral adds none measurable"
         if near_zero:
             text += f" (nothing measurable in {near_zero} of {len(cell_list)} cells)"
         lines.append(text + ".")
