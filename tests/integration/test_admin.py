@@ -40,8 +40,9 @@ async def owning_agent(
     model: Path,
     *llama_args: str,
     flags: tuple[str, ...] = (),
+    fake: tuple[str, ...] = ("--token-delay", "0.02", "--tokens", "10"),
 ) -> Proc:
-    binary = fake_binary(procs.tmp, "--token-delay", "0.02", "--tokens", "10")
+    binary = fake_binary(procs.tmp, *fake)
     args = [
         sys.executable, "-m", "corral.cli", "agent", "--model", str(model),
         "--llama-server", str(binary), "--balancer", balancer.management,
@@ -116,6 +117,25 @@ async def test_an_agents_llama_server_listens_where_other_hosts_reach_it(
     assert line[line.index("--host") + 1] == "0.0.0.0"
     assert instance["url"] == f"http://127.0.0.2:{port}"  # its own port, added to the URL
     assert await chat(http, balancer) == 200  # the balancer dialed 127.0.0.2
+
+
+async def test_a_stopping_agent_lets_the_requests_it_was_sent_finish(
+    procs: Processes, http: aiohttp.ClientSession, model: Path
+) -> None:
+    balancer = await procs.balancer()
+    slow = ("--token-delay", "0.1", "--tokens", "30")  # 3 s a request
+    agent = await owning_agent(procs, balancer, model, fake=slow)
+    await wait_for(ready_count(balancer, http)(1), "the instance")
+    running = asyncio.create_task(chat(http, balancer))
+
+    async def busy() -> bool:
+        return int((await only_instance(http, balancer))["slots_busy"]) >= 1
+
+    await wait_for(busy, "the request to be running")
+    agent.process.terminate()  # a pod stopping: deregister, drain, then stop
+    assert await running == 200
+    assert await asyncio.wait_for(agent.process.wait(), 20) == 0
+    assert "draining model=tiny busy_slots=1" in agent.log_path.read_text()
 
 
 async def test_reconfigure_restarts_with_new_arguments_and_loses_no_request(

@@ -352,6 +352,7 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
                     cluster_token=cluster_token,
                     host=settings.llama_server_host,
                     external_url=settings.external_llama_server,
+                    drain_timeout=settings.drain_timeout,
                     llama_args=extra,
                     agent_name=settings.agent_name or socket.gethostname(),
                     balancer_dns_interval=settings.balancer_dns_interval,

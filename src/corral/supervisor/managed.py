@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from yarl import URL
 
 from corral.agent import Agent, AgentOptions
@@ -72,6 +73,10 @@ def static_path_args(
     if "LLAMA_ARG_STATIC_PATH" in {**os.environ, **(env or {})}:
         return []
     return ["--path", str(ui)]
+
+
+#: Seconds between reads of ``/slots`` while a stopping server drains.
+DRAIN_POLL = 0.2
 
 
 def _polled(host: str) -> str:
@@ -134,6 +139,10 @@ class ManagedOptions:
     """With ``command``: the path that answers 200 once the server is ready."""
     slots: int = 4
     """With ``command``: requests the server takes at once."""
+    drain_timeout: float = 0.0
+    """At a stop, after deregistering: seconds the requests already sent may take to
+    finish (``corral agent``: ``drain_timeout``); 0 waits for none (``corral serve``'s
+    host drains through its scheduler before it stops an instance)."""
 
 
 class ManagedInstance:
@@ -223,7 +232,8 @@ class ManagedInstance:
         self._agent_task = asyncio.create_task(self.agent.run(), name=f"agent-{self.model_id}")
 
     async def stop(self) -> None:
-        """Deregister from the balancers, then stop llama-server (SIGTERM, SIGKILL)."""
+        """Deregister from the balancers, let the requests already sent finish (at most
+        ``drain_timeout``), then stop llama-server (SIGTERM, SIGKILL)."""
         await self.agent.stop()
         if self._agent_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -231,10 +241,50 @@ class ManagedInstance:
         if self._restart_task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._restart_task
+        child = self.supervisor.child
+        running = child is not None and child.running()
+        if self.options.drain_timeout > 0 and self.options.command is None and running:
+            await self._drain(self.options.drain_timeout)
         await self.supervisor.stop()
         if self.options.lease is not None:
             self.options.lease.release()
             self.options.lease = None
+
+    async def _drain(self, limit: float) -> bool:
+        """Wait until llama-server's ``/slots`` shows no slot processing (the balancers
+        no longer send it anything: the agent deregistered), at most ``limit`` seconds.
+        False when it timed out; a server without ``/slots`` (``--no-slots``) or one that
+        does not answer is not waited for."""
+        headers = {}
+        key = api_key_of(self.llama_args, self.options.env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        url = self.agent.local_url + "/slots"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                try:
+                    async with session.get(url, headers=headers) as response:
+                        if response.status != 200:
+                            return True
+                        slots = await response.json()
+                except (aiohttp.ClientError, TimeoutError, ValueError):
+                    return True
+                busy = sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
+                if not busy:
+                    return True
+                if loop.time() >= deadline:
+                    log.warning(
+                        "stopping model=%s with %d request(s) still running after %.0f s",
+                        self.model_id,
+                        busy,
+                        limit,
+                    )
+                    return False
+                log.info("draining model=%s busy_slots=%d", self.model_id, busy)
+                await asyncio.sleep(DRAIN_POLL)
 
     # -- commands from balancers --------------------------------------------------------
 
@@ -287,8 +337,13 @@ class ManagedInstance:
         if self.options.lease is not None:
             self.options.lease.release()
         self.options.lease, self.options.port = lease, port
-        url = f"http://127.0.0.1:{port}"
-        self.agent.local_url = self.agent.url = url
+        url = f"http://{_polled(self.options.host)}:{port}"
+        self.agent.local_url = url
+        external = self.options.external_url
+        if external is None:
+            self.agent.url = url
+        elif URL(external).explicit_port is None:  # balancers dial the new port too
+            self.agent.url = str(URL(self.agent.url).with_port(port)).rstrip("/")
         self.supervisor.health_url = url + self.health_path
         return None
 
