@@ -26,7 +26,7 @@ from corral.control import api_schema as api
 from corral.control.openapi import OPENAPI_PATH, OPERATIONS, Operation, build_openapi
 from tests.support.events import events
 from tests.support.serve_fake import fake_binary
-from tests.support.serve_process import ServeProcess, start_serve
+from tests.support.serve_process import ServeProcess, healthy, start_serve
 from tests.support.waiting import wait_for, wait_until
 
 TOKEN = "openapi-token"
@@ -37,14 +37,6 @@ KEYED = {"Authorization": f"Bearer {API_KEY}"}
 #: Fuzzing budget per operation: small enough for 2 slow cores, deterministic.
 MAX_EXAMPLES = 50
 SEED = 23
-
-
-def _healthy(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +59,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     )
     try:
         wait_until(
-            lambda: _healthy(serve.base),
+            lambda: healthy(serve.base),
             "corral serve to be ready",
             watch=[(serve.process, serve.log_path)],
         )
@@ -229,7 +221,7 @@ async def test_every_route_answers_what_its_model_describes(
     await call("POST", restart, 400, query={"drain_timeout": "-1"}, **ids)
     await call("POST", restart, 404, agent="nobody", local="0")
     assert (await call("POST", restart, 202, **ids))["restarting"] is True
-    await wait_for(lambda: _healthy(serving.base), "the instance back after its restart")
+    await wait_for(lambda: healthy(serving.base), "the instance back after its restart")
     rolling = await call("POST", "/api/v1/models/{model}/restart", 200, model="tiny")
     assert [step["ready"] for step in rolling["restarted"]] == [True]
     await call("POST", "/api/v1/models/{model}/restart", 404, model="nothing-by-this-name")

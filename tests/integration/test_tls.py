@@ -40,6 +40,13 @@ def write_pair(ca: trustme.CA, folder: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+async def stop_agents(agents: list[tuple[Agent, asyncio.Task[None]]]) -> None:
+    for made, task in agents:
+        await made.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def peer_certificate(address: str, context: ssl.SSLContext) -> bytes:
     host, port = address.rsplit(":", 1)
     _, writer = await asyncio.open_connection(host, int(port), ssl=context)
@@ -96,10 +103,7 @@ async def test_listeners_serve_tls_agents_verify_it_and_a_rotation_needs_no_rest
         assert after != before and certificate.reloads == 1
         assert fleet.usable() == 1  # the open agent socket carries on
     finally:
-        for made, task in agents:
-            await made.stop()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_agents(agents)
         await server.close()
         await fleet.close()
 
@@ -226,10 +230,7 @@ async def test_mutual_tls_lets_in_agents_with_a_client_certificate(
         ):
             assert response.status == 200
     finally:
-        for made, task in agents:
-            await made.stop()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_agents(agents)
         await server.close()
         await fleet.close()
 
@@ -280,10 +281,7 @@ async def test_an_https_llama_server_is_verified_against_the_ca(
         status, body, _ = await trusting.chat("m")
         assert status == 200, body
     finally:
-        for made, task in agents:
-            await made.stop()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_agents(agents)
         await server.close()
         await trusting.close()
         await untrusting.close()

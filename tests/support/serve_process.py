@@ -85,7 +85,8 @@ class Corral(ServeProcess):
             return data
 
 
-def _healthy(base: str) -> bool:
+def healthy(base: str) -> bool:
+    """Whether ``base``'s ``/health`` answers 200 now."""
     try:
         with urllib.request.urlopen(base + "/health", timeout=2) as response:
             return bool(response.status == 200)
@@ -107,7 +108,7 @@ def corral(
     server = Corral(started.process, started.base, started.management, started.log_path)
     try:
         wait_until(
-            lambda: _healthy(server.base),
+            lambda: healthy(server.base),
             "corral serve to become ready",
             READY_TIMEOUT_S,
             watch=[(server.process, server.log_path)],
