@@ -35,7 +35,7 @@ from corral.observe.statsd import StatsdPusher
 from corral.observe.tracing import Tracing
 from corral.scheduling.policies import make_policy
 from corral.scheduling.scheduler import Scheduler
-from corral.tls import ServerCertificate, client_context, self_context
+from corral.tls import ServerCertificate, self_context, upstream_context
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,9 @@ class Balancer:
                 cors_origins=tuple(settings.cors_origins),
                 expose_slots=settings.expose_slots,
                 loading_notices=settings.loading_notices,
-                upstream_tls=client_context(settings.tls_ca) if settings.tls_ca else None,
+                upstream_tls=upstream_context(
+                    settings.tls_ca, settings.tls_cert if settings.llama_server_tls else None
+                ),
             ),
         )
         self.management = Management(

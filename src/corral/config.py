@@ -293,6 +293,14 @@ class Settings(BaseModel):
     tls_client_key: Path | None = Field(
         default=None, description="Agent: PEM private key of tls_client_cert."
     )
+    llama_server_tls: bool = Field(
+        default=False,
+        description="Start the llama-servers corral runs (serve's models, an agent's "
+        "--model) over https with tls_cert/tls_key; balancers verify them against tls_ca "
+        "and that certificate, by chain only (they dial servers by address). Needs a "
+        "llama-server built with OpenSSL: CORRAL_LLAMA_SERVER_CMAKE_ARGS=-DLLAMA_OPENSSL=ON "
+        "corral llama-server install.",
+    )
     agent_auth: Literal["token", "certificate", "both"] = Field(
         default="token",
         description="Balancer: what lets an agent register: the cluster token, a client "
@@ -499,6 +507,10 @@ class Settings(BaseModel):
             )
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs TLS on the listeners: set tls_cert and tls_key")
+        if self.llama_server_tls and self.tls_cert is None:
+            raise ValueError(
+                "llama_server_tls serves llama-servers with tls_cert and tls_key: set both"
+            )
         if self.agent_auth != "token" and self.tls_client_ca is None:
             raise ValueError(
                 f"agent_auth: {self.agent_auth} checks agents' client certificates: set "

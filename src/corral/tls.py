@@ -93,6 +93,21 @@ def client_context(
     return context
 
 
+def upstream_context(ca: Path | None, own: Path | None) -> ssl.SSLContext | None:
+    """What a balancer verifies ``https://`` llama-servers with: ``ca`` (else the
+    system's store), and with ``own`` (corral starts its servers over https with that
+    certificate: ``llama_server_tls``) that certificate as an anchor too, by chain only,
+    since servers are dialed by address and certificates name services. None: the
+    system's store, with host names checked."""
+    if own is None:
+        return client_context(ca) if ca is not None else None
+    context = client_context(ca)
+    context.load_verify_locations(cafile=str(own))
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.check_hostname = False
+    return context
+
+
 def verified_peer(transport: object) -> bool:
     """Whether the peer of a TLS ``transport`` presented a certificate that verified
     against the listener's ``client_ca`` (:class:`ServerCertificate`)."""

@@ -319,3 +319,38 @@ async def test_balancers_found_by_name_are_verified_by_that_name(
             await task
         await server.close()
         await fleet.close()
+
+
+async def test_serve_starts_its_llama_servers_over_https_with_its_own_pair(
+    ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = write_pair(ca, tmp_path)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    settings = {"tls_cert": str(cert), "tls_key": str(key), "llama_server_tls": True}
+    async with serving(tmp_path, monkeypatch, {"a": {}}, **settings) as (local, _, http):
+        address = local.balancer.addresses.inference
+        url = f"https://{address}/v1/chat/completions"
+        body = {**CHAT, "model": "a", "max_tokens": 2}
+        async with http.post(url, json=body, ssl=client_context(ca_file)) as response:
+            assert response.status == 200, await response.text()
+        (instance,) = local.balancer.scheduler.fleet.pool("a")
+        assert instance.url.startswith("https://127.0.0.1:")  # polled and relayed over TLS
+        assert local.host is not None
+        args = local.host.running["a"].managed.supervisor.args
+        assert args[args.index("--ssl-cert-file") + 1] == str(cert)
+        assert args[args.index("--ssl-key-file") + 1] == str(key)
+        # it really speaks TLS: plain http gets no answer from it
+        with pytest.raises(aiohttp.ClientError):
+            async with http.get(instance.url.replace("https://", "http://") + "/health") as r:
+                await r.read()
+
+
+def test_llama_server_tls_needs_the_pair_and_owns_the_ssl_flags(tmp_path: Path) -> None:
+    from corral.config import ConfigError, load_settings
+    from corral.supervisor.managed import check_reserved
+
+    with pytest.raises(ConfigError, match="llama_server_tls serves llama-servers with tls_cert"):
+        load_settings(environ={}, overrides={"llama_server_tls": True})
+    with pytest.raises(ValueError, match="llama_server_tls serves https"):
+        check_reserved(["--ssl-key-file", "k.pem", "-np", "2"])

@@ -50,6 +50,7 @@ class FakeServer:
     supervisor: FakeSupervisor = field(default_factory=FakeSupervisor)
     started: bool = False
     stopped: bool = False
+    scheme: str = "http"
 
     @property
     def agent_id(self) -> str:

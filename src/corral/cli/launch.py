@@ -353,6 +353,11 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
                     host=settings.llama_server_host,
                     external_url=settings.external_llama_server,
                     drain_timeout=settings.drain_timeout,
+                    tls_files=(
+                        (settings.tls_cert, settings.tls_key)
+                        if settings.llama_server_tls and settings.tls_cert and settings.tls_key
+                        else None
+                    ),
                     llama_args=extra,
                     agent_name=settings.agent_name or socket.gethostname(),
                     balancer_dns_interval=settings.balancer_dns_interval,

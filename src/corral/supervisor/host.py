@@ -538,7 +538,7 @@ class ModelHost:
             model=model,
             flags=flags,
             managed=managed,
-            url=f"http://127.0.0.1:{lease.port}",
+            url=f"{managed.scheme}://127.0.0.1:{lease.port}",
             estimate=estimate,
             last_used=self.scheduler.clock(),
         )
@@ -644,6 +644,7 @@ class ModelHost:
                     else supervisor_options(self.settings)
                 ),
                 log_dir=self.settings.log_dir,
+                tls_files=self._tls_files(config),
                 env=dict(config.env),
                 command=list(config.cmd) if config.cmd is not None else None,
                 template_values=values,
@@ -651,6 +652,15 @@ class ModelHost:
                 slots=config.slots,
             )
         )
+
+    def _tls_files(self, config: ModelConfig) -> tuple[Path, Path] | None:
+        """corral's own pair for a llama-server served over https (``llama_server_tls``);
+        None for plain http and for command templates (another server's flags)."""
+        cert, key = self.settings.tls_cert, self.settings.tls_key
+        if not self.settings.llama_server_tls or config.cmd is not None or cert is None:
+            return None
+        assert key is not None
+        return cert, key
 
     async def _unload(self, hosted: Hosted, reason: str) -> bool:
         """Drain (bounded), then stop; False (and serving again) if it did not drain."""

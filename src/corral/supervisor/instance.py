@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -97,8 +98,11 @@ class SupervisedInstance:
         on_change: Callable[[SupervisedInstance], None] | None = None,
         log_path: Path | None = None,
         env: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.args = list(args)
+        self.tls = tls
+        """What an ``https://`` health URL is verified with (None: the system's store)."""
         self.env = dict(env) if env else None
         """Extra environment for the process (on top of corral's own)."""
         self.health_url = health_url
@@ -207,7 +211,9 @@ class SupervisedInstance:
         streak = 0  # failures since the server last stayed up for backoff_reset_after
         async with aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=2.0),
-            connector=aiohttp.TCPConnector(force_close=True),
+            connector=aiohttp.TCPConnector(
+                force_close=True, ssl=self.tls if self.tls is not None else True
+            ),
         ) as session:
             while not self._stopping:
                 self.output.append(f"[corral] starting: {' '.join(self.args)}")

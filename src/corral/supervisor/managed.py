@@ -39,20 +39,29 @@ from corral.supervisor.flags import FlagError, api_key_of, check_llama_args, sle
 from corral.supervisor.instance import SupervisedInstance, SupervisorOptions
 from corral.supervisor.process import PortLease, lease_port
 from corral.template import substitute
+from corral.tls import self_context
 from corral.tokens import state_dir
 
 log = logging.getLogger(__name__)
 
 #: llama-server arguments corral sets itself; the command line may not repeat them.
-RESERVED_ARGS = frozenset({"--host", "--port", "-m", "--model", "--alias", "-a"})
+RESERVED_ARGS = frozenset(
+    {"--host", "--port", "-m", "--model", "--alias", "-a", "--ssl-key-file", "--ssl-cert-file"}
+)
 
 
 def check_reserved(llama_args: list[str]) -> None:
     """Refuse command-line llama-server arguments corral must own."""
     reserved = sorted(a for a in llama_args if a.split("=")[0] in RESERVED_ARGS)
     if reserved:
+        hint = (
+            " (llama_server_tls serves https with tls_cert and tls_key)"
+            if any(a.startswith("--ssl-") for a in reserved)
+            else ""
+        )
         raise ValueError(
-            f"corral sets {', '.join(reserved)} itself; remove them from the llama-server arguments"
+            f"corral sets {', '.join(reserved)} itself; remove them from the llama-server "
+            f"arguments{hint}"
         )
 
 
@@ -139,6 +148,10 @@ class ManagedOptions:
     """With ``command``: the path that answers 200 once the server is ready."""
     slots: int = 4
     """With ``command``: requests the server takes at once."""
+    tls_files: tuple[Path, Path] | None = None
+    """A certificate (chain) and key: llama-server then serves https with them
+    (``--ssl-cert-file``/``--ssl-key-file``; ``llama_server_tls``), and the agent and the
+    supervisor read it over https, trusting that certificate."""
     drain_timeout: float = 0.0
     """At a stop, after deregistering: seconds the requests already sent may take to
     finish (``corral agent``: ``drain_timeout``); 0 waits for none (``corral serve``'s
@@ -159,8 +172,12 @@ class ManagedInstance:
         self.options = options
         self.model_id = options.model_id or (options.model.stem if options.model else "")
         self.llama_args = list(options.llama_args)
-        url = f"http://{_polled(options.host)}:{options.port}"
         generic = options.command is not None
+        files = options.tls_files if not generic else None
+        self.scheme = "https" if files is not None else "http"
+        own = self_context(files[0]) if files is not None else None
+        """What the agent and the supervisor verify the server with: its own certificate."""
+        url = f"{self.scheme}://{_polled(options.host)}:{options.port}"
         self.agent = Agent(
             AgentOptions(
                 local_llama_server=url,
@@ -179,6 +196,7 @@ class ManagedInstance:
                 slots=options.slots,
                 slot_source=self._slot_source(),
                 llama_server_api_key=None if generic else api_key_of(self.llama_args, options.env),
+                upstream_tls=own,
             )
         )
         program = Path(options.command[0]).name if options.command else "llama-server"
@@ -194,6 +212,7 @@ class ManagedInstance:
                 else None
             ),
             env=options.env,
+            tls=own,
         )
         self._agent_task: asyncio.Task[None] | None = None
         self._restart_task: asyncio.Task[None] | None = None
@@ -224,8 +243,15 @@ class ManagedInstance:
             "--host", self.options.host,
             "--port", str(self.options.port),
             *self.llama_args,
+            *self._tls_args(),
             *static_path_args(self.options.binary, self.llama_args, self.options.env),
         ]  # fmt: skip
+
+    def _tls_args(self) -> list[str]:
+        if self.options.tls_files is None:
+            return []
+        cert, key = self.options.tls_files
+        return ["--ssl-cert-file", str(cert), "--ssl-key-file", str(key)]
 
     async def start(self) -> None:
         self.supervisor.start()
@@ -263,7 +289,8 @@ class ManagedInstance:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         timeout = aiohttp.ClientTimeout(total=2.0)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        connector = aiohttp.TCPConnector(ssl=self.supervisor.tls or True)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             while True:
                 try:
                     async with session.get(url, headers=headers) as response:
@@ -337,7 +364,7 @@ class ManagedInstance:
         if self.options.lease is not None:
             self.options.lease.release()
         self.options.lease, self.options.port = lease, port
-        url = f"http://{_polled(self.options.host)}:{port}"
+        url = f"{self.scheme}://{_polled(self.options.host)}:{port}"
         self.agent.local_url = url
         external = self.options.external_url
         if external is None:

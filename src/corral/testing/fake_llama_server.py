@@ -77,6 +77,7 @@ import os
 import random
 import re
 import signal
+import ssl
 import struct
 import sys
 import time
@@ -298,6 +299,9 @@ class FakeOptions:
     own_process: bool = False
     """Set by :func:`main`: allows faults that act on the process (exit, signals,
     the listening socket). In-process they fall back to acting on the connection."""
+    ssl_files: tuple[str, str] | None = None
+    """``--ssl-cert-file`` and ``--ssl-key-file``: the process serves https with them,
+    as llama-server built with OpenSSL does."""
 
 
 class _ApiError(Exception):
@@ -1634,6 +1638,8 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[FakeOptions, str, int]:
         "allocated, if --ctx-size is larger than this",
     )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--ssl-cert-file", default=None, help="serve https (with --ssl-key-file)")
+    p.add_argument("--ssl-key-file", default=None)
     # real llama-server flags the fake has no use for (sampling, cache ...) are accepted
     # and ignored, so corral can pass what it passes to the real one
     a, ignored = p.parse_known_args(argv)
@@ -1675,6 +1681,7 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[FakeOptions, str, int]:
         close_after_stream=not a.keep_alive_after_stream,
         static_path=a.path,
         own_process=True,
+        ssl_files=(a.ssl_cert_file, a.ssl_key_file) if a.ssl_cert_file and a.ssl_key_file else None,
     )
     return options, a.host, a.port
 
@@ -1690,7 +1697,11 @@ async def _serve(options: FakeOptions, host: str, port: int) -> None:
         shutdown_timeout=1.0,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    context = None
+    if options.ssl_files is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*options.ssl_files)
+    site = web.TCPSite(runner, host, port, ssl_context=context)
     await site.start()
     bound_port = int(runner.addresses[0][1])
     server.instance_name = options.name or str(bound_port)
@@ -1713,7 +1724,8 @@ async def _serve(options: FakeOptions, host: str, port: int) -> None:
     graceful_sigterm(options.fault is Fault.IGNORE_SIGTERM)
     server.hooks = _ProcessHooks(refuse=refuse, set_ignore_sigterm=graceful_sigterm)
     # the one line a test reads to learn the port: stdout, flushed, nothing else there
-    sys.stdout.write(f"listening on http://{host}:{bound_port}\n")
+    scheme = "https" if context is not None else "http"
+    sys.stdout.write(f"listening on {scheme}://{host}:{bound_port}\n")
     sys.stdout.flush()
     log.info(
         "listening host=%s port=%d slots=%d model=%s fault=%s",
