@@ -6,19 +6,21 @@
 #   CUDA: docker build -t corral:0.1.0-cuda \
 #           --build-arg BUILD_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu24.04 \
 #           --build-arg RUN_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 \
-#           --build-arg LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=80;86;89;90" .
+#           --build-arg LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_OPENSSL=ON -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=80;86;89;90" .
 #
 # Build arguments (docs/kubernetes.md, "The image"):
 #   BUILD_IMAGE, RUN_IMAGE  the two stages' bases; the same distribution release, since
 #                           the virtualenv is copied across and uses its Python
 #   LLAMA_CMAKE_ARGS        extra CMake options for llama-server, -D options only (the
 #                           image's CORRAL_LLAMA_SERVER_CMAKE_ARGS); the default builds
-#                           for any x86-64 CPU with AVX2 instead of this build machine's
+#                           for any x86-64 CPU with AVX2 instead of this build machine's,
+#                           with OpenSSL so llama-server can serve https
+#                           (llama_server_tls; the tls overlay turns it on)
 #   WITH_UI                 1 (default) builds llama-server's web UI, 0 skips it
 #   JOBS                    parallel compile jobs (default: every core)
 ARG BUILD_IMAGE=python:3.11-slim-bookworm
 ARG RUN_IMAGE=python:3.11-slim-bookworm
-ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF"
+ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_OPENSSL=ON"
 
 # -- build: a compiler, corral, llama-server and its web UI --------------------------
 FROM ${BUILD_IMAGE} AS build
@@ -39,7 +41,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # release's own, and two different bases are supported.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ ca-certificates \
+    && apt-get install -y --no-install-recommends g++ libssl-dev ca-certificates \
     && if ! python3 -c 'import ensurepip' 2>/dev/null; then \
            apt-get install -y --no-install-recommends python3 python3-venv; \
        fi \
@@ -70,7 +72,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # llama-server links libgomp (OpenMP) and libstdc++ dynamically
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 libstdc++6 ca-certificates \
+    && apt-get install -y --no-install-recommends libgomp1 libstdc++6 libssl3 ca-certificates \
     && if ! command -v python3 >/dev/null; then \
            apt-get install -y --no-install-recommends python3; \
        fi \

@@ -42,15 +42,15 @@ from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
+import trustme
 import yaml
 
 from corral.agent import balancer_socket_url
 from corral.cli import build_parser
-from corral.cli.launch import _agent_overrides, _balancer_overrides, _llama_args
+from corral.cli.launch import _agent_overrides, _balancer_overrides, _llama_args, owned_options
 from corral.config import ENV_PREFIX, Settings, load_settings
 from corral.control.probes import PROBE_PATHS
-from corral.supervisor.instance import supervisor_options
-from corral.supervisor.managed import ManagedInstance, ManagedOptions, check_reserved
+from corral.supervisor.managed import ManagedInstance, check_reserved
 from corral.tokens import is_loopback
 from tests.metrics_docs import documented_metrics
 
@@ -263,19 +263,24 @@ def agent_instance(objs: tuple[Obj, ...]) -> tuple[Obj, Obj, Settings, ManagedIn
     assert ns.model, "the agent must start and own its llama-server (--model)"
     assert ns.llama_server, "the agent must name the image's llama-server (--llama-server)"
     port = pinned_port(settings)  # lease_port takes the first free port of the range
+    settings.agent_name = FIELD_VALUES["metadata.name"]
+    if settings.llama_server_tls:  # the pod's pair is a Secret there: one made here
+        issued = trustme.CA().issue_cert("corral-agents")
+        folder = Path(tempfile.mkdtemp(prefix="agent-tls-"))
+        settings.tls_cert, settings.tls_key = folder / "tls.crt", folder / "tls.key"
+        issued.cert_chain_pems[0].write_to_path(str(settings.tls_cert))
+        issued.private_key_pem.write_to_path(str(settings.tls_key))
+    model = Path(ns.model)
     instance = ManagedInstance(
-        ManagedOptions(
-            binary=ns.llama_server,
-            model=Path(ns.model),
-            port=port,
-            balancers=list(settings.balancers),
-            cluster_token="x",
-            host=settings.llama_server_host,
-            external_url=settings.external_llama_server,
+        owned_options(  # what corral agent --model itself runs
+            settings,
+            binary=Path(ns.llama_server),
+            model=model,
+            model_id=model.stem,
+            aliases=[],
             llama_args=_llama_args(ns.llama_args),
-            agent_name=FIELD_VALUES["metadata.name"],
-            balancer_dns_interval=settings.balancer_dns_interval,
-            supervisor=supervisor_options(settings),
+            port=port,
+            cluster_token="x",
         )
     )
     return statefulset, c, settings, instance
@@ -516,8 +521,11 @@ def test_agent_reports_a_llama_server_the_balancers_can_reach(name: str) -> None
     assert server[0] == flag_value(corral_words(c), "--llama-server")
     assert not is_loopback(flag_value(server, "--host")), "other pods could not reach it"
     assert int(flag_value(server, "--port")) == port
+    # over https when the overlay says so (CORRAL_LLAMA_SERVER_TLS, with the pod's pair)
+    scheme = "https" if settings.llama_server_tls else "http"
+    assert ("--ssl-cert-file" in server) == settings.llama_server_tls
     # the agent reads it on loopback, and reports it at the pod's IP, the downward API's
-    assert instance.agent.local_url == f"http://127.0.0.1:{port}"
+    assert instance.agent.local_url == f"{scheme}://127.0.0.1:{port}"
     # without a port: the URL gets the one llama-server leased (or it moves with it)
     external = flag_value(corral_words(c), "--external-llama-server")
     assert urlsplit(external).netloc == "$(POD_IP)"
@@ -525,7 +533,7 @@ def test_agent_reports_a_llama_server_the_balancers_can_reach(name: str) -> None
     assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     reported = urlsplit(instance.agent.url)
     assert (reported.scheme, reported.hostname, reported.port) == (
-        "http",  # the image's llama-server has no OpenSSL
+        scheme,
         FIELD_VALUES["status.podIP"],
         port,
     )
@@ -535,7 +543,7 @@ def test_agent_reports_a_llama_server_the_balancers_can_reach(name: str) -> None
         get = c[probe]["httpGet"]
         assert container_port(c, get["port"]) == health.port == port, probe
         assert get["path"] == health.path == "/health", probe
-        assert get.get("scheme", "HTTP") == "HTTP", probe
+        assert get.get("scheme", "HTTP") == scheme.upper(), probe
 
 
 def test_agent_probes_and_grace_leave_restarts_and_shutdown_to_corral() -> None:
@@ -733,6 +741,12 @@ FILE_FLAGS = {
 }
 TLS_FLAGS = {"--tls-cert", "--tls-key", "--tls-ca"}
 MTLS_FLAGS = {"--tls-client-ca", "--tls-client-cert", "--tls-client-key"}
+#: Settings given as variables that name files: the Secret key each must be.
+FILE_VARIABLES = {
+    "CORRAL_TLS_CERT": "corral-tls/tls.crt",  # the agents': their llama-server's pair
+    "CORRAL_TLS_KEY": "corral-tls/tls.key",
+    "CORRAL_TLS_CA": "corral-tls/ca.crt",  # the balancers': the agents' llama-servers' CA
+}
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
@@ -749,11 +763,17 @@ def test_file_flags_name_files_the_mounted_secrets_provide(name: str) -> None:
                 assert path in files, f"{c['name']}: {flag} {path} is not a mounted file"
                 assert files[path] == wanted, f"{c['name']}: {flag} {path} is {files[path]}"
                 seen.add(flag)
+        for variable in c.get("env", []):
+            wanted = FILE_VARIABLES.get(variable["name"])
+            if wanted is not None:
+                path = variable["value"]
+                assert files.get(path) == wanted, f"{c['name']}: {variable['name']} {path}"
+                seen.add(variable["name"])
         for mount in c.get("volumeMounts", []):
             assert "subPath" not in mount, "a subPath mount never sees a rotated Secret"
     expected = {"--management-token-file", "--cluster-token-file"}
     if name in TLS_WORKLOADS:
-        expected |= TLS_FLAGS
+        expected |= TLS_FLAGS | set(FILE_VARIABLES)
     if name == "overlays/mtls":
         expected |= MTLS_FLAGS
     assert seen == expected

@@ -22,7 +22,8 @@ from corral.config import Settings
 from corral.tls import client_context
 
 if TYPE_CHECKING:
-    pass
+    from corral.supervisor.managed import ManagedOptions
+    from corral.supervisor.process import PortLease
 
 log = logging.getLogger("corral")
 
@@ -293,13 +294,11 @@ def _llama_args(raw: list[str]) -> list[str]:
 def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: str) -> int:
     """``corral agent --model M`` (one llama-server) or ``--config`` with a ``models``
     table (one per model): start, supervise and report each."""
-    import socket
 
     from yarl import URL
 
     from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
-    from corral.supervisor.instance import supervisor_options
-    from corral.supervisor.managed import ManagedInstance, ManagedOptions, check_reserved
+    from corral.supervisor.managed import ManagedInstance, check_reserved
     from corral.supervisor.process import lease_port
     from corral.tokens import state_dir
 
@@ -336,35 +335,24 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
         _err(str(exc))
         return 2
 
+    balancers_tls = agent_tls(settings)
+
     async def serve(stop: asyncio.Event) -> int:
         managed: list[ManagedInstance] = []
         for model_id, path, extra, aliases in wanted:
             lease = lease_port(settings.ports(), state_dir() / "ports")
             instance = ManagedInstance(
-                ManagedOptions(
+                owned_options(
+                    settings,
                     binary=binary,
                     model=path,
                     model_id=model_id,
                     aliases=aliases,
+                    llama_args=extra,
                     port=lease.port,
                     lease=lease,
-                    balancers=list(settings.balancers),
                     cluster_token=cluster_token,
-                    host=settings.llama_server_host,
-                    external_url=settings.external_llama_server,
-                    drain_timeout=settings.drain_timeout,
-                    tls_files=(
-                        (settings.tls_cert, settings.tls_key)
-                        if settings.llama_server_tls and settings.tls_cert and settings.tls_key
-                        else None
-                    ),
-                    llama_args=extra,
-                    agent_name=settings.agent_name or socket.gethostname(),
-                    balancer_dns_interval=settings.balancer_dns_interval,
-                    tls=agent_tls(settings),
-                    poll_interval=0.25,
-                    supervisor=supervisor_options(settings),
-                    log_dir=settings.log_dir,
+                    tls=balancers_tls,
                 )
             )
             await instance.start()
@@ -374,6 +362,52 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
         return 0
 
     return _run_service(serve)
+
+
+def owned_options(
+    settings: Settings,
+    *,
+    binary: Path,
+    model: Path,
+    model_id: str,
+    aliases: list[str],
+    llama_args: list[str],
+    port: int,
+    cluster_token: str,
+    lease: PortLease | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> ManagedOptions:
+    """How ``corral agent`` starts, supervises and reports one llama-server of its own
+    (``--model``, or each entry of its ``models`` table), from its settings; ``tls``:
+    what it verifies balancers with (:func:`agent_tls`, loaded once)."""
+    import socket
+
+    from corral.supervisor.instance import supervisor_options
+    from corral.supervisor.managed import ManagedOptions
+
+    cert, key = settings.tls_cert, settings.tls_key
+    https = settings.llama_server_tls and cert is not None and key is not None
+    return ManagedOptions(
+        binary=binary,
+        model=model,
+        model_id=model_id,
+        aliases=aliases,
+        port=port,
+        lease=lease,
+        balancers=list(settings.balancers),
+        cluster_token=cluster_token,
+        host=settings.llama_server_host,
+        external_url=settings.external_llama_server,
+        drain_timeout=settings.drain_timeout,
+        tls_files=(cert, key) if https and cert is not None and key is not None else None,
+        llama_args=llama_args,
+        agent_name=settings.agent_name or socket.gethostname(),
+        balancer_dns_interval=settings.balancer_dns_interval,
+        tls=tls,
+        poll_interval=0.25,
+        supervisor=supervisor_options(settings),
+        log_dir=settings.log_dir,
+    )
 
 
 def _needs_llama_server(settings: Settings, model: Path | None, models_dirs: list[Path]) -> bool:

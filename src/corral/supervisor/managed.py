@@ -97,14 +97,19 @@ def _polled(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _with_port(url: str | None, port: int) -> str | None:
-    """``url`` with ``port`` when it names none (``http://10.0.0.5`` -> ``...:8081``)."""
+def _with_port(url: str | None, port: int, *, https: bool = False) -> str | None:
+    """``url`` with ``port`` when it names none (``http://10.0.0.5`` -> ``...:8081``),
+    and over https when the server speaks only that (``https``) and the URL says http."""
     if url is None:
         return None
     parsed = URL(url)
-    if parsed.explicit_port is not None:
+    if https and parsed.scheme == "http":
+        parsed = parsed.with_scheme("https")
+    if parsed.explicit_port is None:
+        parsed = parsed.with_port(port)
+    elif not https or url.startswith("https"):
         return url
-    return str(parsed.with_port(port)).rstrip("/")
+    return str(parsed).rstrip("/")
 
 
 @dataclass
@@ -181,7 +186,9 @@ class ManagedInstance:
         self.agent = Agent(
             AgentOptions(
                 local_llama_server=url,
-                external_llama_server=_with_port(options.external_url, options.port),
+                external_llama_server=_with_port(
+                    options.external_url, options.port, https=self.scheme == "https"
+                ),
                 balancers=list(options.balancers),
                 cluster_token=options.cluster_token,
                 name=options.agent_name,
