@@ -177,6 +177,9 @@ class AgentOptions:
     tls: ssl.SSLContext | None = None
     """What ``wss://`` (``https://``) balancers are verified with; None: the system's
     trust store (see :func:`corral.tls.client_context`)."""
+    tls_reload: Callable[[], object] | None = None
+    """Called before each connection to a balancer: reloads a rotated client
+    certificate into :attr:`tls` (:meth:`corral.tls.ClientCertificate.reload_if_changed`)."""
     upstream_tls: ssl.SSLContext | None = None
     """What an ``https://`` llama-server is verified with; None: the system's trust
     store."""
@@ -970,6 +973,8 @@ class Agent:
         if link.host_header is not None:
             headers["Host"] = link.host_header
         while not self._stopping.is_set():
+            if self.options.tls_reload is not None and secure:
+                self.options.tls_reload()
             try:
                 async with session.ws_connect(
                     link.socket_url,

@@ -288,7 +288,7 @@ class Settings(BaseModel):
     tls_client_cert: Path | None = Field(
         default=None,
         description="Agent: PEM client certificate (chain) it presents to balancers "
-        "(mutual TLS, with tls_client_key); loaded when the agent starts.",
+        "(mutual TLS, with tls_client_key); loaded again before a connection when it changed.",
     )
     tls_client_key: Path | None = Field(
         default=None, description="Agent: PEM private key of tls_client_cert."

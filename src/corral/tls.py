@@ -108,6 +108,47 @@ def upstream_context(ca: Path | None, own: Path | None) -> ssl.SSLContext | None
     return context
 
 
+class ClientCertificate:
+    """An agent's context toward balancers (:func:`client_context`) whose client
+    certificate (mutual TLS) is loaded again when its files change: the agent calls
+    :meth:`reload_if_changed` before each connection, so a rotated certificate is
+    presented at the next one without a restart (a connection already open keeps the
+    one it began with, as on the server side)."""
+
+    def __init__(self, ca: Path | None, cert: Path | None = None, key: Path | None = None):
+        self.context = client_context(ca, cert, key)
+        self.cert, self.key = cert, key
+        self._stamp = self._stamps()
+        self.reloads = 0
+
+    def _stamps(self) -> tuple[int, ...]:
+        if self.cert is None or self.key is None:
+            return ()
+        return self.cert.stat().st_mtime_ns, self.key.stat().st_mtime_ns
+
+    def reload_if_changed(self) -> bool:
+        """Load the pair again if it changed; True when the new one took effect. One that
+        does not load (half-written, mismatched) keeps the old one, logged."""
+        if self.cert is None or self.key is None:
+            return False
+        try:
+            stamp = self._stamps()
+            if stamp == self._stamp:
+                return False
+            self.context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning(
+                "TLS client certificate not reloaded (the old one stays) cert=%s error=%s",
+                self.cert,
+                exc,
+            )
+            return False
+        self._stamp = stamp
+        self.reloads += 1
+        log.info("TLS client certificate reloaded cert=%s", self.cert)
+        return True
+
+
 def verified_peer(transport: object) -> bool:
     """Whether the peer of a TLS ``transport`` presented a certificate that verified
     against the listener's ``client_ca`` (:class:`ServerCertificate`)."""

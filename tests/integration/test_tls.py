@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from corral.agent import Agent
 from corral.testing.fake_llama_server import FakeOptions, build_app
-from corral.tls import client_context
+from corral.tls import ClientCertificate, client_context
 from tests.support.fleet import CHAT, MANAGEMENT_TOKEN, start_fleet, watching
 from tests.support.local_serve import serving
 from tests.support.waiting import wait_for
@@ -354,3 +354,38 @@ def test_llama_server_tls_needs_the_pair_and_owns_the_ssl_flags(tmp_path: Path) 
         load_settings(environ={}, overrides={"llama_server_tls": True})
     with pytest.raises(ValueError, match="llama_server_tls serves https"):
         check_reserved(["--ssl-key-file", "k.pem", "-np", "2"])
+
+
+async def test_an_agents_rotated_client_certificate_is_presented_without_a_restart(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    cert, key = write_pair(ca, tmp_path)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    fleet = await start_fleet(
+        tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(ca_file), agent_auth="certificate"
+    )
+    server = TestServer(build_app(FakeOptions(model="m", slots=2)))
+    await server.start_server()
+    # its first certificate comes from a CA the balancer does not know (an expired or
+    # revoked one stands for the same): refused until the files on disk are replaced
+    client_cert, client_key = write_client_pair(trustme.CA(), tmp_path, "agent")
+    certificate = ClientCertificate(ca_file, client_cert, client_key)
+    options = watching(
+        server,
+        [f"https://{fleet.balancer.addresses.management}"],
+        tls=certificate.context,
+        tls_reload=certificate.reload_if_changed,
+    )
+    agent = Agent(options)
+    agents = [(agent, asyncio.create_task(agent.run()))]
+    try:
+        await wait_for(lambda: agent.links[0].failures > 1, "the refused certificate")
+        assert not fleet.balancer.scheduler.fleet.instances
+        write_client_pair(ca, tmp_path, "agent")  # cert-manager renewing the Secret
+        await wait_for(lambda: fleet.usable() == 1, "the renewed certificate to be let in")
+        assert certificate.reloads == 1
+    finally:
+        await stop_agents(agents)
+        await server.close()
+        await fleet.close()

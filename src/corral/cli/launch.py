@@ -24,6 +24,7 @@ from corral.tls import client_context
 if TYPE_CHECKING:
     from corral.supervisor.managed import ManagedOptions
     from corral.supervisor.process import PortLease
+    from corral.tls import ClientCertificate
 
 log = logging.getLogger("corral")
 
@@ -224,10 +225,13 @@ def _agent_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def agent_tls(settings: Any) -> ssl.SSLContext:
+def agent_tls(settings: Any) -> ClientCertificate:
     """What an agent dials balancers with: their CA (``tls_ca``, else the system's) and,
-    for mutual TLS, its client certificate (``tls_client_cert``/``tls_client_key``)."""
-    return client_context(settings.tls_ca, settings.tls_client_cert, settings.tls_client_key)
+    for mutual TLS, its client certificate (``tls_client_cert``/``tls_client_key``),
+    reloaded before a connection when its files changed."""
+    from corral.tls import ClientCertificate
+
+    return ClientCertificate(settings.tls_ca, settings.tls_client_cert, settings.tls_client_key)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -247,7 +251,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         _err("an agent reports to balancers: give --balancer HOST:PORT (repeatable)")
         return 2
     try:
-        agent_tls(settings)
+        balancers_tls = agent_tls(settings)
     except (OSError, ssl.SSLError) as exc:
         _err(f"cannot load the agent's TLS files (tls_ca, tls_client_cert/key): {exc}")
         return 2
@@ -257,7 +261,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 2
     if owns:
-        return _agent_owning(args, settings, cluster_token)
+        return _agent_owning(args, settings, cluster_token, balancers_tls)
     assert settings.local_llama_server is not None
     api_key = settings.llama_server_api_key
     options = AgentOptions(
@@ -268,7 +272,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         slot_source=settings.slot_source,
         llama_server_api_key=api_key.get_secret_value() if api_key else None,
         balancer_dns_interval=settings.balancer_dns_interval,
-        tls=agent_tls(settings),
+        tls=balancers_tls.context,
+        tls_reload=balancers_tls.reload_if_changed,
         upstream_tls=client_context(settings.tls_ca) if settings.tls_ca else None,
     )
     if settings.agent_name:
@@ -291,7 +296,12 @@ def _llama_args(raw: list[str]) -> list[str]:
     return raw[1:] if raw[:1] == ["--"] else list(raw)
 
 
-def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: str) -> int:
+def _agent_owning(
+    args: argparse.Namespace,
+    settings: Settings,
+    cluster_token: str,
+    balancers_tls: ClientCertificate | None = None,
+) -> int:
     """``corral agent --model M`` (one llama-server) or ``--config`` with a ``models``
     table (one per model): start, supervise and report each."""
 
@@ -335,7 +345,8 @@ def _agent_owning(args: argparse.Namespace, settings: Settings, cluster_token: s
         _err(str(exc))
         return 2
 
-    balancers_tls = agent_tls(settings)
+    if balancers_tls is None:
+        balancers_tls = agent_tls(settings)
 
     async def serve(stop: asyncio.Event) -> int:
         managed: list[ManagedInstance] = []
@@ -375,7 +386,7 @@ def owned_options(
     port: int,
     cluster_token: str,
     lease: PortLease | None = None,
-    tls: ssl.SSLContext | None = None,
+    tls: ClientCertificate | None = None,
 ) -> ManagedOptions:
     """How ``corral agent`` starts, supervises and reports one llama-server of its own
     (``--model``, or each entry of its ``models`` table), from its settings; ``tls``:
@@ -403,7 +414,8 @@ def owned_options(
         llama_args=llama_args,
         agent_name=settings.agent_name or socket.gethostname(),
         balancer_dns_interval=settings.balancer_dns_interval,
-        tls=tls,
+        tls=tls.context if tls is not None else None,
+        tls_reload=tls.reload_if_changed if tls is not None else None,
         poll_interval=0.25,
         supervisor=supervisor_options(settings),
         log_dir=settings.log_dir,

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,8 @@ class ManagedOptions:
     """How often the agent looks balancers given by name up again."""
     tls: ssl.SSLContext | None = None
     """What the agent verifies ``https://`` balancers with (None: the system's store)."""
+    tls_reload: Callable[[], object] | None = None
+    """Reloads a rotated client certificate into ``tls`` (see :class:`AgentOptions`)."""
     supervisor: SupervisorOptions = field(default_factory=SupervisorOptions)
     log_dir: Path | None = None
     """Where to keep rotating log files (NAME.log, NAME.log.1, ...); None: memory only."""
@@ -195,6 +197,7 @@ class ManagedInstance:
                 poll_interval=options.poll_interval,
                 balancer_dns_interval=options.balancer_dns_interval,
                 tls=options.tls,
+                tls_reload=options.tls_reload,
                 on_command=self.command,
                 extra_aliases=list(options.aliases),
                 model_name=self.model_id,
