@@ -238,3 +238,39 @@ async def test_requests_that_wait_for_a_load_or_a_restart_link_to_it(
     assert load.parent == "" and restart.parent == ""
     servers = {s.span_id: s for s in receiver.named("POST /v1/chat/completions")}
     assert first_wait.parent in servers and second_wait.parent in servers
+
+
+async def test_traces_go_over_grpc_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc, with the gRPC exporter installed (the test
+    extra has it): the same spans reach a gRPC TraceService on loopback."""
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+    got: list[Span] = []
+
+    class Service(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: Any, context: Any) -> ExportTraceServiceResponse:  # noqa: N802
+            for resource_spans in request.resource_spans:
+                for scope in resource_spans.scope_spans:
+                    got.extend(scope.spans)
+            return ExportTraceServiceResponse()
+
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    try:
+        fleet = await start_fleet()
+        try:
+            await fleet.add_fake(model="m", slots=1)
+            assert (await fleet.chat("m"))[0] == 200
+        finally:
+            await fleet.close()  # flushes
+        names = {span.name for span in got}
+        assert {"POST /v1/chat/completions", "corral.placement", "chat m"} <= names
+    finally:
+        await server.stop(None)
