@@ -249,7 +249,7 @@ async def test_traces_go_over_grpc_when_asked(monkeypatch: pytest.MonkeyPatch) -
     got: list[Span] = []
 
     class Service(trace_service_pb2_grpc.TraceServiceServicer):
-        def Export(self, request: Any, context: Any) -> ExportTraceServiceResponse:  # noqa: N802
+        def Export(self, request: Any, context: Any) -> ExportTraceServiceResponse:
             for resource_spans in request.resource_spans:
                 for scope in resource_spans.scope_spans:
                     got.extend(scope.spans)
