@@ -64,6 +64,36 @@ def _list(data: Mapping[str, Any], key: str) -> list[Any]:
 
 
 @dataclass(frozen=True)
+class DeviceReport:
+    """An accelerator llama-server's build can use, as its ``--list-devices`` says:
+    ``name`` (``CUDA0``, ``Vulkan0``...), ``description``, memory in MiB."""
+
+    name: str
+    description: str = ""
+    total_mib: int = 0
+    free_mib: int = 0
+
+    @classmethod
+    def from_wire(cls, data: object) -> DeviceReport:
+        if not isinstance(data, Mapping):
+            raise ProtocolError(f"a device must be an object, got {type(data).__name__}")
+        return cls(
+            name=_str(data, "name", ""),
+            description=_str(data, "description", ""),
+            total_mib=_int(data, "total_mib"),
+            free_mib=_int(data, "free_mib"),
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "total_mib": self.total_mib,
+            "free_mib": self.free_mib,
+        }
+
+
+@dataclass(frozen=True)
 class SupervisorReport:
     """A supervising agent's view of its llama-server process.
 
@@ -86,6 +116,8 @@ class SupervisorReport:
     ready_since: float | None = None
     log_tail: tuple[str, ...] = ()
     """The process's last output lines."""
+    devices: tuple[DeviceReport, ...] = ()
+    """The accelerators its binary can use (empty: the CPU only, or not known)."""
 
     @classmethod
     def from_wire(cls, data: object) -> SupervisorReport:
@@ -107,6 +139,7 @@ class SupervisorReport:
             last_error=str(error) if error is not None else None,
             ready_since=_opt_float(data, "ready_since"),
             log_tail=tuple(str(line) for line in _list(data, "log_tail")),
+            devices=tuple(DeviceReport.from_wire(d) for d in _list(data, "devices")),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -122,6 +155,7 @@ class SupervisorReport:
             "last_error": self.last_error,
             "ready_since": self.ready_since,
             "log_tail": list(self.log_tail),
+            "devices": [device.to_wire() for device in self.devices],
         }
 
 

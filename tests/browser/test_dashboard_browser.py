@@ -118,6 +118,7 @@ async def test_instances_appear_and_leave_live_and_the_buttons_work(
             lambda: pid_of(local, "beta") not in (None, first_pid), "beta to run a new process"
         )
         await expect(beta_row.locator("td").nth(6)).to_have_text("1")  # restarts
+        await expect(beta_row.locator("td").nth(7)).to_have_text("cpu")  # its devices
         await expect(beta_row.locator(".pill")).to_have_text("ready")
 
         # a refused reconfiguration shows the server's reason

@@ -41,6 +41,7 @@ async def owning_agent(
     *llama_args: str,
     flags: tuple[str, ...] = (),
     fake: tuple[str, ...] = ("--token-delay", "0.02", "--tokens", "10"),
+    env: dict[str, str] | None = None,
 ) -> Proc:
     binary = fake_binary(procs.tmp, *fake)
     args = [
@@ -48,7 +49,7 @@ async def owning_agent(
         "--llama-server", str(binary), "--balancer", balancer.management,
         "--log-dir", str(procs.tmp / "logs"), *flags, "--", *llama_args,
     ]  # fmt: skip
-    return await procs._spawn("agent", args, procs._env())
+    return await procs._spawn("agent", args, procs._env(**(env or {})))
 
 
 @pytest.fixture
@@ -117,6 +118,28 @@ async def test_an_agents_llama_server_listens_where_other_hosts_reach_it(
     assert line[line.index("--host") + 1] == "0.0.0.0"
     assert instance["url"] == f"http://127.0.0.2:{port}"  # its own port, added to the URL
     assert await chat(http, balancer) == 200  # the balancer dialed 127.0.0.2
+
+
+async def test_the_devices_its_binary_lists_reach_the_fleet_and_corral_status(
+    procs: Processes, http: aiohttp.ClientSession, model: Path
+) -> None:
+    balancer = await procs.balancer()
+    gpus = "CUDA0|NVIDIA L4|22478|22150;CUDA1|NVIDIA L4|22478|1024"
+    await owning_agent(procs, balancer, model, env={"CORRAL_FAKE_DEVICES": gpus})
+    await wait_for(ready_count(balancer, http)(1), "the instance")
+    devices = (await only_instance(http, balancer))["supervisor"]["devices"]
+    assert devices == [
+        {"name": "CUDA0", "description": "NVIDIA L4", "total_mib": 22478, "free_mib": 22150},
+        {"name": "CUDA1", "description": "NVIDIA L4", "total_mib": 22478, "free_mib": 1024},
+    ]
+    status = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral.cli", "status", "--management-addr", balancer.management,
+        stdout=asyncio.subprocess.PIPE, env=procs._env(COLUMNS="250"),
+    )  # fmt: skip
+    out, _ = await status.communicate()
+    assert status.returncode == 0
+    text = " ".join(out.decode().split())  # the table may wrap a cell
+    assert "CUDA0 (NVIDIA L4, 21.6 of 22.0 GiB free)" in text, text
 
 
 async def test_a_stopping_agent_lets_the_requests_it_was_sent_finish(

@@ -159,7 +159,7 @@ def _fleet_view(fleet: dict[str, Any]) -> RenderableType:
     agents = {a["id"]: a for a in fleet.get("agents", [])}
     table = Table(title=f"corral {fleet.get('version', '')}: instances", title_justify="left")
     for column in ("model", "instance", "agent", "state", "slots", "in flight", "served",
-                   "restarts", "problem"):  # fmt: skip
+                   "restarts", "devices", "problem"):  # fmt: skip
         table.add_column(column)
     for instance in sorted(fleet.get("instances", []), key=lambda i: (i["model"], i["id"])):
         supervisor = instance.get("supervisor") or {}
@@ -178,6 +178,7 @@ def _fleet_view(fleet: dict[str, Any]) -> RenderableType:
             str(instance["in_flight"]),
             str(instance["served"]),
             str(supervisor.get("restarts", "-")),
+            _devices(supervisor),
             "; ".join(problems)[:60],
         )
     buffered = {m: n for m, n in (fleet.get("buffered") or {}).items() if n}
@@ -187,6 +188,21 @@ def _fleet_view(fleet: dict[str, Any]) -> RenderableType:
         f"agents: {len(agents)}   buffered requests: {waiting}"
     )
     return Group(table, summary)
+
+
+def _devices(supervisor: dict[str, Any]) -> str:
+    """The accelerators a supervised server's binary can use: ``CUDA0 (NVIDIA L4, 21.9
+    of 22.5 GiB free)``; ``cpu`` when it reports none; ``-`` when nobody supervises it."""
+    if not supervisor:
+        return "-"
+    devices = supervisor.get("devices") or []
+    if not devices:
+        return "cpu"
+    return "; ".join(
+        f"{d['name']} ({d['description']}, {d['free_mib'] / 1024:.1f} of "
+        f"{d['total_mib'] / 1024:.1f} GiB free)"
+        for d in devices
+    )
 
 
 # -- models ------------------------------------------------------------------------------

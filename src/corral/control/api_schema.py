@@ -152,6 +152,15 @@ class IssueView(Reply):
 
 
 # the shape of corral.protocol.SupervisorReport.to_wire
+class DeviceView(Reply):
+    """An accelerator the server's binary can use (its ``--list-devices``)."""
+
+    name: str = Field(examples=["CUDA0"])
+    description: str
+    total_mib: int
+    free_mib: int = Field(description="Free when the binary was asked, before any load.")
+
+
 class SupervisorView(Reply):
     """The supervising agent's view of the llama-server process."""
 
@@ -169,6 +178,9 @@ class SupervisorView(Reply):
     last_error: str | None
     ready_since: float | None
     log_tail: list[str] = Field(description="The process's last output lines.")
+    devices: list[DeviceView] = Field(
+        description="Accelerators the binary can use; empty: the CPU only (or not known)."
+    )
 
 
 # the shape of corral.fleet.state.Instance.as_dict

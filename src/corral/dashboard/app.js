@@ -263,6 +263,17 @@ function lastError(instance) {
   return firstLine(supervisor.last_error);
 }
 
+function devicesText(instance) {
+  // what the server's binary can use (its --list-devices): "cpu" when it lists none
+  if (!instance.supervisor) return "–";
+  const devices = instance.supervisor.devices || [];
+  if (!devices.length) return "cpu";
+  const gib = (mib) => (mib / 1024).toFixed(1);
+  return devices
+    .map((d) => `${d.name} (${d.description}, ${gib(d.free_mib)} of ${gib(d.total_mib)} GiB free)`)
+    .join("; ");
+}
+
 function renderInstances() {
   const fleet = state.fleet;
   const instances = [...fleet.instances].sort((a, b) =>
@@ -285,6 +296,7 @@ function renderInstances() {
       el("td", { class: "num" }, instance.in_flight),
       el("td", { class: "num" }, since ? fmtDuration(fleet.time - since) : "–"),
       el("td", { class: "num" }, supervisor.restarts ?? "–"),
+      el("td", { class: "wrap" }, devicesText(instance)),
       el("td", { class: "wrap error" }, lastError(instance)),
       el(
         "td",

@@ -37,7 +37,7 @@ from pathlib import Path
 import aiohttp
 
 from corral.config import Settings
-from corral.protocol import SupervisorReport
+from corral.protocol import DeviceReport, SupervisorReport
 from corral.supervisor.process import ChildProcess, LogRing
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,8 @@ class SupervisedInstance:
         self.args = list(args)
         self.tls = tls
         """What an ``https://`` health URL is verified with (None: the system's store)."""
+        self.devices: tuple[DeviceReport, ...] = ()
+        """The accelerators the binary can use (:mod:`corral.supervisor.devices`)."""
         self.env = dict(env) if env else None
         """Extra environment for the process (on top of corral's own)."""
         self.health_url = health_url
@@ -169,6 +171,7 @@ class SupervisedInstance:
             last_error=self.last_error,
             ready_since=self.ready_since if self.state == "ready" else None,
             log_tail=tuple(self.child.tail(20)) if self.child else (),
+            devices=self.devices,
         )
 
     # -- lifecycle ------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from yarl import URL
 from corral.agent import Agent, AgentOptions
 from corral.config import SlotSource
 from corral.supervisor.binary import ui_beside
+from corral.supervisor.devices import list_devices
 from corral.supervisor.flags import FlagError, api_key_of, check_llama_args, sleeps
 from corral.supervisor.instance import SupervisedInstance, SupervisorOptions
 from corral.supervisor.process import PortLease, lease_port
@@ -264,6 +265,9 @@ class ManagedInstance:
         return ["--ssl-cert-file", str(cert), "--ssl-key-file", str(key)]
 
     async def start(self) -> None:
+        if self.options.command is None and self.options.binary is not None:
+            env = {**os.environ, **self.options.env}  # as the server will see it
+            self.supervisor.devices = await list_devices(self.options.binary, env)
         self.supervisor.start()
         self._agent_task = asyncio.create_task(self.agent.run(), name=f"agent-{self.model_id}")
 

@@ -1638,11 +1638,20 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[FakeOptions, str, int]:
         "allocated, if --ctx-size is larger than this",
     )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--list-devices",
+        action="store_true",
+        help="print the devices, as llama-server does, and exit: CORRAL_FAKE_DEVICES lists "
+        "them as NAME|DESCRIPTION|TOTAL_MIB|FREE_MIB;... (unset: none)",
+    )
     p.add_argument("--ssl-cert-file", default=None, help="serve https (with --ssl-key-file)")
     p.add_argument("--ssl-key-file", default=None)
     # real llama-server flags the fake has no use for (sampling, cache ...) are accepted
     # and ignored, so corral can pass what it passes to the real one
     a, ignored = p.parse_known_args(argv)
+    if a.list_devices:
+        _print_devices(os.environ.get("CORRAL_FAKE_DEVICES", ""))
+        raise SystemExit(0)
     if any(not arg.startswith("-") and i == 0 for i, arg in enumerate(ignored)):
         p.error(f"unexpected argument {ignored[0]!r}")
     if a.slots < 1 or a.tokens < 1 or a.ctx_size < 1 or a.n_embd < 1:
@@ -1684,6 +1693,16 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[FakeOptions, str, int]:
         ssl_files=(a.ssl_cert_file, a.ssl_key_file) if a.ssl_cert_file and a.ssl_key_file else None,
     )
     return options, a.host, a.port
+
+
+def _print_devices(listing: str) -> None:
+    """``--list-devices`` as llama-server prints it (common/arg.cpp)."""
+    print("Available devices:")
+    devices = [entry.split("|") for entry in listing.split(";") if entry.strip()]
+    if not devices:
+        print("  (none)")
+    for name, description, total, free in devices:
+        print(f"  {name}: {description} ({total} MiB, {free} MiB free)")
 
 
 async def _serve(options: FakeOptions, host: str, port: int) -> None:
