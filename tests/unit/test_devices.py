@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from corral.protocol import DeviceReport, SupervisorReport
 from corral.supervisor import devices
 from corral.supervisor.devices import list_devices, parse_devices
+from corral.supervisor.managed import ManagedInstance, ManagedOptions
 
 VULKAN = """\
 load_backend: loaded Vulkan backend from /x/libggml-vulkan.so
@@ -70,3 +72,40 @@ async def test_the_binary_is_asked_once_and_a_broken_one_says_nothing(
     hanging.chmod(0o755)
     assert await list_devices(hanging, timeout=0.2) == ()
     assert await list_devices(tmp_path / "missing") == ()
+
+
+async def test_a_stop_while_the_devices_are_listed_starts_no_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unload that lands while a load is still asking the binary for its devices must
+    not leave a server starting behind it (it would take the port the next load gets)."""
+    monkeypatch.setattr(devices, "_cache", {})
+    monkeypatch.setenv("CORRAL_STATE_DIR", str(tmp_path))
+    started = tmp_path / "started"
+    binary = tmp_path / "llama-server"
+    binary.write_text(
+        f"#!{sys.executable}\n"
+        "import sys, time\n"
+        "if '--list-devices' in sys.argv:\n"
+        "    time.sleep(0.5)\n"
+        "    print('Available devices:')\n"
+        "    sys.exit(0)\n"
+        f"open({str(started)!r}, 'w').write('x')\n"
+        "time.sleep(30)\n"
+    )
+    binary.chmod(0o755)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    made = ManagedInstance(
+        ManagedOptions(
+            binary=binary, model=model, port=18093, balancers=["127.0.0.1:1"],
+            cluster_token="t", drain_timeout=0,
+        )
+    )  # fmt: skip
+    starting = asyncio.create_task(made.start())
+    await asyncio.sleep(0.1)  # it is listing devices now
+    await made.stop()
+    await starting
+    assert made.supervisor.child is None
+    await asyncio.sleep(0.3)
+    assert not started.exists()

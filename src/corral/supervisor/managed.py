@@ -227,6 +227,8 @@ class ManagedInstance:
         )
         self._agent_task: asyncio.Task[None] | None = None
         self._restart_task: asyncio.Task[None] | None = None
+        self._stopped = False
+        """Set by :meth:`stop`; a start still listing devices then starts nothing."""
 
     def _slot_source(self) -> SlotSource:
         """``balancer`` for a llama-server that sleeps when idle: reading its /slots
@@ -267,13 +269,20 @@ class ManagedInstance:
     async def start(self) -> None:
         if self.options.command is None and self.options.binary is not None:
             env = {**os.environ, **self.options.env}  # as the server will see it
-            self.supervisor.devices = await list_devices(self.options.binary, env)
+            devices = await list_devices(self.options.binary, env)
+            if self._stopped:
+                return  # stopped while it listed devices: start nothing after a stop
+            self.supervisor.devices = devices
+        if self._stopped:
+            return
         self.supervisor.start()
         self._agent_task = asyncio.create_task(self.agent.run(), name=f"agent-{self.model_id}")
 
     async def stop(self) -> None:
         """Deregister from the balancers, let the requests already sent finish (at most
-        ``drain_timeout``), then stop llama-server (SIGTERM, SIGKILL)."""
+        ``drain_timeout``), then stop llama-server (SIGTERM, SIGKILL). A :meth:`start`
+        still under way starts nothing after it."""
+        self._stopped = True
         await self.agent.stop()
         if self._agent_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
