@@ -191,6 +191,7 @@ class LocalServe:
         )
         unloaded = []
         for model_id in sorted(changed):
+            self.host.forget_failures(model_id)  # new settings: its old failures are history
             running = [h for h in self.host.running.values() if h.model.id == model_id]
             if running:
                 await self.host.unload(model_id, reason="config changed")

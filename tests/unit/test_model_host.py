@@ -32,6 +32,7 @@ _seq = itertools.count(1)
 class FakeSupervisor:
     ready: bool = True
     last_error: str | None = None
+    out_of_memory: object = None
 
     async def wait_ready(self) -> bool:
         await asyncio.sleep(0.01)  # a start takes a moment
@@ -77,10 +78,18 @@ class FakeHost(ModelHost):
         super().__init__(*args, **kwargs)
         self.servers: list[FakeServer] = []
         self.failing = failing or set()
+        self.placed: dict[str, tuple[str, ...]] = {}
+        """The devices each key was last started on."""
 
     def _managed(
-        self, key: str, model: CatalogModel, flags: tuple[str, ...], lease: PortLease
+        self,
+        key: str,
+        model: CatalogModel,
+        flags: tuple[str, ...],
+        lease: PortLease,
+        devices: tuple[str, ...] = (),
     ) -> ManagedInstance:
+        self.placed[key] = devices
         server = FakeServer(key, f"http://127.0.0.1:{lease.port}", self.scheduler, lease)
         if model.id in self.failing:
             server.supervisor = FakeSupervisor(ready=False, last_error="exit 1; last log lines: x")

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING
 
 from corral.catalog.files import SPLIT_RE, file_tag, is_mmproj_name, is_other_companion, mmproj_rank
 from corral.catalog.folders import FoundFile, newest_revisions, walk
-from corral.catalog.gguf_header import GGUFError, GGUFMetadata, read_gguf_metadata
+from corral.catalog.gguf_header import GGUFError, GGUFMetadata, WeightLayout, read_gguf_metadata
 from corral.catalog.model import CatalogModel, MetadataCache, ScanProblem, ScanResult
 
 if TYPE_CHECKING:
@@ -217,6 +217,15 @@ def _split_candidate(
     return _Candidate(prefix, label, ordered, metas)
 
 
+def weight_layout(metas: Sequence[GGUFMetadata]) -> WeightLayout | None:
+    """The tensor layout of a model from its shards' headers (None if none says)."""
+    layout = None
+    for meta in metas:
+        if meta.weights is not None:
+            layout = meta.weights if layout is None else layout.merged(meta.weights)
+    return layout
+
+
 def _mmproj_for(f: FoundFile, best: Mapping[Path, Path]) -> Path | None:
     """The best projector in the model's folder. Inside a hub snapshot, the nearest one
     up to the snapshot root also counts: repos that keep each quantization in its own
@@ -289,6 +298,7 @@ def _assign(
                 repo=c.first.repo,
                 name=head.name,
                 kv_bytes_per_token=head.kv_bytes_per_token,
+                weights=weight_layout(c.metas),
             )
         )
     return sorted(models, key=lambda m: m.id)
@@ -369,6 +379,7 @@ def manual_model(model_id: str, config: ModelConfig) -> tuple[CatalogModel, Scan
             has_chat_template=head.has_chat_template,
             name=head.name,
             kv_bytes_per_token=head.kv_bytes_per_token,
+            weights=weight_layout(metas),
         ),
         None,
     )

@@ -52,6 +52,42 @@ class GGUFMetadata:
     kv_bytes_per_token: int | None = None
     """Bytes of K and V cache one token of context takes at f16 (all layers), from
     the attention shape in the header; None when the header does not say."""
+    weights: WeightLayout | None = None
+    """Where the tensor bytes are: per repeating layer, the input embedding, the output
+    (for the GPU memory estimate: ``-ngl`` offloads whole layers)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WeightLayout:
+    """A model's tensor bytes by where llama.cpp puts them.
+
+    ``layers[i]`` is every ``blk.i.*`` tensor; ``embedding`` is ``token_embd`` (llama.cpp
+    keeps the input layer on the CPU); ``output`` is the rest (``output.weight``, the
+    final norm ...), which goes to a GPU with the last offloaded layer. A model whose
+    output reuses the embedding (``tied``: no ``output.weight``) has llama.cpp copy the
+    embedding to the output's device.
+    """
+
+    layers: tuple[int, ...] = ()
+    embedding: int = 0
+    output: int = 0
+    tied: bool = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.layers) + self.embedding + self.output
+
+    def merged(self, other: WeightLayout) -> WeightLayout:
+        """The layout of a split model from two of its shards'."""
+        count = max(len(self.layers), len(other.layers))
+        mine = (*self.layers, *([0] * (count - len(self.layers))))
+        theirs = (*other.layers, *([0] * (count - len(other.layers))))
+        return WeightLayout(
+            layers=tuple(a + b for a, b in zip(mine, theirs, strict=True)),
+            embedding=self.embedding + other.embedding,
+            output=self.output + other.output,
+            tied=self.tied and other.tied,
+        )
 
 
 _SCALARS: dict[int, str] = {
@@ -187,6 +223,9 @@ def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFMetadata:
     parameters = 0
     data_end = 0
     by_type: dict[int, int] = {}
+    layers: dict[int, int] = {}
+    embedding = output = 0
+    has_output = False
     for _ in range(n_tensors):
         name = header.string()
         n_dims = header.u32()
@@ -203,7 +242,17 @@ def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFMetadata:
             block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
         except (ValueError, KeyError):
             continue  # a type newer than this gguf package: can't size it, don't guess
-        data_end = max(data_end, offset + elements * type_size // block)
+        nbytes = elements * type_size // block
+        data_end = max(data_end, offset + nbytes)
+        part, _, rest = name.partition(".")
+        if part == "blk" and rest.split(".", 1)[0].isdigit():
+            index = int(rest.split(".", 1)[0])
+            layers[index] = layers.get(index, 0) + nbytes
+        elif part == "token_embd":
+            embedding += nbytes
+        else:
+            output += nbytes
+            has_output = has_output or name == "output.weight"
     data_start = -(-header.off // alignment) * alignment
     if data_start + data_end > size:
         raise GGUFError(
@@ -220,8 +269,17 @@ def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFMetadata:
     has_template = (isinstance(template, str) and bool(template.strip())) or any(
         k.startswith(gguf.Keys.Tokenizer.CHAT_TEMPLATE + ".") for k in values
     )
+    blocks = _int(values.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=architecture or "")))
+    count = max(blocks or 0, max(layers, default=-1) + 1)
+    weights = WeightLayout(
+        layers=tuple(layers.get(i, 0) for i in range(count)),
+        embedding=embedding,
+        output=output,
+        tied=not has_output and embedding > 0,
+    )
     return GGUFMetadata(
         kv_bytes_per_token=_kv_bytes_per_token(values, architecture),
+        weights=weights if n_tensors else None,
         path=path,
         size_bytes=size,
         version=int(version),

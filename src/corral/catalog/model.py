@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from corral.catalog.gguf_header import GGUFMetadata
+    from corral.catalog.gguf_header import GGUFMetadata, WeightLayout
     from corral.config import ModelConfig
 
 Source = Literal["auto", "manual"]
@@ -42,6 +42,8 @@ class CatalogModel:
     """The config entry of a manual model (its args, TTL, group ...)."""
     kv_bytes_per_token: int | None = None
     """f16 K+V cache bytes per token of context (memory estimates)."""
+    weights: WeightLayout | None = field(default=None, compare=False, repr=False)
+    """Tensor bytes per layer (GPU memory estimates; all shards together)."""
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import ssl
 import time
 from collections import deque
@@ -53,25 +54,38 @@ from pathlib import Path
 from typing import Any
 
 from corral.catalog.catalog import Catalog
-from corral.catalog.memory import available_bytes, estimate_bytes, format_bytes, total_bytes
+from corral.catalog.memory import (
+    DEVICE_FLAGS,
+    MemoryNeed,
+    available_bytes,
+    estimate_bytes,
+    estimate_memory,
+    format_bytes,
+    gpu_layers,
+    pinned_devices,
+    total_bytes,
+)
 from corral.catalog.model import CatalogModel
 from corral.config import ModelConfig, Settings
 from corral.fleet.state import Instance
 from corral.hosting import LoadRefused, ModelState
+from corral.protocol import DeviceReport
 from corral.scheduling.scheduler import NoCapacity, Scheduler, SchedulingError
+from corral.supervisor.devices import CUDA_DEVICE_ORDER, list_devices, nvml_memory
 from corral.supervisor.instance import supervisor_options
 from corral.supervisor.managed import ManagedInstance, ManagedOptions
 from corral.supervisor.planner import (
     Evict,
     Limits,
     Load,
+    Placement,
     Refuse,
     Resident,
     Start,
     Wait,
     idle_expired,
     next_expiry,
-    plan_room,
+    place,
 )
 from corral.supervisor.process import PortLease, lease_port
 from corral.tokens import state_dir
@@ -116,6 +130,10 @@ class Hosted:
     state: ModelState = ModelState.LOADING
     last_used: float = 0.0
     """Scheduler clock when its load began (requests update the fleet instance's)."""
+    devices: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Bytes it is expected to take on each GPU."""
+    placed: tuple[str, ...] = ()
+    """The devices corral chose for it (``--device``); () when its arguments say."""
 
 
 @dataclass
@@ -158,6 +176,11 @@ class ModelHost:
         self._flags: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._failed_flags: dict[str, tuple[float, str]] = {}
         """Flagged keys whose start failed: (until, reason); refused at once till then."""
+        self.out_of_memory: dict[str, dict[str, int]] = {}
+        """Keys that ran out of memory on a device: device -> its free bytes then. The
+        key is not placed there again until that device has more free than that."""
+        self.devices: tuple[DeviceReport, ...] = ()
+        """The GPUs llama-server reported when a load last asked (none: CPU only)."""
         self.total_memory = total_bytes
         self._wake = asyncio.Event()
         self._ttl_wake = asyncio.Event()
@@ -247,6 +270,13 @@ class ModelHost:
                 f"{format_bytes(total)} in all: lower -c (--ctx-size) or --parallel"
             )
         return None
+
+    def forget_failures(self, model_id: str) -> None:
+        """Forget where ``model_id`` (and its flagged pools) ran out of memory: its
+        settings changed, so it may fit now."""
+        for key in list(self.out_of_memory):
+            if key == model_id or self._flags.get(key, ("",))[0] == model_id:
+                del self.out_of_memory[key]
 
     def load(self, model: str) -> str:
         """Load ``model`` (an id or alias) even with nobody waiting; its key."""
@@ -457,14 +487,12 @@ class ModelHost:
         existing = self.running.get(key)
         if existing is not None and existing.state is not ModelState.UNLOADING:
             return
-        if command:
-            # another server's memory use is unknown; a GGUF file's size is a floor
-            estimate = estimate_bytes(model, []) if model.size_bytes else 0
-        else:
-            estimate = estimate_bytes(model, self._args(model, flags))
+        if not command:
+            assert self.options.binary is not None
+            self.devices = await list_devices(self.options.binary, self._device_env(model))
         group, exclusive, _ = self._group(model)
         clock = self.scheduler.clock
-        load = Load(key=key, estimate=estimate, began=clock(), group=group, exclusive=exclusive)
+        began = clock()
         limits = Limits(
             max_instances=self.max_instances,
             swap_hold=self.settings.swap_hold,
@@ -475,8 +503,12 @@ class ModelHost:
             if not self._wanted(key):
                 log.info("load dropped key=%s: nobody is waiting any more", key)
                 return
-            available = self.memory() if limits.memory_check and estimate else None
-            plan = plan_room(load, self.residents(), limits, clock(), available)
+            view = self.device_memory(model)
+            options = self._placements(key, model, flags, view, began, group, exclusive)
+            check = limits.memory_check
+            available = self.memory() if check and options[0].load.estimate else None
+            free = {name: left for name, (_, left) in view.items()} if check else None
+            chosen, plan = place(options, self.residents(), limits, clock(), available, free)
             if isinstance(plan, Refuse):
                 raise LoadRefused(plan.reason)
             if isinstance(plan, Start):
@@ -492,7 +524,7 @@ class ModelHost:
                 if hosted is not None:
                     evicted += await self._unload(hosted, f"making room for {key}")
         self.last_error.pop(key, None)
-        await self._start(key, model, flags, estimate, load.began, evicted)
+        await self._start(key, model, flags, chosen, began, evicted)
 
     def residents(self) -> list[Resident]:
         """The instances this host runs, as the planner sees them now."""
@@ -512,16 +544,106 @@ class ModelHost:
                     persistent=persistent,
                     ttl=self._ttl(hosted.model),
                     queued=hosted.key in self.pending,
+                    devices=dict(hosted.devices),
                 )
             )
         return residents
+
+    def _device_env(self, model: CatalogModel) -> dict[str, str]:
+        """The environment a server of ``model`` will have, as far as its devices go."""
+        env = {**os.environ, **self._config(model).env}
+        env.setdefault("CUDA_DEVICE_ORDER", CUDA_DEVICE_ORDER)
+        return env
+
+    def device_memory(self, model: CatalogModel | None = None) -> dict[str, tuple[int, int]]:
+        """Each GPU's (total, free) bytes now: NVML's live figures where it can read
+        them; otherwise what llama-server reported when first asked, less what corral's
+        own servers on it are expected to take (those still starting are the planner's
+        to count)."""
+        env = self._device_env(model) if model is not None else None
+        live = nvml_memory(env) or {}
+        view: dict[str, tuple[int, int]] = {}
+        for device in self.devices:
+            if device.name in live:
+                view[device.name] = live[device.name]
+                continue
+            taken = sum(
+                h.devices.get(device.name, 0)
+                for h in self.running.values()
+                if h.state is not ModelState.LOADING
+            )
+            view[device.name] = (device.total_mib * 2**20, device.free_mib * 2**20 - taken)
+        return view
+
+    def _placements(
+        self,
+        key: str,
+        model: CatalogModel,
+        flags: tuple[str, ...],
+        view: dict[str, tuple[int, int]],
+        began: float,
+        group: str | None,
+        exclusive: bool,
+    ) -> list[Placement]:
+        """Where ``key`` could run, best first. A model whose arguments or environment
+        pick its devices (``--device``, ``--tensor-split``, ``--split-mode``,
+        ``--main-gpu``, ``-ngl 0``, ``*_VISIBLE_DEVICES``) runs as they say; otherwise
+        each GPU alone (most free first, none it ran out of memory on), then all of them
+        together. Raises :class:`LoadRefused` when it ran out of memory on every GPU."""
+        config = self._config(model)
+
+        def option(devices: tuple[str, ...], need: MemoryNeed) -> Placement:
+            load = Load(
+                key=key,
+                estimate=need.ram,
+                began=began,
+                group=group,
+                exclusive=exclusive,
+                devices=dict(need.devices),
+            )
+            return Placement(devices, load)
+
+        if config.cmd is not None:
+            # another server's memory use is unknown; a GGUF file's size is a floor
+            floor = estimate_bytes(model, []) if model.size_bytes else 0
+            return [option((), MemoryNeed(ram=floor))]
+        args = self._args(model, flags)
+        names = tuple(view)
+        free = {name: left for name, (_, left) in view.items()}
+        layers = len(model.weights.layers) if model.weights is not None else 0
+        pinned = pinned_devices(args)
+        own = (
+            pinned is not None
+            or any(a.split("=", 1)[0] in DEVICE_FLAGS for a in args)
+            or any(k.endswith("_VISIBLE_DEVICES") for k in config.env)
+            or (layers > 0 and gpu_layers(args, layers) == 0)
+        )
+        if not names or own:
+            used = pinned if pinned is not None else names
+            return [option((), estimate_memory(model, args, used, free))]
+        failed = self.out_of_memory.get(key, {})
+        usable = [n for n in names if n not in failed or free[n] > failed[n]]
+        if not usable:
+            tried = ", ".join(sorted(failed))
+            raise LoadRefused(
+                f"model {key!r} ran out of memory on {tried} when it last started, and "
+                "no device has more free memory since: corral does not start it there "
+                "again; free memory on a device, offload fewer layers (-ngl) or lower "
+                "its context (-c)"
+            )
+        usable.sort(key=lambda n: -free[n])  # most free first; sort keeps name order on ties
+        options = [option((n,), estimate_memory(model, args, (n,), free)) for n in usable]
+        if len(usable) > 1:
+            every = tuple(n for n in names if n in usable)
+            options.append(option(every, estimate_memory(model, args, every, free)))
+        return options
 
     async def _start(
         self,
         key: str,
         model: CatalogModel,
         flags: tuple[str, ...],
-        estimate: int,
+        placement: Placement,
         began: float,
         evicted: int,
     ) -> None:
@@ -529,7 +651,7 @@ class ModelHost:
         seconds since ``began`` (the load was taken up) and how many were evicted."""
         lease = lease_port(self.settings.ports(), state_dir() / "ports")
         try:
-            managed = self._managed(key, model, flags, lease)
+            managed = self._managed(key, model, flags, lease, placement.devices)
         except Exception:
             lease.release()
             raise
@@ -539,13 +661,21 @@ class ModelHost:
             flags=flags,
             managed=managed,
             url=f"{managed.scheme}://127.0.0.1:{lease.port}",
-            estimate=estimate,
+            estimate=placement.load.estimate,
             last_used=self.scheduler.clock(),
+            devices=dict(placement.load.devices),
+            placed=placement.devices,
         )
         self.running[key] = hosted
         self.loads += 1
         started = time.monotonic()
-        log.info("loading model=%s key=%s port=%d", model.id, key, lease.port)
+        log.info(
+            "loading model=%s key=%s port=%d%s",
+            model.id,
+            key,
+            lease.port,
+            f" devices={','.join(placement.devices)}" if placement.devices else "",
+        )
         self.scheduler.emit({"type": "model", "model": key, "event": "loading"})
         await managed.start()
         # the wait for readiness (up to startup_timeout) runs beside the load loop: a
@@ -571,14 +701,18 @@ class ModelHost:
             return  # unloaded while it started (an operator's unload, a reload)
         if not ready:
             error = managed.supervisor.last_error or "did not start"
+            oom = managed.supervisor.out_of_memory
             del self.running[key]
             await managed.stop()
             short = error.split("; last log lines:", 1)[0].strip()
             shown = f"{model.id!r} with flags {' '.join(flags)}" if flags else repr(key)
+            numbers = ""
+            if oom is not None:
+                numbers = self._out_of_memory(hosted, oom.device)
             raise LoadRefused(
-                f"model {shown} failed to start: {short}; its last log lines are in the "
-                "management API (GET /api/v1/models, `error`) and corral's log",
-                f"model {key!r} failed to start: {error}",
+                f"model {shown} failed to start: {short}{numbers}; its last log lines are "
+                "in the management API (GET /api/v1/models, `error`) and corral's log",
+                f"model {key!r} failed to start: {error}{numbers}",
             )
 
         # ready for the balancer once its agent has reported it usable (each report
@@ -612,11 +746,41 @@ class ModelHost:
             }
         )
 
+    def _out_of_memory(self, hosted: Hosted, device: str | None) -> str:
+        """Remember where ``hosted`` ran out of memory (not to be placed there again
+        until the device has more free); the numbers for its error."""
+        view = self.device_memory(hosted.model)
+        devices = [device] if device in view else list(hosted.devices)
+        parts = []
+        for name in devices:
+            total, free = view.get(name, (0, 0))
+            self.out_of_memory.setdefault(hosted.key, {})[name] = free
+            parts.append(
+                f"corral estimated {format_bytes(hosted.devices.get(name, 0))} on {name}, "
+                f"which has {format_bytes(free)} free of {format_bytes(total)}"
+            )
+        if not devices:
+            parts.append(f"corral estimated {format_bytes(hosted.estimate)} of RAM")
+        again = " (not tried on that device again until it has more free)" if devices else ""
+        return "; " + "; ".join(parts) + again
+
     def _managed(
-        self, key: str, model: CatalogModel, flags: tuple[str, ...], lease: PortLease
+        self,
+        key: str,
+        model: CatalogModel,
+        flags: tuple[str, ...],
+        lease: PortLease,
+        devices: tuple[str, ...] = (),
     ) -> ManagedInstance:
-        """The supervised server of ``key``: llama-server, or the model's command."""
+        """The supervised server of ``key``: llama-server, or the model's command; on
+        ``devices`` (``--device``) when corral placed it."""
         config = self._config(model)
+        llama_args = self._args(model, flags) if config.cmd is None else []
+        if devices and config.cmd is None:
+            llama_args += ["--device", ",".join(devices)]
+        env = dict(config.env)
+        if "CUDA_DEVICE_ORDER" not in os.environ:
+            env.setdefault("CUDA_DEVICE_ORDER", CUDA_DEVICE_ORDER)
         values = {}  # the command template's model-specific placeholders
         if model.path is not None:
             values["model_path"] = str(model.path)
@@ -634,7 +798,7 @@ class ModelHost:
                 balancers=[self.options.balancer],
                 cluster_token=self.options.cluster_token,
                 tls=self.options.tls,
-                llama_args=self._args(model, flags) if config.cmd is None else [],
+                llama_args=llama_args,
                 poll_interval=0.5,
                 supervisor=(
                     dataclasses.replace(
@@ -645,7 +809,7 @@ class ModelHost:
                 ),
                 log_dir=self.settings.log_dir,
                 tls_files=self._tls_files(config),
-                env=dict(config.env),
+                env=env,
                 command=list(config.cmd) if config.cmd is not None else None,
                 template_values=values,
                 health_path=config.health_path,

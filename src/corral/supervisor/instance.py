@@ -38,6 +38,7 @@ import aiohttp
 
 from corral.config import Settings
 from corral.protocol import DeviceReport, SupervisorReport
+from corral.supervisor.devices import OutOfMemory, out_of_memory
 from corral.supervisor.process import ChildProcess, LogRing
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,9 @@ class SupervisedInstance:
         """Seconds from launch to ready of the last starts."""
         self.last_exit_code: int | None = None
         self.last_error = ""
+        self.out_of_memory: OutOfMemory | None = None
+        """The failed allocation that kept the last run from starting, if that was it:
+        a server that ran out of memory is not restarted into the same wall."""
         self.failures: deque[float] = deque()
         self.started_at: float | None = None
         self.ready_since: float | None = None
@@ -252,6 +256,9 @@ class SupervisedInstance:
                     return
                 self.failed_runs += 1
                 tail = "\n".join(self.child.tail(10))
+                oom = None if self.readies else out_of_memory(self.child.tail(40))
+                if oom is not None:
+                    error = f"{error}: {oom.describe()}"
                 message = f"{self.name} {error}; last log lines:\n{tail}"
                 now = time.monotonic()
                 self.failures.append(now)
@@ -259,7 +266,8 @@ class SupervisedInstance:
                     self.failures.popleft()
                 streak += 1
                 never_ready = self.readies == 0 and streak >= self.options.start_attempts
-                if len(self.failures) >= self.options.max_failures or never_ready:
+                self.out_of_memory = oom
+                if len(self.failures) >= self.options.max_failures or never_ready or oom:
                     log.error("instance failed for good name=%s %s", self.name, message)
                     self._set("failed", message)
                     return

@@ -14,7 +14,14 @@ Making room for a load, in this order:
    load is in that group);
 3. memory: the load's estimate must fit in what is available plus what evicting
    frees (servers still starting count as taken); otherwise more instances go, or the
-   load is refused with both numbers.
+   load is refused with both numbers. Each GPU is a budget of its own: what the load
+   puts on a device must fit in that device's free memory, and only instances on that
+   device free any of it.
+
+Where a load goes on a host with several GPUs is :func:`place`: of the devices (or
+device sets) it could use, the one where it starts now with the most memory left, else
+the one that needs the fewest evictions, so two models that each fit one GPU go to
+different GPUs.
 
 A victim still serving requests keeps serving them for up to ``swap_hold`` seconds
 after the load was taken up (so alternating traffic swaps in batches), and the host
@@ -24,8 +31,8 @@ flight, nothing waiting and no load queued for that long.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from corral.catalog.memory import format_bytes
 from corral.hosting import ModelState
@@ -51,6 +58,8 @@ class Resident:
     """Idle seconds before it is unloaded; None: never."""
     queued: bool = False
     """A load of it waits in the host's queue (a TTL must not unload it meanwhile)."""
+    devices: Mapping[str, int] = field(default_factory=dict)
+    """Bytes it is expected to take on each GPU (none: all in RAM)."""
 
     @property
     def busy(self) -> bool:
@@ -67,6 +76,8 @@ class Load:
     """When the host took it up: the swap hold counts from here."""
     group: str | None = None
     exclusive: bool = False
+    devices: Mapping[str, int] = field(default_factory=dict)
+    """Bytes it needs on each GPU it would use."""
 
 
 @dataclass(frozen=True)
@@ -112,10 +123,12 @@ def plan_room(
     limits: Limits,
     now: float,
     available: int | None = None,
+    device_free: Mapping[str, int] | None = None,
 ) -> Plan:
     """What to do next for ``load``. ``available``: the machine's available memory in
-    bytes (None when no memory check applies)."""
-    victims = _victims(load, residents, limits, available)
+    bytes (None when no memory check applies); ``device_free``: each GPU's free bytes
+    (a device not in it is not checked)."""
+    victims = _victims(load, residents, limits, available, device_free or {})
     if isinstance(victims, Wait | Refuse):
         return victims
     if not victims:
@@ -129,7 +142,11 @@ def plan_room(
 
 
 def _victims(
-    load: Load, residents: Sequence[Resident], limits: Limits, available: int | None
+    load: Load,
+    residents: Sequence[Resident],
+    limits: Limits,
+    available: int | None,
+    device_free: Mapping[str, int],
 ) -> list[Resident] | Wait | Refuse:
     others = [r for r in residents if r.key != load.key]
     swap = load.exclusive and load.group is not None
@@ -154,26 +171,114 @@ def _victims(
             f"cannot load {load.key!r}: {limits.max_instances} instances run (max_instances) "
             "and none may be evicted (persistent groups); unload one or raise max_instances"
         )
-    if limits.memory_check and load.estimate and available is not None:
+    if limits.memory_check:
+        # one budget per kind of memory: RAM (RAM_BUDGET), and each GPU the load uses
+        need = {RAM_BUDGET: load.estimate if available is not None else 0}
+        need.update({d: b for d, b in load.devices.items() if d in device_free})
+        need = {k: v for k, v in need.items() if v > 0}
+        budgets = {RAM_BUDGET: available or 0, **device_free}
         # servers still starting may not have taken their memory yet: count it taken
-        starting = sum(r.estimate for r in others if r.state is ModelState.LOADING)
-        free = available - starting + sum(r.estimate for r in chosen)
-        while load.estimate > free and candidates:
-            victim = candidates.pop(0)
+        free = {
+            k: budgets[k]
+            - sum(_on(r, k) for r in others if r.state is ModelState.LOADING)
+            + sum(_on(r, k) for r in chosen)
+            for k in need
+        }
+        short = [k for k in need if need[k] > free[k]]
+        while short:
+            # the least recently used candidate that frees some of what is short
+            victim = next((r for r in candidates if any(_on(r, k) for k in short)), None)
+            if victim is None:
+                break
+            candidates.remove(victim)
             chosen.append(victim)
-            free += victim.estimate
-        if load.estimate > free:
+            for k in need:
+                free[k] += _on(victim, k)
+            short = [k for k in need if need[k] > free[k]]
+        if short:
             if _settling(others):
                 return Wait()  # memory may come back when those settle
+            where = short[0]
+            if where == RAM_BUDGET:
+                return Refuse(
+                    f"not enough memory to load {load.key!r}: it needs about "
+                    f"{format_bytes(load.estimate)} (weights + KV cache) and "
+                    f"{format_bytes(free[where])} is available even after evicting what "
+                    "may be evicted; free memory, lower its context (-c) or set "
+                    "memory_check: false"
+                )
             return Refuse(
-                f"not enough memory to load {load.key!r}: it needs about "
-                f"{format_bytes(load.estimate)} (weights + KV cache) and "
-                f"{format_bytes(free)} is available even after evicting what may be "
-                "evicted; free memory, lower its context (-c) or set memory_check: false"
+                f"not enough memory on {where} to load {load.key!r}: it needs about "
+                f"{format_bytes(need[where])} there (its offloaded layers, KV cache and "
+                f"compute buffers) and {format_bytes(free[where])} is free on it even "
+                "after evicting what may be evicted; free the device, offload fewer "
+                "layers (-ngl), lower its context (-c) or set memory_check: false"
             )
     if any(r.state is ModelState.UNLOADING for r in chosen):
         return Wait()
     return chosen
+
+
+#: The name of the RAM budget among the GPUs' (no llama.cpp device is called this).
+RAM_BUDGET = "RAM"
+
+
+def _on(resident: Resident, budget: str) -> int:
+    """What ``resident`` takes of ``budget``."""
+    return resident.estimate if budget == RAM_BUDGET else resident.devices.get(budget, 0)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One way to run a load: on these devices (``()``: as its arguments say, or the
+    CPU), needing what ``load`` says there."""
+
+    devices: tuple[str, ...]
+    load: Load
+
+
+def place(
+    options: Sequence[Placement],
+    residents: Sequence[Resident],
+    limits: Limits,
+    now: float,
+    available: int | None = None,
+    device_free: Mapping[str, int] | None = None,
+) -> tuple[Placement, Plan]:
+    """The placement to go with, and its plan. Of ``options`` (in the host's order of
+    preference), the one that can start now with the most memory left on its devices;
+    else the one that needs the fewest evictions; else, when one must wait, that one;
+    else the first one's refusal. Ties keep the given order, so the choice is the same
+    for the same state."""
+    if not options:
+        raise ValueError("place() needs at least one placement")
+    free = device_free or {}
+    starting = [
+        r for r in residents if r.state is ModelState.LOADING and r.key != options[0].load.key
+    ]
+    planned = [
+        (option, plan_room(option.load, residents, limits, now, available, free))
+        for option in options
+    ]
+
+    def headroom(option: Placement) -> int:
+        left = [
+            free[d] - sum(r.devices.get(d, 0) for r in starting) - option.load.devices.get(d, 0)
+            for d in option.devices
+            if d in free
+        ]
+        return min(left, default=0)
+
+    starts = [(o, p) for o, p in planned if isinstance(p, Start)]
+    if starts:
+        return max(starts, key=lambda op: headroom(op[0]))  # max keeps the first of ties
+    evicts = [(o, p) for o, p in planned if isinstance(p, Evict)]
+    if evicts:
+        return min(evicts, key=lambda op: len(op[1].keys) if isinstance(op[1], Evict) else 0)
+    waits = [(o, p) for o, p in planned if isinstance(p, Wait)]
+    if waits:
+        return waits[0]
+    return planned[0]
 
 
 def _settling(residents: Iterable[Resident]) -> bool:

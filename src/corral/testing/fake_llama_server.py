@@ -1644,6 +1644,20 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[FakeOptions, str, int]:
         help="print the devices, as llama-server does, and exit: CORRAL_FAKE_DEVICES lists "
         "them as NAME|DESCRIPTION|TOTAL_MIB|FREE_MIB;... (unset: none)",
     )
+    p.add_argument(
+        "-dev",
+        "--device",
+        default=None,
+        help="devices to offload to, as llama-server takes them: each must be one of "
+        "CORRAL_FAKE_DEVICES (or none)",
+    )
+    p.add_argument(
+        "--oom-on",
+        default=None,
+        metavar="DEVICE",
+        help="fault: exit at start as llama-server does when a buffer cannot be allocated "
+        "on DEVICE, if DEVICE is one of --device (or --device is absent)",
+    )
     p.add_argument("--ssl-cert-file", default=None, help="serve https (with --ssl-key-file)")
     p.add_argument("--ssl-key-file", default=None)
     # real llama-server flags the fake has no use for (sampling, cache ...) are accepted
@@ -1658,6 +1672,23 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[FakeOptions, str, int]:
         p.error("--slots, --tokens, --ctx-size and --n-embd must be >= 1")
     if a.load_delay < 0 or a.token_delay < 0:
         p.error("delays must be >= 0")
+    listed = [e.split("|")[0] for e in os.environ.get("CORRAL_FAKE_DEVICES", "").split(";") if e]
+    chosen = [d for d in (a.device or "").split(",") if d and d != "none"]
+    for device in chosen:
+        if device not in listed:
+            print(f"error: invalid device: {device}", file=sys.stderr)
+            raise SystemExit(1)
+    if a.oom_on is not None and (a.oom_on in chosen or a.device is None):
+        index = listed.index(a.oom_on) if a.oom_on in listed else 0
+        print(
+            f"ggml_backend_cuda_buffer_type_alloc_buffer: allocating 1024.00 MiB on device "
+            f"{index}: cudaMalloc failed: out of memory\n"
+            f"alloc_tensor_range: failed to allocate {a.oom_on} buffer of size 1073741824\n"
+            f"llama_model_load: error loading model: unable to allocate {a.oom_on} buffer\n"
+            "llama_model_load_from_file_impl: failed to load model",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
     if a.kv_limit is not None and a.ctx_size > a.kv_limit:
         print(
             f"llama_kv_cache: failed to allocate buffer for {a.ctx_size} cells\n"
