@@ -273,3 +273,21 @@ def test_a_failed_allocation_is_read_with_its_device_and_size() -> None:
     kv = out_of_memory(["llama_kv_cache: failed to allocate buffer for 65536 cells"])
     assert kv is not None and kv.device is None
     assert out_of_memory(["main: model loaded", "srv  update_slots: all slots are idle"]) is None
+
+
+def test_the_supervisor_reports_nvmls_live_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from corral.protocol import DeviceReport
+    from corral.supervisor.instance import SupervisedInstance
+
+    supervised = SupervisedInstance(["llama-server"], "http://127.0.0.1:1/health")
+    supervised.devices = (
+        DeviceReport("CUDA0", "NVIDIA L4", 22478, 22150),  # as listed at first
+        DeviceReport("Vulkan0", "llvmpipe", 2048, 2048),  # NVML knows no Vulkan device
+    )
+    monkeypatch.setattr(devices, "_nvml_state", {"module": None})
+    assert supervised.report().devices == supervised.devices
+    fake = FakeNVML([("GPU-aaa", 22478 * MIB, 1024 * MIB)])  # a model loaded since
+    monkeypatch.setattr(devices, "_nvml_state", {"module": fake})
+    cuda, vulkan = supervised.report().devices
+    assert (cuda.name, cuda.total_mib, cuda.free_mib) == ("CUDA0", 22478, 1024)
+    assert vulkan == supervised.devices[1]

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import ssl
 import time
 from collections import deque
@@ -38,7 +40,7 @@ import aiohttp
 
 from corral.config import Settings
 from corral.protocol import DeviceReport, SupervisorReport
-from corral.supervisor.devices import OutOfMemory, out_of_memory
+from corral.supervisor.devices import OutOfMemory, nvml_memory, out_of_memory
 from corral.supervisor.process import ChildProcess, LogRing
 
 log = logging.getLogger(__name__)
@@ -175,7 +177,22 @@ class SupervisedInstance:
             last_error=self.last_error,
             ready_since=self.ready_since if self.state == "ready" else None,
             log_tail=tuple(self.child.tail(20)) if self.child else (),
-            devices=self.devices,
+            devices=self._live_devices(),
+        )
+
+    def _live_devices(self) -> tuple[DeviceReport, ...]:
+        """The devices, with NVML's live total and free memory where it can read them
+        (the listing's figures are from when the binary was first asked)."""
+        if not self.devices:
+            return ()
+        live = nvml_memory({**os.environ, **(self.env or {})})
+        if not live:
+            return self.devices
+        return tuple(
+            dataclasses.replace(d, total_mib=live[d.name][0] >> 20, free_mib=live[d.name][1] >> 20)
+            if d.name in live
+            else d
+            for d in self.devices
         )
 
     # -- lifecycle ------------------------------------------------------------------------
