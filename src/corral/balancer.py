@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from corral.catalog.catalog import Catalog
 from corral.config import Settings
 from corral.control.management import Management
 from corral.gateway.guard import ConnectionLimits, GuardedAppRunner
@@ -33,8 +34,11 @@ from corral.observe.metrics import BalancerMetrics
 from corral.observe.recent import RecentTraffic
 from corral.observe.statsd import StatsdPusher
 from corral.observe.tracing import Tracing
+from corral.protocol import HostReport
 from corral.scheduling.policies import make_policy
 from corral.scheduling.scheduler import Scheduler
+from corral.supervisor.host import HostOptions, ModelHost
+from corral.supervisor.machines import Send
 from corral.tls import ServerCertificate, self_context, upstream_context
 
 log = logging.getLogger(__name__)
@@ -121,6 +125,12 @@ class Balancer:
         """The service name traces carry unless ``OTEL_SERVICE_NAME`` gives one."""
         self.tracing: Tracing | None = None
         """Traces (:mod:`corral.observe.tracing`), when the ``OTEL_*`` variables ask."""
+        self.cluster_token = cluster_token
+        self.model_host: ModelHost | None = None
+        """The model host: ``corral serve``'s own, or the one a balancer makes when the
+        first remote model host registers (placing models on remote hosts only)."""
+        self.management.on_host_report = self._host_report
+        self.management.on_host_gone = self._host_gone
 
     async def start(self) -> BoundAddresses:
         """Listen on both addresses (port 0 picks a free port); return what was bound."""
@@ -207,6 +217,39 @@ class Balancer:
         """What this process's own agents verify the listener with: its own certificate."""
         return self_context(self.certificate.cert) if self.certificate is not None else None
 
+    def _host_report(self, report: HostReport, send: Send) -> None:
+        host = self.model_host
+        if host is None:
+            host = self.model_host = self._fleet_host()
+        host.remote_report(report, send)
+
+    def _host_gone(self, host_id: str) -> None:
+        if self.model_host is not None:
+            self.model_host.remote_gone(host_id)
+
+    def _fleet_host(self) -> ModelHost:
+        """A model host with no machine of its own: it places models on the remote model
+        hosts that register, and answers the model routes for them."""
+        host = ModelHost(
+            self.settings,
+            Catalog([], {}),
+            self.scheduler,
+            HostOptions(
+                binary=None,
+                balancer=self.agent_address,
+                cluster_token=self.cluster_token,
+                tls=self.agent_tls,
+            ),
+        )
+        host.local = False
+        self.scheduler.loader = host
+        self.scheduler.load_allowance = self.settings.startup_timeout + self.settings.drain_timeout
+        self.management.host = host
+        self.gateway.host = host
+        host.start()
+        log.info("placing models on remote model hosts")
+        return host
+
     async def _check_stale(self) -> None:
         while True:
             await asyncio.sleep(STALE_CHECK_INTERVAL)
@@ -225,6 +268,8 @@ class Balancer:
         await self._cleanup()
 
     async def _cleanup(self) -> None:
+        if self.model_host is not None and not self.model_host.local:
+            await self.model_host.stop()  # the remote hosts' servers keep running
         if self.statsd is not None:
             await self.statsd.stop()
         if self.tracing is not None:  # the last spans go out (bounded by the exporter)

@@ -237,3 +237,175 @@ class InstanceReport:
         if self.supervisor is not None:
             wire["supervisor"] = self.supervisor.to_wire()
         return wire
+
+
+# -- model hosts ---------------------------------------------------------------------------
+#
+# An agent started with --models-dir (or a ``models`` table and no fixed instances) is a
+# model host: after ``register`` with ``"role": "host"`` it sends ``{"type": "host",
+# "seq": int, "host": HostReport}`` on every change and at least once a second, and takes
+# ``{"type": "host_command", "id", "command": "load" | "unload", ...}`` from a balancer,
+# answering ``{"type": "command_result", "id", "ok", "detail", ...}``. The instances it
+# starts report themselves as any supervised instance does (their own agent links).
+
+
+def _opt_str(data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError(f"`{key}` must be a string or null, got {type(value).__name__}")
+    return value
+
+
+def _strings(data: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    return tuple(str(v) for v in _list(data, key))
+
+
+@dataclass(frozen=True)
+class HostModelReport:
+    """One model a host can start, with what its header says (enough for the balancer
+    to estimate its memory as the host would) and the arguments the host runs it with."""
+
+    id: str
+    aliases: tuple[str, ...] = ()
+    size_bytes: int = 0
+    architecture: str | None = None
+    context_length: int | None = None
+    quantization: str | None = None
+    kv_bytes_per_token: int | None = None
+    layers: tuple[int, ...] = ()
+    """Bytes of each repeating layer (empty: not known)."""
+    embedding: int = 0
+    output: int = 0
+    tied: bool = False
+    args: tuple[str, ...] = ()
+    projector: bool = False
+
+    @classmethod
+    def from_wire(cls, data: object) -> HostModelReport:
+        if not isinstance(data, Mapping):
+            raise ProtocolError(f"a host's model must be an object, got {type(data).__name__}")
+        layers = _list(data, "layers")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layers):
+            raise ProtocolError("`layers` must be a list of byte counts")
+        return cls(
+            id=_str(data, "id"),
+            aliases=_strings(data, "aliases"),
+            size_bytes=_int(data, "size_bytes"),
+            architecture=_opt_str(data, "architecture"),
+            context_length=_opt_int(data, "context_length"),
+            quantization=_opt_str(data, "quantization"),
+            kv_bytes_per_token=_opt_int(data, "kv_bytes_per_token"),
+            layers=tuple(layers),
+            embedding=_int(data, "embedding"),
+            output=_int(data, "output"),
+            tied=bool(data.get("tied")),
+            args=_strings(data, "args"),
+            projector=bool(data.get("projector")),
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "aliases": list(self.aliases),
+            "size_bytes": self.size_bytes,
+            "architecture": self.architecture,
+            "context_length": self.context_length,
+            "quantization": self.quantization,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "layers": list(self.layers),
+            "embedding": self.embedding,
+            "output": self.output,
+            "tied": self.tied,
+            "args": list(self.args),
+            "projector": self.projector,
+        }
+
+
+@dataclass(frozen=True)
+class HostInstanceReport:
+    """A server a host started for a balancer: its pool ``key`` (a model, or a model
+    with per-request flags), where it answers, and how its start went."""
+
+    key: str
+    model: str
+    url: str
+    flags: tuple[str, ...] = ()
+    state: str = "starting"
+    """The supervisor's: ``starting``, ``ready``, ``failed``, ``stopped``."""
+    error: str | None = None
+    oom_device: str | None = None
+    """Where it ran out of memory, when that is why it failed (``RAM`` when no device)."""
+
+    @classmethod
+    def from_wire(cls, data: object) -> HostInstanceReport:
+        if not isinstance(data, Mapping):
+            raise ProtocolError(f"a host's instance must be an object, got {type(data).__name__}")
+        return cls(
+            key=_str(data, "key"),
+            model=_str(data, "model"),
+            url=_str(data, "url"),
+            flags=_strings(data, "flags"),
+            state=_str(data, "state", "starting"),
+            error=_opt_str(data, "error"),
+            oom_device=_opt_str(data, "oom_device"),
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "model": self.model,
+            "url": self.url,
+            "flags": list(self.flags),
+            "state": self.state,
+            "error": self.error,
+            "oom_device": self.oom_device,
+        }
+
+
+@dataclass(frozen=True)
+class HostReport:
+    """What a model host tells every balancer: what it can start, the room it has, and
+    what it runs."""
+
+    id: str
+    name: str = ""
+    max_instances: int = 4
+    memory_total: int = 0
+    memory_available: int = 0
+    devices: tuple[DeviceReport, ...] = ()
+    devices_live: bool = False
+    """The devices' free memory is read now (NVML), so it already counts the host's
+    servers; otherwise it is llama-server's first listing."""
+    models: tuple[HostModelReport, ...] = ()
+    instances: tuple[HostInstanceReport, ...] = ()
+
+    @classmethod
+    def from_wire(cls, data: object) -> HostReport:
+        if not isinstance(data, Mapping):
+            raise ProtocolError(f"`host` must be an object, got {type(data).__name__}")
+        return cls(
+            id=_str(data, "id"),
+            name=str(data.get("name") or ""),
+            max_instances=max(1, _int(data, "max_instances") or 4),
+            memory_total=_int(data, "memory_total"),
+            memory_available=_int(data, "memory_available"),
+            devices=tuple(DeviceReport.from_wire(d) for d in _list(data, "devices")),
+            devices_live=bool(data.get("devices_live")),
+            models=tuple(HostModelReport.from_wire(m) for m in _list(data, "models")),
+            instances=tuple(HostInstanceReport.from_wire(i) for i in _list(data, "instances")),
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "max_instances": self.max_instances,
+            "memory_total": self.memory_total,
+            "memory_available": self.memory_available,
+            "devices": [d.to_wire() for d in self.devices],
+            "devices_live": self.devices_live,
+            "models": [m.to_wire() for m in self.models],
+            "instances": [i.to_wire() for i in self.instances],
+        }

@@ -133,6 +133,7 @@ class LocalServe:
             ),
         )
         scheduler.loader = self.host
+        self.balancer.model_host = self.host  # remote model hosts may join it too
         scheduler.load_allowance = self.settings.startup_timeout + self.settings.drain_timeout
         self.balancer.management.host = self.host
         if self.config_file is not None:

@@ -238,6 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--model", default=None, help="start and own a llama-server for this GGUF file"
     )
+    agent.add_argument(
+        "--models-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="be a model host: offer every GGUF model under this folder (repeatable; and the "
+        "--config file's models table) to the balancers, and start one when a balancer asks",
+    )
+    agent.add_argument(
+        "--max-instances",
+        type=int,
+        default=None,
+        help="as a model host: most llama-servers running at once (4)",
+    )
     agent.add_argument("--llama-server", type=Path, default=None, help="llama-server binary")
     agent.add_argument("--log-dir", type=Path, default=None, help="rotating llama-server logs")
     agent.add_argument(

@@ -239,6 +239,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from corral.tokens import TokenError
 
     settings = settings_from(args, _agent_overrides(args))
+    if args.models_dir:
+        return _agent_hosting(args, settings)
     owns = bool(args.model) or (bool(settings.models) and not settings.local_llama_server)
     if bool(settings.local_llama_server) == owns:
         _err(
@@ -287,6 +289,84 @@ def cmd_agent(args: argparse.Namespace) -> int:
         await agent.stop()
         await task
         stopper.cancel()
+        return 0
+
+    return _run_service(serve)
+
+
+def _agent_hosting(args: argparse.Namespace, settings: Settings) -> int:
+    """``corral agent --models-dir DIR``: a model host. It offers the models found there
+    (and the ``models`` table's) to the balancers and starts one when a balancer asks."""
+    from corral.catalog.catalog import Catalog
+    from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
+    from corral.supervisor.host_agent import HostAgent, HostAgentOptions
+    from corral.supervisor.process import lease_port
+    from corral.tokens import TokenError, state_dir
+
+    if args.model or settings.local_llama_server:
+        _err("--models-dir makes the agent a model host: give no --model or --local-llama-server")
+        return 2
+    if not settings.balancers:
+        _err("an agent reports to balancers: give --balancer HOST:PORT (repeatable)")
+        return 2
+    for folder in args.models_dir:
+        if not Path(folder).is_dir():
+            _err(f"--models-dir {folder}: not a folder")
+            return 2
+    try:
+        balancers_tls = agent_tls(settings)
+        cluster_token = _cluster_token(settings, create=False)
+        binary = find_llama_server(args.llama_server or settings.llama_server).path
+    except (OSError, ssl.SSLError, TokenError, LlamaServerNotFound) as exc:
+        _err(str(exc))
+        return 2
+    catalog = Catalog(list(args.models_dir), dict(settings.models))
+    catalog.rescan()
+    for problem in catalog.problems:
+        log.warning("catalog problem %s", problem)
+    options = HostAgentOptions(
+        balancers=list(settings.balancers),
+        cluster_token=cluster_token,
+        binary=binary,
+        max_instances=args.max_instances or settings.max_instances or 4,
+        llama_args=list(settings.llama_args),
+        tls=balancers_tls.context,
+    )
+    if settings.agent_name:
+        options.name = settings.agent_name
+
+    def make(key: str, model: Any, aliases: list[str], llama_args: list[str]) -> tuple[Any, Any]:
+        from corral.supervisor.managed import ManagedInstance
+
+        lease = lease_port(settings.ports(), state_dir() / "ports")
+        instance = ManagedInstance(
+            owned_options(
+                settings,
+                binary=binary,
+                model=model.path,
+                model_id=key,
+                aliases=aliases,
+                llama_args=llama_args,
+                port=lease.port,
+                lease=lease,
+                cluster_token=cluster_token,
+                tls=balancers_tls,
+            )
+        )
+        return instance, lease
+
+    async def serve(stop: asyncio.Event) -> int:
+        agent = HostAgent(catalog, options, make)
+        task = asyncio.create_task(agent.run())
+        log.info(
+            "model host %s offers %d models to %s",
+            options.name,
+            len(catalog.models),
+            ", ".join(options.balancers),
+        )
+        await stop.wait()
+        await agent.stop()
+        await task
         return 0
 
     return _run_service(serve)

@@ -15,6 +15,12 @@ Agent protocol (JSON text frames, agent -> balancer):
   balancer drops any snapshot not newer than the last it applied;
 - ``{"type": "deregister"}`` on shutdown.
 
+A model host (an agent with ``--models-dir``) registers with ``"role": "host"`` and then
+sends ``{"type": "host", "seq": int, "host": {...}}`` (:class:`corral.protocol.HostReport`:
+what it can start, its memory and devices, what it runs) instead of snapshots; the
+balancer sends it ``{"type": "host_command", "id", "command": "load" | "unload", ...}``
+and it answers ``{"type": "command_result", "id", "ok", "detail", ...}``.
+
 Each instance in a snapshot: ``id``, ``url`` (how the balancer reaches it), ``model``,
 ``aliases``, ``state``, ``total_slots``, ``busy``, ``n_ctx``, ``slot_source``, ``issues`` (list of
 ``{"kind", "message"}``; any issue makes the instance unusable), and ``supervisor``
@@ -30,6 +36,7 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
@@ -59,12 +66,14 @@ from corral.gateway.errors import error_response
 from corral.observe.autoscaling import fleet_demand, model_demand
 from corral.observe.metrics import BalancerMetrics
 from corral.observe.recent import RecentTraffic
-from corral.protocol import AGENT_SOCKET_PATH, InstanceReport
+from corral.protocol import AGENT_SOCKET_PATH, HostReport, InstanceReport
 from corral.scheduling.scheduler import Scheduler
 from corral.tls import verified_peer
 
 if TYPE_CHECKING:
     from corral.hosting import Host
+
+HostSend = Callable[[dict[str, Any], float], Awaitable[dict[str, Any] | None]]
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +111,13 @@ class Management:
         r.add_get("/api/v1/instances", self.instances)
         InstanceAdmin(self).add_routes(r)
         self.host: Host | None = None
-        """The local model host (``corral serve``); None for a bare balancer."""
+        """The model host (``corral serve``'s, or a balancer's over remote model hosts
+        once one registers); None for a bare balancer."""
+        self.on_host_report: Callable[[HostReport, HostSend], None] | None = None
+        """Gets every model host's report and how to send it commands."""
+        self.on_host_gone: Callable[[str], None] | None = None
+        """Told when a model host's connection ends."""
+        self.host_seq: dict[str, int] = {}
         self.models_admin = ModelAdmin(lambda: self.host)
         self.models_admin.add_routes(r)
         r.add_get("/api/v1/buffer", self.buffer)
@@ -201,6 +216,35 @@ class Management:
             return None
         finally:
             self._pending.pop(command_id, None)
+
+    async def host_command(
+        self,
+        host_id: str,
+        payload: dict[str, Any],
+        timeout: float,  # noqa: ASYNC109
+    ) -> dict[str, Any] | None:
+        """Send a ``host_command`` to a model host and wait for its result; None when
+        it is not connected or does not answer within ``timeout``."""
+        ws = self.agent_sockets.get(host_id)
+        if ws is None:
+            return None
+        command_id = next(self._command_ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[command_id] = future
+        try:
+            await ws.send_json({"type": "host_command", "id": command_id, **payload})
+            async with asyncio.timeout(timeout):
+                return await future
+        except (TimeoutError, ConnectionResetError):
+            return None
+        finally:
+            self._pending.pop(command_id, None)
+
+    def _host_sender(self, host_id: str) -> HostSend:
+        async def send(payload: dict[str, Any], timeout: float) -> dict[str, Any] | None:  # noqa: ASYNC109
+            return await self.host_command(host_id, payload, timeout)
+
+        return send
 
     async def buffer(self, request: web.Request) -> web.Response:
         depth = {m or "(any)": self.scheduler.buffered(m) for m in self.scheduler.buffers}
@@ -303,6 +347,7 @@ class Management:
         await ws.prepare(request)
         self.sockets.add(ws)
         agent_id: str | None = None
+        model_host = False
         remote = request.remote or ""
         try:
             async for message in ws:
@@ -324,6 +369,13 @@ class Management:
                     self.agent_sockets[agent_id] = ws
                     if previous is not None and previous is not ws:
                         await previous.close()  # the agent reconnected: keep the new socket
+                    model_host = data.get("role") == "host"
+                    if model_host:
+                        self.host_seq.pop(agent_id, None)
+                        log.info("model host registered host=%s name=%s remote=%s",
+                                 agent_id, data.get("name"), remote)  # fmt: skip
+                        await ws.send_json({"type": "registered", "balancer_version": __version__})
+                        continue
                     self.scheduler.register_agent(agent_id, str(data.get("name", agent_id)), remote)
                     log.info(
                         "agent registered agent=%s name=%s remote=%s",
@@ -341,6 +393,18 @@ class Management:
                     else:
                         if applied:
                             self._count_supervisors(agent_id)
+                elif kind == "host" and agent_id is not None and model_host:
+                    try:
+                        seq = int(data["seq"])
+                        report = HostReport.from_wire(data.get("host"))
+                    except (KeyError, TypeError, ValueError) as exc:  # ProtocolError too
+                        await ws.send_json({"type": "error", "message": f"bad host report: {exc}"})
+                        continue
+                    if seq <= self.host_seq.get(agent_id, -1) or report.id != agent_id:
+                        continue  # an old report, or one for another host
+                    self.host_seq[agent_id] = seq
+                    if self.on_host_report is not None:
+                        self.on_host_report(report, self._host_sender(agent_id))
                 elif kind == "command_result":
                     pending = self._pending.get(data.get("id"))
                     if pending is not None and not pending.done():
@@ -351,8 +415,14 @@ class Management:
             self.sockets.discard(ws)
             if agent_id is not None and self.agent_sockets.get(agent_id) is ws:
                 del self.agent_sockets[agent_id]
-                log.info("agent left agent=%s", agent_id)
-                self.scheduler.agent_gone(agent_id)
+                if model_host:
+                    log.info("model host left host=%s", agent_id)
+                    self.host_seq.pop(agent_id, None)
+                    if self.on_host_gone is not None:
+                        self.on_host_gone(agent_id)
+                else:
+                    log.info("agent left agent=%s", agent_id)
+                    self.scheduler.agent_gone(agent_id)
         return ws
 
     def _count_supervisors(self, agent_id: str) -> None:

@@ -69,16 +69,18 @@ from corral.catalog.model import CatalogModel
 from corral.config import ModelConfig, Settings
 from corral.fleet.state import Instance
 from corral.hosting import LoadRefused, ModelState
-from corral.protocol import DeviceReport
+from corral.protocol import DeviceReport, HostReport
 from corral.scheduling.scheduler import NoCapacity, Scheduler, SchedulingError
 from corral.supervisor.devices import CUDA_DEVICE_ORDER, list_devices, nvml_memory
 from corral.supervisor.instance import supervisor_options
+from corral.supervisor.machines import LOCAL, RemoteMachine, RemoteServer, Send, rendezvous
 from corral.supervisor.managed import ManagedInstance, ManagedOptions
 from corral.supervisor.planner import (
     Evict,
     Limits,
     Load,
     Placement,
+    Plan,
     Refuse,
     Resident,
     Start,
@@ -134,6 +136,8 @@ class Hosted:
     """Bytes it is expected to take on each GPU."""
     placed: tuple[str, ...] = ()
     """The devices corral chose for it (``--device``); () when its arguments say."""
+    machine: str = LOCAL
+    """Where it runs: this machine, or a remote model host's id."""
 
 
 @dataclass
@@ -181,6 +185,11 @@ class ModelHost:
         key is not placed there again until that device has more free than that."""
         self.devices: tuple[DeviceReport, ...] = ()
         """The GPUs llama-server reported when a load last asked (none: CPU only)."""
+        self.remotes: dict[str, RemoteMachine] = {}
+        """Model hosts on other machines (agents with --models-dir), by host id."""
+        self.local = True
+        """Whether this machine hosts models itself (``corral serve``); a balancer's
+        fleet host only places them on remote ones."""
         self.total_memory = total_bytes
         self._wake = asyncio.Event()
         self._ttl_wake = asyncio.Event()
@@ -193,20 +202,112 @@ class ModelHost:
     def max_instances(self) -> int:
         return self.settings.max_instances or DEFAULT_MAX_INSTANCES
 
+    # -- the catalogs: this machine's, then the remote hosts' ------------------------------
+
+    def models(self) -> list[CatalogModel]:
+        """Every model some machine can start (by id; this machine's first)."""
+        found: dict[str, CatalogModel] = {}
+        if self.local:
+            found.update((m.id, m) for m in self.catalog.models)
+        for machine in sorted(self.remotes.values(), key=lambda r: r.id):
+            for model in machine.models.values():
+                found.setdefault(model.id, model)
+        return sorted(found.values(), key=lambda m: m.id)
+
+    def _get(self, name: str) -> CatalogModel | None:
+        model = self.catalog.get(name) if self.local else None
+        if model is not None:
+            return model
+        for machine in sorted(self.remotes.values(), key=lambda r: r.id):
+            model = machine.get(name)
+            if model is not None:
+                return model
+        return None
+
+    def machines_for(self, model_id: str) -> list[str]:
+        """The machines that can start ``model_id``."""
+        found = [LOCAL] if self.local and self.catalog.get(model_id) is not None else []
+        found += sorted(r.id for r in self.remotes.values() if model_id in r.models)
+        return found
+
+    def _machine_model(self, machine: str, model_id: str) -> CatalogModel | None:
+        if machine == LOCAL:
+            return self.catalog.get(model_id)
+        remote = self.remotes.get(machine)
+        return remote.models.get(model_id) if remote is not None else None
+
+    # -- remote model hosts (the management API's agent socket calls these) ---------------
+
+    def remote_report(self, report: HostReport, send: Send) -> None:
+        """A model host reported: note what it can start and runs; adopt servers it runs
+        that this host does not know (after a balancer restart), so none loads twice."""
+        machine = self.remotes.get(report.id)
+        if machine is None:
+            machine = RemoteMachine(report, send)
+            self.remotes[report.id] = machine
+            log.info(
+                "model host joined host=%s models=%d memory_available=%s",
+                machine.label,
+                len(machine.models),
+                format_bytes(report.memory_available),
+            )
+            self._wake.set()  # loads waiting for a host that has their model
+        else:
+            machine.send = send
+            machine.update(report)
+        for instance in report.instances:
+            if instance.key in self.running or instance.state != "ready":
+                continue
+            model = machine.models.get(instance.model)
+            if model is None:
+                continue
+            if instance.flags:
+                self._flags[instance.key] = (instance.model, instance.flags)
+            server = RemoteServer(machine, instance.key, instance.model, instance.flags, (), 0.0)
+            server.url = instance.url
+            need = estimate_memory(model, self._args(model, instance.flags))
+            self.running[instance.key] = Hosted(
+                key=instance.key,
+                model=model,
+                flags=instance.flags,
+                managed=server,  # type: ignore[arg-type]  # what the host uses of one
+                url=instance.url,
+                estimate=need.ram,
+                state=ModelState.LOADED,
+                last_used=self.scheduler.clock(),
+                machine=machine.id,
+            )
+            log.info("adopted key=%s host=%s url=%s", instance.key, machine.label, instance.url)
+        self.scheduler.emit({"type": "host", "host": machine.id})
+
+    def remote_gone(self, host_id: str) -> None:
+        """A model host left: what it ran is gone from here (its instances leave their
+        pools with their own agents); requests waiting for them load them elsewhere."""
+        machine = self.remotes.pop(host_id, None)
+        if machine is None:
+            return
+        lost = [k for k, h in self.running.items() if h.machine == host_id]
+        for key in lost:
+            del self.running[key]
+            if self.scheduler.buffered(key) and not self._stopping:
+                self.request(key)
+        log.warning("model host left host=%s lost=%s", machine.label, lost)
+        self.scheduler.emit({"type": "host", "host": host_id, "event": "gone"})
+
     # -- Loader protocol (the scheduler's view) -------------------------------------------
 
     def resolve(self, name: str) -> str | None:
         if name in self._flags:
             return name
-        model = self.catalog.get(name)
+        model = self._get(name)
         return model.id if model is not None else None
 
     def listed(self) -> list[str]:
-        return [m.id for m in self.catalog.models if not self._config(m).unlisted]
+        return [m.id for m in self.models() if not self._config(m).unlisted]
 
     def names(self) -> list[str]:
         names: list[str] = []
-        for model in self.catalog.models:
+        for model in self.models():
             if not self._config(model).unlisted:
                 names += [model.id, *model.aliases]
         return names
@@ -316,7 +417,7 @@ class ModelHost:
     def status(self) -> list[dict[str, Any]]:
         """Every catalog model with its state, for ``/v1/models`` and the management API."""
         rows = []
-        for model in self.catalog.models:
+        for model in self.models():
             config = self._config(model)
             rows.append(
                 {
@@ -368,7 +469,7 @@ class ModelHost:
             asyncio.create_task(self._load_loop(), name="host-loads"),
             asyncio.create_task(self._ttl_loop(), name="host-ttl"),
         ]
-        for model in self.catalog.models:
+        for model in self.catalog.models if self.local else []:
             if self._config(model).preload:
                 self.load(model.id)
 
@@ -378,8 +479,10 @@ class ModelHost:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # the servers on remote model hosts are theirs: they keep serving the fleet
         await asyncio.gather(
-            *(h.managed.stop() for h in list(self.running.values())), return_exceptions=True
+            *(h.managed.stop() for h in list(self.running.values()) if h.machine == LOCAL),
+            return_exceptions=True,
         )
         self.running.clear()
 
@@ -393,7 +496,7 @@ class ModelHost:
             model_id, flags = self._flags[key]
         else:
             model_id, flags = key, ()
-        model = self.catalog.get(model_id)
+        model = self._get(model_id)
         return (model, flags) if model is not None else None
 
     def _args(self, model: CatalogModel, flags: tuple[str, ...]) -> list[str]:
@@ -402,7 +505,9 @@ class ModelHost:
         config = self._config(model)
         if config.cmd is not None:
             return list(config.cmd)
-        args = [*self.settings.llama_args, *config.args]
+        # a remote host's model comes with the arguments that host runs it with
+        local = self.local and self.catalog.get(model.id) is model
+        args = [*(self.settings.llama_args if local else []), *config.args]
         mmproj = config.mmproj or model.mmproj
         if mmproj is not None and "--mmproj" not in args:
             args += ["--mmproj", str(mmproj)]
@@ -476,39 +581,28 @@ class ModelHost:
         if spec is None:
             raise LoadRefused(f"model {key!r} is no longer in the catalog")
         model, flags = spec
-        command = self._config(model).cmd is not None
-        if model.path is None and not command:
-            raise LoadRefused(f"model {model.id!r} has no file (set models.{model.id}.path)")
-        if self.options.binary is None and not command:
-            raise LoadRefused(
-                f"model {model.id!r} needs llama-server, and none was found: install it "
-                "(corral llama-server install), or set llama_server or LLAMA_SERVER"
-            )
         existing = self.running.get(key)
         if existing is not None and existing.state is not ModelState.UNLOADING:
             return
-        if not command:
-            assert self.options.binary is not None
-            self.devices = await list_devices(self.options.binary, self._device_env(model))
+        machines = self.machines_for(model.id)
+        if not machines:
+            raise LoadRefused(f"no model host can start {model.id!r} now")
+        if LOCAL in machines:
+            await self._check_local(model)
         group, exclusive, _ = self._group(model)
         clock = self.scheduler.clock
         began = clock()
-        limits = Limits(
-            max_instances=self.max_instances,
-            swap_hold=self.settings.swap_hold,
-            memory_check=self.settings.memory_check,
-        )
         evicted = 0
         while True:  # the swap: making room, then starting
             if not self._wanted(key):
                 log.info("load dropped key=%s: nobody is waiting any more", key)
                 return
-            view = self.device_memory(model)
-            options = self._placements(key, model, flags, view, began, group, exclusive)
-            check = limits.memory_check
-            available = self.memory() if check and options[0].load.estimate else None
-            free = {name: left for name, (_, left) in view.items()} if check else None
-            chosen, plan = place(options, self.residents(), limits, clock(), available, free)
+            machines = self.machines_for(model.id)
+            if not machines:
+                raise LoadRefused(f"no model host can start {model.id!r} now")
+            where, chosen, plan = self._plan(
+                key, model.id, flags, machines, began, group, exclusive
+            )
             if isinstance(plan, Refuse):
                 raise LoadRefused(plan.reason)
             if isinstance(plan, Start):
@@ -521,15 +615,114 @@ class ModelHost:
             assert isinstance(plan, Evict)
             for victim in plan.keys:
                 hosted = self.running.get(victim)
-                if hosted is not None:
+                if hosted is not None and hosted.machine == where:
                     evicted += await self._unload(hosted, f"making room for {key}")
         self.last_error.pop(key, None)
-        await self._start(key, model, flags, chosen, began, evicted)
+        machine_model = self._machine_model(where, model.id) or model
+        await self._start(key, machine_model, flags, chosen, began, evicted, where)
 
-    def residents(self) -> list[Resident]:
-        """The instances this host runs, as the planner sees them now."""
+    async def _check_local(self, model: CatalogModel) -> None:
+        """What a load on this machine needs: the file, llama-server (unless the model
+        runs a command), and the binary's devices."""
+        command = self._config(model).cmd is not None
+        if model.path is None and not command:
+            raise LoadRefused(f"model {model.id!r} has no file (set models.{model.id}.path)")
+        if self.options.binary is None and not command:
+            raise LoadRefused(
+                f"model {model.id!r} needs llama-server, and none was found: install it "
+                "(corral llama-server install), or set llama_server or LLAMA_SERVER"
+            )
+        if not command:
+            assert self.options.binary is not None
+            self.devices = await list_devices(self.options.binary, self._device_env(model))
+
+    def _plan(
+        self,
+        key: str,
+        model_id: str,
+        flags: tuple[str, ...],
+        machines: list[str],
+        began: float,
+        group: str | None,
+        exclusive: bool,
+    ) -> tuple[str, Placement, Plan]:
+        """The machine a load goes to, its placement there and the plan. Each machine is
+        planned as ``corral serve`` plans its own (groups, max_instances, memory, only its
+        own residents evicted); of those that can start it now the one with the most
+        room left wins, then the one needing the fewest evictions; ties go by a hash of
+        model and machine, so every balancer seeing the same fleet picks the same one."""
+        check = self.settings.memory_check
+        planned: list[tuple[str, Placement, Plan, int]] = []
+        for machine in machines:
+            model = self._machine_model(machine, model_id)
+            if model is None:
+                continue
+            view = self.device_memory(model, machine)
+            options = self._placements(key, model, flags, view, began, group, exclusive, machine)
+            limits = Limits(
+                max_instances=self._max_instances(machine),
+                swap_hold=self.settings.swap_hold,
+                memory_check=check,
+            )
+            ram = self._available(machine)
+            available = ram if check and options[0].load.estimate else None
+            free = {name: left for name, (_, left) in view.items()} if check else None
+            residents = self.residents(machine)
+            chosen, plan = place(
+                options, residents, limits, self.scheduler.clock(), available, free
+            )
+            room = min(
+                [ram - chosen.load.estimate]
+                + [
+                    free[d] - chosen.load.devices.get(d, 0)
+                    for d in chosen.load.devices
+                    if free and d in free
+                ]
+            )
+            planned.append((machine, chosen, plan, room))
+        if not planned:
+            raise LoadRefused(f"no model host can start {model_id!r} now")
+        if len(planned) == 1:
+            machine, chosen, plan, _ = planned[0]
+            return machine, chosen, plan
+
+        def tie(machine: str) -> int:
+            return rendezvous(key, machine)
+
+        starts = [p for p in planned if isinstance(p[2], Start)]
+        if starts:
+            best = max(starts, key=lambda p: (p[3] >> 30, tie(p[0])))  # room by the GiB
+            return best[0], best[1], best[2]
+        evicts = [p for p in planned if isinstance(p[2], Evict)]
+        if evicts:
+            best = min(evicts, key=lambda p: (len(p[2].keys), -tie(p[0])))  # type: ignore[union-attr]
+            return best[0], best[1], best[2]
+        waits = [p for p in planned if isinstance(p[2], Wait)]
+        if waits:
+            return waits[0][0], waits[0][1], waits[0][2]
+        reasons = "; ".join(
+            f"on {self._label(m)}: {p.reason}" for m, _, p, _ in planned if isinstance(p, Refuse)
+        )
+        return planned[0][0], planned[0][1], Refuse(reasons)
+
+    def _label(self, machine: str) -> str:
+        remote = self.remotes.get(machine)
+        return remote.label if remote is not None else "this machine"
+
+    def _max_instances(self, machine: str) -> int:
+        remote = self.remotes.get(machine)
+        return remote.report.max_instances if remote is not None else self.max_instances
+
+    def _available(self, machine: str) -> int:
+        remote = self.remotes.get(machine)
+        return remote.report.memory_available if remote is not None else self.memory()
+
+    def residents(self, machine: str | None = LOCAL) -> list[Resident]:
+        """The instances on ``machine`` (None: every machine), as the planner sees them."""
         residents = []
         for hosted in self.running.values():
+            if machine is not None and hosted.machine != machine:
+                continue
             group, _, persistent = self._group(hosted.model)
             instance = self._instance(hosted)
             residents.append(
@@ -555,22 +748,33 @@ class ModelHost:
         env.setdefault("CUDA_DEVICE_ORDER", CUDA_DEVICE_ORDER)
         return env
 
-    def device_memory(self, model: CatalogModel | None = None) -> dict[str, tuple[int, int]]:
-        """Each GPU's (total, free) bytes now: NVML's live figures where it can read
-        them; otherwise what llama-server reported when first asked, less what corral's
-        own servers on it are expected to take (those still starting are the planner's
-        to count)."""
-        env = self._device_env(model) if model is not None else None
-        live = nvml_memory(env) or {}
+    def device_memory(
+        self, model: CatalogModel | None = None, machine: str = LOCAL
+    ) -> dict[str, tuple[int, int]]:
+        """Each GPU's (total, free) bytes now on ``machine``: NVML's live figures where
+        they can be read (a remote host reads them itself); otherwise what llama-server
+        reported when first asked, less what corral's own servers on it are expected
+        to take (those still starting are the planner's to count)."""
+        remote = self.remotes.get(machine)
+        if remote is not None:
+            devices, live_here = remote.report.devices, remote.report.devices_live
+            live = (
+                {d.name: (d.total_mib << 20, d.free_mib << 20) for d in devices}
+                if live_here
+                else {}
+            )
+        else:
+            devices = self.devices
+            live = nvml_memory(self._device_env(model) if model is not None else None) or {}
         view: dict[str, tuple[int, int]] = {}
-        for device in self.devices:
+        for device in devices:
             if device.name in live:
                 view[device.name] = live[device.name]
                 continue
             taken = sum(
                 h.devices.get(device.name, 0)
                 for h in self.running.values()
-                if h.state is not ModelState.LOADING
+                if h.state is not ModelState.LOADING and h.machine == machine
             )
             view[device.name] = (device.total_mib * 2**20, device.free_mib * 2**20 - taken)
         return view
@@ -584,6 +788,7 @@ class ModelHost:
         began: float,
         group: str | None,
         exclusive: bool,
+        machine: str = LOCAL,
     ) -> list[Placement]:
         """Where ``key`` could run, best first. A model whose arguments or environment
         pick its devices (``--device``, ``--tensor-split``, ``--split-mode``,
@@ -621,7 +826,7 @@ class ModelHost:
         if not names or own:
             used = pinned if pinned is not None else names
             return [option((), estimate_memory(model, args, used, free))]
-        failed = self.out_of_memory.get(key, {})
+        failed = self.out_of_memory.get(_oom_key(key, machine), {})
         usable = [n for n in names if n not in failed or free[n] > failed[n]]
         if not usable:
             tried = ", ".join(sorted(failed))
@@ -646,9 +851,14 @@ class ModelHost:
         placement: Placement,
         began: float,
         evicted: int,
+        machine: str = LOCAL,
     ) -> None:
         """Start ``key`` and wait until it serves; the ``loaded`` event carries the
         seconds since ``began`` (the load was taken up) and how many were evicted."""
+        remote = self.remotes.get(machine)
+        if remote is not None:
+            await self._start_remote(remote, key, model, flags, placement, began, evicted)
+            return
         lease = lease_port(self.settings.ports(), state_dir() / "ports")
         try:
             managed = self._managed(key, model, flags, lease, placement.devices)
@@ -680,6 +890,52 @@ class ModelHost:
         await managed.start()
         # the wait for readiness (up to startup_timeout) runs beside the load loop: a
         # slow or hanging start never holds up other models' loads
+        task = asyncio.create_task(
+            self._come_up(hosted, began, evicted, started), name=f"host-start-{key}"
+        )
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _start_remote(
+        self,
+        remote: RemoteMachine,
+        key: str,
+        model: CatalogModel,
+        flags: tuple[str, ...],
+        placement: Placement,
+        began: float,
+        evicted: int,
+    ) -> None:
+        """Ask a remote model host to start ``key``; then wait as for a local start."""
+        server = RemoteServer(
+            remote, key, model.id, flags, placement.devices, self.settings.startup_timeout
+        )
+        hosted = Hosted(
+            key=key,
+            model=model,
+            flags=flags,
+            managed=server,  # type: ignore[arg-type]  # what the host uses of one
+            url="",
+            estimate=placement.load.estimate,
+            last_used=self.scheduler.clock(),
+            devices=dict(placement.load.devices),
+            placed=placement.devices,
+            machine=remote.id,
+        )
+        self.running[key] = hosted
+        self.loads += 1
+        started = time.monotonic()
+        log.info("loading model=%s key=%s host=%s", model.id, key, remote.label)
+        self.scheduler.emit(
+            {"type": "model", "model": key, "event": "loading", "host": remote.label}
+        )
+        try:
+            await server.start()
+        except LoadRefused:
+            if self.running.get(key) is hosted:
+                del self.running[key]
+            raise
+        hosted.url = server.url
         task = asyncio.create_task(
             self._come_up(hosted, began, evicted, started), name=f"host-start-{key}"
         )
@@ -749,12 +1005,12 @@ class ModelHost:
     def _out_of_memory(self, hosted: Hosted, device: str | None) -> str:
         """Remember where ``hosted`` ran out of memory (not to be placed there again
         until the device has more free); the numbers for its error."""
-        view = self.device_memory(hosted.model)
+        view = self.device_memory(hosted.model, hosted.machine)
         devices = [device] if device in view else list(hosted.devices)
         parts = []
         for name in devices:
             total, free = view.get(name, (0, 0))
-            self.out_of_memory.setdefault(hosted.key, {})[name] = free
+            self.out_of_memory.setdefault(_oom_key(hosted.key, hosted.machine), {})[name] = free
             parts.append(
                 f"corral estimated {format_bytes(hosted.devices.get(name, 0))} on {name}, "
                 f"which has {format_bytes(free)} free of {format_bytes(total)}"
@@ -861,13 +1117,13 @@ class ModelHost:
         expiry, or until an instance changes state."""
         while True:
             now = self.scheduler.clock()
-            residents = self.residents()
+            residents = self.residents(None)
             for key in idle_expired(residents, now):
                 hosted = self.running.get(key)
                 if hosted is not None:
                     ttl = self._ttl(hosted.model)
                     await self._unload(hosted, f"idle for {ttl:g} s")
-            wake = next_expiry(self.residents(), self.scheduler.clock())
+            wake = next_expiry(self.residents(None), self.scheduler.clock())
             self._ttl_wake.clear()
             if wake is None:
                 await self._ttl_wake.wait()
@@ -875,6 +1131,11 @@ class ModelHost:
                 with contextlib.suppress(TimeoutError):
                     timeout = max(0.0, wake - self.scheduler.clock()) + TTL_SLACK
                     await asyncio.wait_for(self._ttl_wake.wait(), timeout)
+
+
+def _oom_key(key: str, machine: str) -> str:
+    """Where :attr:`ModelHost.out_of_memory` keeps ``key``'s failures on ``machine``."""
+    return key if machine == LOCAL else f"{key}@{machine}"
 
 
 def _mtime(path: Path | None) -> int:
