@@ -130,6 +130,67 @@ async def test_a_host_that_leaves_takes_its_models_and_they_load_again_elsewhere
     await wait_for(moved, "shared to load on host b", limit_s=30)
 
 
+async def test_a_host_memory_budget_evicts_there_and_not_elsewhere(
+    procs: Processes, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # each tiny model is estimated at about 259 MiB (256 MiB of allowance, its file and
+    # KV cache): two fit in 600 MiB, three do not
+    balancer = await procs.balancer()
+    await model_host(procs, balancer, folder(tmp_path, "one", "alpha"), "one")
+    await model_host(
+        procs, balancer, folder(tmp_path, "two", "beta", "gamma", "eps"), "two",
+        "--max-memory", "600MiB",
+    )  # fmt: skip
+
+    async def offered() -> bool:
+        return await listed(http, balancer) == {"alpha", "beta", "gamma", "eps"}
+
+    await wait_for(offered, "both hosts' models")
+    for model in ("alpha", "beta", "gamma"):
+        status, body = await chat(http, balancer, model)
+        assert status == 200, body
+    assert await where(http, balancer) == {"alpha": "one", "beta": "two", "gamma": "two"}
+    status, body = await chat(http, balancer, "eps")
+    assert status == 200, body
+
+    async def evicted() -> bool:  # beta, the least recently used on host two, went
+        return await where(http, balancer) == {"alpha": "one", "gamma": "two", "eps": "two"}
+
+    await wait_for(evicted, "beta to make room on host two only")
+
+
+async def test_two_balancers_over_the_same_hosts_start_one_server(
+    procs: Processes, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    first, second = await procs.balancer(), await procs.balancer()
+    for name in ("x", "y"):  # both hosts have the model: both balancers must pick the same
+        binary = fake_binary(procs.tmp)
+        args = [
+            sys.executable, "-m", "corral.cli", "agent", "--balancer", first.management,
+            "--balancer", second.management, "--models-dir",
+            str(folder(tmp_path, name, "solo")), "--llama-server", str(binary),
+            "--name", name, "--max-memory", "2GiB",
+        ]  # fmt: skip
+        await procs._spawn(f"host-{name}", args, procs._env())
+
+    async def offered() -> bool:
+        return all(["solo" in await listed(http, b) for b in (first, second)])
+
+    await wait_for(offered, "both hosts on both balancers")
+    await asyncio.sleep(1.2)  # both hosts' reports on both balancers
+    results = await asyncio.gather(
+        *(chat(http, b, "solo") for b in (first, second, first, second, first, second))
+    )
+    assert [status for status, _ in results] == [200] * 6, results
+
+    async def one_each() -> bool:
+        views = [await fleet_of(http, b) for b in (first, second)]
+        urls = [{i["url"] for i in v["instances"] if i["model"] == "solo"} for v in views]
+        return len(urls[0]) == 1 and urls[0] == urls[1]
+
+    await wait_for(one_each, "one server, seen by both balancers")
+
+
 @pytest.fixture(autouse=True)
 def _quiet_fake(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CORRAL_FAKE_DEVICES", raising=False)

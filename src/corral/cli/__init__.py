@@ -252,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="as a model host: most llama-servers running at once (4)",
     )
+    agent.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="as a model host: RAM its llama-servers may take in all, by corral's estimate "
+        "(e.g. 24GiB, 1500MiB; default: what the machine has available)",
+    )
     agent.add_argument("--llama-server", type=Path, default=None, help="llama-server binary")
     agent.add_argument("--log-dir", type=Path, default=None, help="rotating llama-server logs")
     agent.add_argument(

@@ -320,6 +320,11 @@ def _agent_hosting(args: argparse.Namespace, settings: Settings) -> int:
     except (OSError, ssl.SSLError, TokenError, LlamaServerNotFound) as exc:
         _err(str(exc))
         return 2
+    try:
+        memory_limit = parse_size(args.max_memory) if args.max_memory else None
+    except ValueError as exc:
+        _err(f"--max-memory: {exc}")
+        return 2
     catalog = Catalog(list(args.models_dir), dict(settings.models))
     catalog.rescan()
     for problem in catalog.problems:
@@ -331,6 +336,7 @@ def _agent_hosting(args: argparse.Namespace, settings: Settings) -> int:
         max_instances=args.max_instances or settings.max_instances or 4,
         llama_args=list(settings.llama_args),
         tls=balancers_tls.context,
+        memory_limit=memory_limit,
     )
     if settings.agent_name:
         options.name = settings.agent_name
@@ -370,6 +376,24 @@ def _agent_hosting(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return _run_service(serve)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+               "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """``24GiB``, ``1500MiB``, ``8e9`` -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([\d.]+(?:e\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match[2].lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size (e.g. 24GiB, 1500MiB, or bytes)")
+    value = int(float(match[1]) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"{text!r}: must be more than 0")
+    return value
 
 
 def _llama_args(raw: list[str]) -> list[str]:

@@ -255,29 +255,58 @@ class ModelHost:
         else:
             machine.send = send
             machine.update(report)
+        reported = {i.key for i in report.instances}
+        for key, hosted in list(self.running.items()):
+            if hosted.machine == machine.id and hosted.state is ModelState.LOADED:
+                if key not in reported:  # stopped there (another balancer, an operator)
+                    del self.running[key]
+                    log.info("gone from its host key=%s host=%s", key, machine.label)
         for instance in report.instances:
-            if instance.key in self.running or instance.state != "ready":
+            if instance.key in self.running or instance.state not in ("ready", "starting"):
                 continue
             model = machine.models.get(instance.model)
             if model is None:
                 continue
             if instance.flags:
                 self._flags[instance.key] = (instance.model, instance.flags)
-            server = RemoteServer(machine, instance.key, instance.model, instance.flags, (), 0.0)
+            starting = instance.state == "starting"  # another balancer's load under way
+            server = RemoteServer(
+                machine,
+                instance.key,
+                instance.model,
+                instance.flags,
+                (),
+                self.settings.startup_timeout,
+            )
             server.url = instance.url
             need = estimate_memory(model, self._args(model, instance.flags))
-            self.running[instance.key] = Hosted(
+            hosted = Hosted(
                 key=instance.key,
                 model=model,
                 flags=instance.flags,
                 managed=server,  # type: ignore[arg-type]  # what the host uses of one
                 url=instance.url,
                 estimate=need.ram,
-                state=ModelState.LOADED,
+                state=ModelState.LOADING if starting else ModelState.LOADED,
                 last_used=self.scheduler.clock(),
                 machine=machine.id,
             )
-            log.info("adopted key=%s host=%s url=%s", instance.key, machine.label, instance.url)
+            self.running[instance.key] = hosted
+            log.info(
+                "adopted key=%s host=%s url=%s state=%s",
+                instance.key,
+                machine.label,
+                instance.url,
+                instance.state,
+            )
+            if starting:
+                now = self.scheduler.clock()
+                task = asyncio.create_task(
+                    self._come_up(hosted, now, 0, time.monotonic()),
+                    name=f"host-adopt-{instance.key}",
+                )
+                self._starting.add(task)
+                task.add_done_callback(self._starting.discard)
         self.scheduler.emit({"type": "host", "host": machine.id})
 
     def remote_gone(self, host_id: str) -> None:

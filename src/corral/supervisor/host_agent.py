@@ -33,7 +33,7 @@ import aiohttp
 from corral import __version__
 from corral.agent import balancer_socket_url
 from corral.catalog.catalog import Catalog
-from corral.catalog.memory import available_bytes, total_bytes
+from corral.catalog.memory import available_bytes, estimate_memory, total_bytes
 from corral.catalog.model import CatalogModel
 from corral.protocol import (
     DeviceReport,
@@ -68,6 +68,8 @@ class HostAgentOptions:
     """Arguments every server gets (the settings' ``llama_args``)."""
     tls: Any = None
     """What ``wss://`` balancers are verified with (an ``ssl.SSLContext``), or None."""
+    memory_limit: int | None = None
+    """Bytes of RAM its servers may take in all (``--max-memory``); None: the machine's."""
 
 
 @dataclass
@@ -76,6 +78,8 @@ class Served:
     model: str
     flags: tuple[str, ...]
     instance: ManagedInstance
+    estimate: int = 0
+    """RAM it is expected to take (for ``--max-memory``)."""
 
 
 class HostAgent:
@@ -136,17 +140,24 @@ class HostAgent:
                     model=served.model,
                     url=served.instance.agent.url,
                     flags=served.flags,
-                    state=supervisor.state,
+                    # served and not stopped by an unload: "stopped" is a start that
+                    # has not begun yet
+                    state="starting" if supervisor.state == "stopped" else supervisor.state,
                     error=supervisor.last_error or None,
                     oom_device=(oom.device or "RAM") if oom is not None else None,
                 )
             )
+        total, available = total_bytes(), available_bytes()
+        limit = self.options.memory_limit
+        if limit is not None:  # a budget: what its servers are expected to take counts
+            used = sum(s.estimate for s in self.served.values())
+            total, available = min(total, limit), min(available, max(0, limit - used))
         return HostReport(
             id=self.id,
             name=self.options.name,
             max_instances=self.options.max_instances,
-            memory_total=total_bytes(),
-            memory_available=available_bytes(),
+            memory_total=total,
+            memory_available=available,
             devices=devices,
             devices_live=bool(devices) and all(d.name in live for d in self.devices),
             models=tuple(models),
@@ -193,7 +204,8 @@ class HostAgent:
             except Exception:
                 lease.release()
                 raise
-            self.served[key] = Served(key, model.id, tuple(flags), instance)
+            estimate = estimate_memory(model, args, list(devices)).ram
+            self.served[key] = Served(key, model.id, tuple(flags), instance, estimate)
             reported = instance.supervisor.on_change  # its own agent's report
 
             def changed(supervised: Any) -> None:
