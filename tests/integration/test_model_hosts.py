@@ -34,9 +34,16 @@ def folder(tmp: Path, name: str, *models: str) -> Path:
 
 
 async def model_host(
-    procs: Processes, balancer: BalancerProc, models: Path, name: str, *flags: str
+    procs: Processes,
+    balancer: BalancerProc,
+    models: Path,
+    name: str,
+    *flags: str,
+    fake: tuple[str, ...] = (),
 ) -> Proc:
-    binary = fake_binary(procs.tmp)
+    where = procs.tmp / f"bin-{name}"
+    where.mkdir(exist_ok=True)
+    binary = fake_binary(where, *fake)
     args = [
         sys.executable, "-m", "corral.cli", "agent", "--balancer", balancer.management,
         "--models-dir", str(models), "--llama-server", str(binary), "--name", name,
@@ -128,6 +135,31 @@ async def test_a_host_that_leaves_takes_its_models_and_they_load_again_elsewhere
         return status == 200 and (await where(http, balancer)).get("shared") == "b"
 
     await wait_for(moved, "shared to load on host b", limit_s=30)
+
+
+async def test_a_host_killed_mid_load_loses_no_request(
+    procs: Processes, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    balancer = await procs.balancer()
+    # slow: its server takes 5 s to load, so it is killed while loading
+    slow = await model_host(
+        procs, balancer, folder(tmp_path, "slow", "m"), "slow", fake=("--load-delay", "5")
+    )
+
+    async def offered() -> bool:
+        return "m" in await listed(http, balancer)
+
+    await wait_for(offered, "the slow host's model")
+    request = asyncio.create_task(chat(http, balancer, "m"))
+    await asyncio.sleep(1.5)  # the load went to the slow host, the only one
+    await model_host(procs, balancer, folder(tmp_path, "quick", "m"), "quick")
+    await asyncio.sleep(1.5)  # the quick host reports
+    slow.process.kill()  # gone mid-load, its server with it (PR_SET_PDEATHSIG)
+    status, body = await asyncio.wait_for(request, 30)
+    assert status == 200, body
+    assert (await where(http, balancer)).get("m") == "quick"
+    log = balancer.log_path.read_text()
+    assert "model host left host=slow lost=['m']" in log  # it was loading there
 
 
 async def test_a_host_memory_budget_evicts_there_and_not_elsewhere(

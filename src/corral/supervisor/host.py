@@ -315,6 +315,7 @@ class ModelHost:
         machine = self.remotes.pop(host_id, None)
         if machine is None:
             return
+        machine.leave()
         lost = [k for k, h in self.running.items() if h.machine == host_id]
         for key in lost:
             del self.running[key]
@@ -613,10 +614,7 @@ class ModelHost:
         existing = self.running.get(key)
         if existing is not None and existing.state is not ModelState.UNLOADING:
             return
-        machines = self.machines_for(model.id)
-        if not machines:
-            raise LoadRefused(f"no model host can start {model.id!r} now")
-        if LOCAL in machines:
+        if LOCAL in self.machines_for(model.id):
             await self._check_local(model)
         group, exclusive, _ = self._group(model)
         clock = self.scheduler.clock
@@ -628,7 +626,10 @@ class ModelHost:
                 return
             machines = self.machines_for(model.id)
             if not machines:
-                raise LoadRefused(f"no model host can start {model.id!r} now")
+                # its host left (or is reconnecting): the waiters wait, within their
+                # buffer timeout, for a host that has it
+                await self.scheduler.next_change(REPLAN_LIMIT)
+                continue
             where, chosen, plan = self._plan(
                 key, model.id, flags, machines, began, group, exclusive
             )

@@ -58,6 +58,8 @@ class RemoteMachine:
         self.models: dict[str, CatalogModel] = {}
         self.changed = asyncio.Event()
         """Set on every report (a waiting start looks again)."""
+        self.gone = False
+        """Its connection ended: a start waiting on it fails at once."""
         self.update(report)
 
     def update(self, report: HostReport) -> None:
@@ -85,6 +87,10 @@ class RemoteMachine:
         self.models = models
         self.changed.set()
         self.changed = asyncio.Event()
+
+    def leave(self) -> None:
+        self.gone = True
+        self.changed.set()
 
     def get(self, name: str) -> CatalogModel | None:
         model = self.models.get(name)
@@ -116,6 +122,9 @@ class RemoteSupervisor:
         did not come up within ``startup_timeout``."""
         deadline = time.monotonic() + self.startup_timeout
         while True:
+            if self.machine.gone:
+                self.last_error = f"its host {self.machine.label} left while it started"
+                return False
             report = self.machine.instance(self.key)
             if report is not None and report.state == "ready":
                 return True
@@ -183,6 +192,8 @@ class RemoteServer:
 
     async def stop(self) -> None:
         """Ask the host to stop the server (the balancer drained it first)."""
+        if self.machine.gone:
+            return
         result = await self.machine.send({"command": "unload", "key": self.key}, COMMAND_TIMEOUT)
         if result is None or not result.get("ok"):
             detail = "no answer" if result is None else result.get("detail")
