@@ -104,8 +104,13 @@ class Host(Protocol):
         """Why the flagged pool ``key`` must not start (a client's 400), or None."""
         ...
 
-    def load(self, model: str) -> str:
-        """Load ``model`` with nobody waiting; its key. Raises :class:`LoadRefused`."""
+    def load(self, model: str, host: str | None = None) -> str:
+        """Load ``model`` with nobody waiting (on ``host`` when given); its key.
+        Raises :class:`LoadRefused`."""
+        ...
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """Every machine models run on, with its room and servers."""
         ...
 
     async def wait_loaded(self, key: str, timeout: float) -> bool:  # noqa: ASYNC109

@@ -108,6 +108,28 @@ async def test_models_start_on_the_host_that_has_them_and_evict_only_there(
         assert r.status == 200
         states = {m["id"]: m["state"] for m in (await r.json())["models"]}
     assert states == {"alpha": "loaded", "beta": "unloaded", "gamma": "loaded"}
+    async with http.get(f"http://{balancer.management}/api/v1/hosts", headers=AUTH) as r:
+        hosts = {h["name"]: h for h in (await r.json())["hosts"]}
+    assert set(hosts) == {"one", "two"}  # no machine of its own
+    assert hosts["two"]["models"] == ["beta", "gamma"] and hosts["two"]["max_instances"] == 1
+    assert [s["key"] for s in hosts["two"]["servers"]] == ["gamma"]
+    assert hosts["one"]["memory_total"] > 0
+    # an operator loads on a chosen host, and is told when it cannot
+    load = f"http://{balancer.management}/api/v1/models/beta/load"
+    async with http.post(load, params={"host": "one"}, headers=AUTH) as r:
+        assert r.status == 404
+        assert "cannot start" in (await r.json())["error"]["message"]
+    async with http.post(load, params={"host": "nowhere"}, headers=AUTH) as r:
+        assert r.status == 404
+    # corral status shows the hosts: what each runs and can start
+    status = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral.cli", "status", "--management-addr", balancer.management,
+        stdout=asyncio.subprocess.PIPE, env=procs._env(COLUMNS="250"),
+    )  # fmt: skip
+    out, _ = await status.communicate()
+    assert status.returncode == 0
+    text = " ".join(out.decode().split())
+    assert "hosts" in text and "gamma (loaded)" in text and "beta, gamma" in text, text
     # a model no host has is a clear 404
     status, body = await chat(http, balancer, "delta")
     assert status == 404, body

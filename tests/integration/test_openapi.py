@@ -199,6 +199,10 @@ async def test_every_route_answers_what_its_model_describes(
     # models
     (model,) = (await call("GET", "/api/v1/models", 200))["models"]
     assert model["id"] == "tiny" and model["state"] == "loaded"
+    assert model["hosts"] == ["local"] and model["running_on"] == "local"
+    (machine,) = (await call("GET", "/api/v1/hosts", 200))["hosts"]
+    assert machine["id"] == "local" and machine["models"] == ["tiny"]
+    assert [s["key"] for s in machine["servers"]] == ["tiny"]
     await call("POST", "/api/v1/models/rescan", 200)
     assert (await call("POST", "/api/v1/config/reload", 200))["models"] == ["tiny"]
     await call("POST", "/api/v1/models/{model}/load", 404, model="nothing-by-this-name")

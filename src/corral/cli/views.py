@@ -55,13 +55,21 @@ def _fleet_source(args: argparse.Namespace) -> Callable[[], dict[str, Any]] | No
         )
         return None
     url, tls = management_endpoint(settings, settings.management_addr, "/api/v1/fleet")
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    headers = {"Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(url, headers=headers)
+    hosts_url, _ = management_endpoint(settings, settings.management_addr, "/api/v1/hosts")
+    hosts_request = urllib.request.Request(hosts_url, headers=headers)
 
     def read() -> dict[str, Any]:
         try:
             with urllib.request.urlopen(request, timeout=10, context=tls) as response:
                 fleet: dict[str, Any] = json.loads(response.read())
-                return fleet
+            try:  # the machines models run on; a bare balancer (501) or an older one has none
+                with urllib.request.urlopen(hosts_request, timeout=10, context=tls) as response:
+                    fleet["hosts"] = json.loads(response.read())["hosts"]
+            except (OSError, ValueError, KeyError):
+                pass
+            return fleet
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:300]
             raise FleetUnavailable(f"{url} answered {exc.code}: {detail}") from None
@@ -187,7 +195,23 @@ def _fleet_view(fleet: dict[str, Any]) -> RenderableType:
         f"models: {', '.join(fleet.get('models', [])) or 'none'}   "
         f"agents: {len(agents)}   buffered requests: {waiting}"
     )
-    return Group(table, summary)
+    hosts = fleet.get("hosts")
+    if not hosts:
+        return Group(table, summary)
+    machines = Table(title="hosts", title_justify="left")
+    for column in ("host", "memory free", "servers", "running", "can start", "devices"):
+        machines.add_column(column)
+    for host in hosts:
+        servers = host.get("servers") or []
+        machines.add_row(
+            host["name"] if host["id"] != "local" else f"{host['name']} (this one)",
+            f"{_human_bytes(host['memory_available'])} of {_human_bytes(host['memory_total'])}",
+            f"{len(servers)}/{host['max_instances']}",
+            ", ".join(f"{s['key']} ({s['state']})" for s in servers) or "-",
+            ", ".join(host.get("models") or []) or "-",
+            _devices({"devices": host.get("devices") or []}),
+        )
+    return Group(table, machines, summary)
 
 
 def _devices(supervisor: dict[str, Any]) -> str:

@@ -324,6 +324,11 @@ class CatalogEntry(Reply):
     error: str | None = Field(description="Why its last load failed.")
     args: list[str] = Field(description="The llama-server arguments it starts with.")
     created: int = Field(description="Unix time of its file.")
+    hosts: list[str] = Field(
+        default_factory=list,
+        description="The machines that can start it: `local` (this one) or model hosts' names.",
+    )
+    running_on: str | None = Field(default=None, description="Where it runs (or loads) now.")
 
 
 class DashboardFleetView(FleetView):
@@ -419,6 +424,36 @@ class LoadQuery(Query):
     wait: bool = Field(
         default=True, description=f"Wait until the model serves (up to {LOAD_WAIT_S:g} s)."
     )
+    host: str | None = Field(
+        default=None,
+        description="Load it on this model host (its name or id, or `local`) instead of "
+        "where the planner would.",
+    )
+
+
+class HostServer(Reply):
+    key: str = Field(description="Its pool: the model, or the model with per-request flags.")
+    model: str
+    state: ModelState
+    url: str
+
+
+class HostView(Reply):
+    """One machine models run on: this one (`local`) or a model host (an agent with
+    `--models-dir`)."""
+
+    id: str
+    name: str
+    memory_total: int = Field(description="Bytes (its --max-memory when set).")
+    memory_available: int = Field(description="Bytes free for another server now.")
+    max_instances: int
+    devices: list[DeviceView]
+    models: list[str] = Field(description="The models it can start.")
+    servers: list[HostServer] = Field(description="What it runs for this balancer.")
+
+
+class HostsList(Reply):
+    hosts: list[HostView]
 
 
 class LoadAnswer(Reply):

@@ -31,6 +31,7 @@ from aiohttp import web
 from corral.control.api_schema import (
     LOAD_WAIT_S,
     BadInput,
+    HostsList,
     LoadAnswer,
     LoadQuery,
     ModelsList,
@@ -61,6 +62,7 @@ class ModelAdmin:
         router.add_post("/api/v1/models/{model}/load", self.load)
         router.add_post("/api/v1/models/{model}/unload", self.unload)
         router.add_post("/api/v1/config/reload", self.reload_config)
+        router.add_get("/api/v1/hosts", self.hosts)
 
     def host(self) -> Host:
         host = self._host()
@@ -79,6 +81,9 @@ class ModelAdmin:
         problems = [str(p) for p in host.catalog.problems]
         return reply(ModelsList.model_validate({"models": host.status(), "problems": problems}))
 
+    async def hosts(self, request: web.Request) -> web.Response:
+        return reply(HostsList.model_validate({"hosts": self.host().hosts()}))
+
     async def load(self, request: web.Request) -> web.Response:
         host = self.host()
         name = request.match_info["model"]
@@ -87,7 +92,7 @@ class ModelAdmin:
         except BadInput as exc:
             return error_response(400, str(exc))
         try:
-            key = host.load(name)
+            key = host.load(name, query.host)
         except LoadRefused as exc:
             return error_response(404, str(exc), "not_found_error")
         if not query.wait:

@@ -207,6 +207,10 @@ OPERATIONS: tuple[Operation, ...] = (
           answers={200: Answer("Unloaded.", api.UnloadAnswer)},
           errors={404: "No such model.", 501: NO_HOST,
                   409: "Requests were still in flight at `drain_timeout`: it keeps serving."}),
+    _get("/api/v1/hosts", "listHosts",
+         "The machines models run on: this one and the model hosts, with their room and "
+         "servers.", "models",
+         answers={200: Answer("Every machine.", api.HostsList)}, errors={501: NO_HOST}),
     _post("/api/v1/config/reload", "reloadConfig", "Re-read the config file.", "models",
           answers={200: Answer("What changed.", api.ReloadAnswer)},
           errors={400: "The file is not valid: nothing changed.",

@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 import ssl
 import time
 from collections import deque
@@ -187,6 +188,8 @@ class ModelHost:
         """The GPUs llama-server reported when a load last asked (none: CPU only)."""
         self.remotes: dict[str, RemoteMachine] = {}
         """Model hosts on other machines (agents with --models-dir), by host id."""
+        self.pinned: dict[str, str] = {}
+        """Keys an operator loads on a chosen machine (until that load is done)."""
         self.local = True
         """Whether this machine hosts models itself (``corral serve``); a balancer's
         fleet host only places them on remote ones."""
@@ -409,14 +412,66 @@ class ModelHost:
             if key == model_id or self._flags.get(key, ("",))[0] == model_id:
                 del self.out_of_memory[key]
 
-    def load(self, model: str) -> str:
-        """Load ``model`` (an id or alias) even with nobody waiting; its key."""
+    def load(self, model: str, host: str | None = None) -> str:
+        """Load ``model`` (an id or alias) even with nobody waiting; its key. ``host``
+        (a model host's name or id, or ``local``) puts it there rather than where the
+        planner would; :class:`LoadRefused` when that machine cannot start it."""
         key = self.resolve(model)
         if key is None:
             raise LoadRefused(f"unknown model {model!r}")
+        if host is not None:
+            machine = self._machine_named(host)
+            spec = self._spec(key)
+            if machine is None:
+                raise LoadRefused(f"no model host {host!r}")
+            if spec is None or machine not in self.machines_for(spec[0].id):
+                raise LoadRefused(f"model host {host!r} cannot start {model!r}")
+            self.pinned[key] = machine
         self.explicit.add(key)
         self.request(key)
         return key
+
+    def _machine_named(self, name: str) -> str | None:
+        if name == LOCAL:
+            return LOCAL if self.local else None
+        for machine in self.remotes.values():
+            if name in (machine.id, machine.report.name):
+                return machine.id
+        return None
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """Every machine models run on, with its room and servers (``GET /api/v1/hosts``)."""
+        rows = []
+        machines: list[tuple[str, str, int, int, int, tuple[DeviceReport, ...], list[str]]] = []
+        if self.local:
+            machines.append((
+                LOCAL, socket.gethostname(), self.total_memory(), self.memory(),
+                self.max_instances, self.devices, [m.id for m in self.catalog.models],
+            ))  # fmt: skip
+        for remote in sorted(self.remotes.values(), key=lambda r: r.label):
+            report = remote.report
+            machines.append((
+                remote.id, remote.label, report.memory_total, report.memory_available,
+                report.max_instances, report.devices, sorted(remote.models),
+            ))  # fmt: skip
+        for machine, name, total, available, most, devices, models in machines:
+            rows.append(
+                {
+                    "id": machine,
+                    "name": name,
+                    "memory_total": total,
+                    "memory_available": available,
+                    "max_instances": most,
+                    "devices": [d.to_wire() for d in devices],
+                    "models": models,
+                    "servers": [
+                        {"key": h.key, "model": h.model.id, "state": h.state.value, "url": h.url}
+                        for h in self.running.values()
+                        if h.machine == machine
+                    ],
+                }
+            )
+        return rows
 
     async def wait_loaded(self, key: str, timeout: float) -> bool:  # noqa: ASYNC109
         """True once ``key`` serves; False when its load failed or after ``timeout``."""
@@ -447,6 +502,9 @@ class ModelHost:
     def status(self) -> list[dict[str, Any]]:
         """Every catalog model with its state, for ``/v1/models`` and the management API."""
         rows = []
+        running_on = {
+            h.model.id: self._label(h.machine, local="local") for h in self.running.values()
+        }
         for model in self.models():
             config = self._config(model)
             rows.append(
@@ -464,6 +522,8 @@ class ModelHost:
                     "error": self.last_error.get(model.id),
                     "args": self._args(model, ()),
                     "created": _mtime(model.path),
+                    "hosts": [self._label(m, local="local") for m in self.machines_for(model.id)],
+                    "running_on": running_on.get(model.id),
                 }
             )
         return rows
@@ -597,6 +657,7 @@ class ModelHost:
         they asked for are to blame, else a 503); ``detail`` (log lines and all) is
         kept for the management API and the log."""
         self.last_error[key] = detail or message
+        self.pinned.pop(key, None)
         spec = self._spec(key)
         error: SchedulingError = NoCapacity(message)
         if spec is not None and spec[1]:
@@ -625,6 +686,11 @@ class ModelHost:
                 log.info("load dropped key=%s: nobody is waiting any more", key)
                 return
             machines = self.machines_for(model.id)
+            pinned = self.pinned.get(key)
+            if pinned is not None:
+                machines = [m for m in machines if m == pinned]
+                if not machines:
+                    raise LoadRefused(f"the model host chosen for {key!r} cannot start it now")
             if not machines:
                 # its host left (or is reconnecting): the waiters wait, within their
                 # buffer timeout, for a host that has it
@@ -648,6 +714,7 @@ class ModelHost:
                 if hosted is not None and hosted.machine == where:
                     evicted += await self._unload(hosted, f"making room for {key}")
         self.last_error.pop(key, None)
+        self.pinned.pop(key, None)
         machine_model = self._machine_model(where, model.id) or model
         await self._start(key, machine_model, flags, chosen, began, evicted, where)
 
@@ -735,9 +802,9 @@ class ModelHost:
         )
         return planned[0][0], planned[0][1], Refuse(reasons)
 
-    def _label(self, machine: str) -> str:
+    def _label(self, machine: str, local: str = "this machine") -> str:
         remote = self.remotes.get(machine)
-        return remote.label if remote is not None else "this machine"
+        return remote.label if remote is not None else local
 
     def _max_instances(self, machine: str) -> int:
         remote = self.remotes.get(machine)
