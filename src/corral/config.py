@@ -119,6 +119,28 @@ class ModelFilters(BaseModel):
         return self
 
 
+class ReplicaConfig(BaseModel):
+    """How many instances of one model run across the fleet's hosts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: int = Field(
+        default=0, ge=0, description="Instances kept running (0: it may scale to zero)."
+    )
+    max: int = Field(
+        default=1,
+        ge=1,
+        description="Most instances, each on its own host: another starts when requests "
+        "have waited replica_wait seconds with every slot busy.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaConfig:
+        if self.min > self.max:
+            raise ValueError(f"replicas: min ({self.min}) is more than max ({self.max})")
+        return self
+
+
 class ModelConfig(BaseModel):
     """One model a client can ask for by name (the ``models`` table of the file).
 
@@ -142,6 +164,10 @@ class ModelConfig(BaseModel):
     group: str | None = Field(default=None, description="Swap group this model belongs to.")
     ttl: float | None = Field(
         default=None, ge=0, description="Seconds idle before the instance is unloaded."
+    )
+    replicas: ReplicaConfig | None = Field(
+        default=None,
+        description="Instances across the fleet's hosts (unset: one, started on demand).",
     )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
     unlisted: bool = Field(default=False, description="Hide from /v1/models.")
@@ -444,6 +470,17 @@ class Settings(BaseModel):
         gt=0,
         description="Seconds an instance may take to finish its requests before an "
         "eviction or unload gives up (it never kills them).",
+    )
+    replica_wait: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds requests for a model with replicas.max above 1 wait with every "
+        "slot busy before another replica starts on another host.",
+    )
+    replica_idle: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a replica beyond replicas.min has nothing to do before it stops.",
     )
     swap_hold: float = Field(
         default=2.0,

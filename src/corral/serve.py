@@ -45,6 +45,8 @@ RELOADABLE = (
     "max_instances",
     "drain_timeout",
     "swap_hold",
+    "replica_wait",
+    "replica_idle",
     "memory_check",
 )
 

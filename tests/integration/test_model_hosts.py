@@ -9,6 +9,7 @@ its hosts offer.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,43 @@ async def test_two_balancers_over_the_same_hosts_start_one_server(
         return len(urls[0]) == 1 and urls[0] == urls[1]
 
     await wait_for(one_each, "one server, seen by both balancers")
+
+
+async def test_replicas_follow_demand_across_hosts(
+    procs: Processes, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    config = tmp_path / "balancer.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "models": {"busy": {"replicas": {"min": 0, "max": 2}}},
+                "replica_wait": 0.5,
+                "replica_idle": 2.0,
+                "buffered_request_timeout": 30,
+            }
+        )
+    )
+    balancer = await procs.balancer("--config", str(config))
+    slow = ("--slots", "1", "--token-delay", "0.05", "--tokens", "30")  # 1.5 s a request
+    for name in ("p", "q"):
+        await model_host(procs, balancer, folder(tmp_path, name, "busy"), name, fake=slow)
+
+    async def offered() -> bool:
+        return "busy" in await listed(http, balancer)
+
+    await wait_for(offered, "the hosts' model")
+    await asyncio.sleep(1.2)  # both hosts reported
+    # four requests, one slot: they wait, so a second replica starts on the other host
+    results = await asyncio.gather(*(chat(http, balancer, "busy") for _ in range(4)))
+    assert [status for status, _ in results] == [200] * 4, results
+    fleet = await fleet_of(http, balancer)
+    agents = {a["id"]: a["name"] for a in fleet["agents"]}
+    assert sorted(agents[i["agent_id"]] for i in fleet["instances"]) == ["p", "q"]
+
+    async def back_to_zero() -> bool:  # idle for replica_idle: down to min (0)
+        return not (await fleet_of(http, balancer))["instances"]
+
+    await wait_for(back_to_zero, "the idle replicas to stop", limit_s=20)
 
 
 @pytest.fixture(autouse=True)

@@ -13,10 +13,12 @@ from corral.supervisor.planner import (
     Load,
     Refuse,
     Resident,
+    Scale,
     Start,
     Wait,
     idle_expired,
     next_expiry,
+    plan_replicas,
     plan_room,
 )
 
@@ -267,3 +269,45 @@ def test_a_plan_evicts_only_what_it_may_and_leaves_room(
     if isinstance(plan, Start):
         assert len(residents) + 1 <= max_instances
         assert not (exclusive and group is not None and any(r.group == group for r in residents))
+
+
+# -- replicas ---------------------------------------------------------------------------------
+
+
+def replica(key: str, state: ModelState = LOADED, **fields: object) -> Resident:
+    return Resident(key=key, state=state, **fields)  # type: ignore[arg-type]
+
+
+def scale(replicas: list[Resident], **given: object) -> Scale:
+    values: dict[str, object] = {
+        "minimum": 0, "maximum": 2, "waited": None, "free_slots": 0, "now": 100.0,
+        "wait_s": 2.0, "idle_s": 30.0, **given,
+    }  # fmt: skip
+    return plan_replicas(replicas, **values)  # type: ignore[arg-type]
+
+
+def test_another_replica_starts_when_requests_have_waited_with_every_slot_busy() -> None:
+    busy = [replica("m", in_flight=1, last_used=99.0)]
+    assert scale(busy, waited=2.5) == Scale(add=True)
+    assert scale(busy, waited=1.0) == Scale()  # not long enough yet
+    assert scale(busy, waited=5.0, free_slots=1) == Scale()  # a slot is free: no need
+    assert scale(busy, waited=5.0, maximum=1) == Scale()  # at its most
+    starting = [*busy, replica("m#r2", LOADING)]
+    assert scale(starting, waited=9.0, maximum=3) == Scale()  # one at a time
+    assert scale([], minimum=2) == Scale(add=True)  # min is kept running
+    assert scale([replica("m", last_used=0.0)], minimum=2) == Scale(add=True)
+
+
+def test_idle_replicas_stop_newest_first_down_to_min() -> None:
+    idle = [replica("m", last_used=10.0), replica("m#r2", last_used=20.0)]
+    assert scale(idle, minimum=1) == Scale(remove=("m#r2",))
+    assert scale(idle, minimum=0) == Scale(remove=("m#r2", "m"))  # scale to zero
+    assert scale(idle, minimum=2) == Scale()
+    recent = [replica("m", last_used=10.0), replica("m#r2", last_used=90.0)]
+    assert scale(recent, minimum=0) == Scale(remove=("m",))  # r2 was used 10 s ago
+    working = [replica("m", last_used=10.0), replica("m#r2", in_flight=1, last_used=10.0)]
+    assert scale(working, minimum=1) == Scale(remove=("m",))  # the busy one stays
+    too_many = [replica("m", last_used=0.0), replica("m#r2"), replica("m#r3", last_used=0.0)]
+    assert scale(too_many, minimum=0, maximum=2, now=10.0, idle_s=5.0) == Scale(
+        remove=("m#r3", "m#r2", "m")
+    )

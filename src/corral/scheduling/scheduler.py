@@ -442,6 +442,17 @@ class Scheduler:
         lease.waited = self.clock() - waiter.enqueued_at
         return lease
 
+    def waited(self, model: str) -> float | None:
+        """Seconds the oldest request still waiting for ``model`` has waited (None: none
+        waits): the demand signal for another replica."""
+        since = [w.enqueued_at for w in self.buffers.get(model, ()) if not w.future.done()]
+        return self.clock() - min(since) if since else None
+
+    def free_slots(self, model: str) -> int:
+        """Free slots on the usable instances of ``model``."""
+        now = self.clock()
+        return sum(i.free_slots for i in self.fleet.pool(model) if i.usable(now))
+
     def fail_waiters(self, model: str, error: SchedulingError) -> int:
         """End every request waiting for ``model`` with ``error``; how many there were."""
         failed = 0
@@ -551,8 +562,11 @@ class Scheduler:
         changed = self._changed
         self._watchers += 1
         try:
+            # asyncio.timeout, not wait_for: on Python 3.11 a wait_for cancelled as its
+            # inner wait ends can hang its canceller
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), limit_s)
+                async with asyncio.timeout(limit_s):
+                    await changed.wait()
         finally:
             self._watchers -= 1
 

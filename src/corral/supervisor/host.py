@@ -74,7 +74,15 @@ from corral.protocol import DeviceReport, HostReport
 from corral.scheduling.scheduler import NoCapacity, Scheduler, SchedulingError
 from corral.supervisor.devices import CUDA_DEVICE_ORDER, list_devices, nvml_memory
 from corral.supervisor.instance import supervisor_options
-from corral.supervisor.machines import LOCAL, RemoteMachine, RemoteServer, Send, rendezvous
+from corral.supervisor.machines import (
+    LOCAL,
+    RemoteMachine,
+    RemoteServer,
+    Send,
+    pool_of,
+    rendezvous,
+    replica_key,
+)
 from corral.supervisor.managed import ManagedInstance, ManagedOptions
 from corral.supervisor.planner import (
     Evict,
@@ -89,6 +97,7 @@ from corral.supervisor.planner import (
     idle_expired,
     next_expiry,
     place,
+    plan_replicas,
 )
 from corral.supervisor.process import PortLease, lease_port
 from corral.tokens import state_dir
@@ -101,6 +110,9 @@ DEFAULT_MAX_INSTANCES = 4
 #: The longest a load waiting for room goes without planning again: the memory other
 #: processes free is no scheduler event.
 REPLAN_LIMIT = 1.0
+
+#: The longest the replica planner goes without looking at demand.
+REPLICA_CHECK = 0.25
 
 #: Seconds the TTL task sleeps past an expiry, so that the instance's idle time is
 #: surely over when it looks (clocks round).
@@ -197,7 +209,7 @@ class ModelHost:
         self._wake = asyncio.Event()
         self._ttl_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._starting: set[asyncio.Task[None]] = set()
+        self._starting: set[asyncio.Task[Any]] = set()
         """Started servers being waited for until they serve (see :meth:`_come_up`)."""
         self._stopping = False
 
@@ -346,8 +358,15 @@ class ModelHost:
         return names
 
     def request(self, model: str) -> bool:
-        """Queue a load of ``model`` unless an instance is up, coming or queued."""
+        """Queue a load of ``model`` unless an instance is up, coming or queued (a
+        replica counts: more of them are the replica planner's to start)."""
         hosted = self.running.get(model)
+        if hosted is None and model == pool_of(model):
+            hosted = next(
+                (h for h in self.running.values()
+                 if pool_of(h.key) == model and h.state is not ModelState.UNLOADING),
+                None,
+            )  # fmt: skip
         if hosted is not None and hosted.state is not ModelState.UNLOADING:
             return hosted.state is ModelState.LOADING
         if model not in self.pending:
@@ -558,6 +577,7 @@ class ModelHost:
         self._tasks = [
             asyncio.create_task(self._load_loop(), name="host-loads"),
             asyncio.create_task(self._ttl_loop(), name="host-ttl"),
+            asyncio.create_task(self._replica_loop(), name="host-replicas"),
         ]
         for model in self.catalog.models if self.local else []:
             if self._config(model).preload:
@@ -579,9 +599,17 @@ class ModelHost:
     # -- internals: specs ---------------------------------------------------------------
 
     def _config(self, model: CatalogModel) -> ModelConfig:
-        return model.config or ModelConfig(path=model.path, aliases=list(model.aliases))
+        config = model.config or ModelConfig(path=model.path, aliases=list(model.aliases))
+        if not (self.local and self.catalog.get(model.id) is model):
+            # a remote host's model: the host's arguments, this balancer's policies
+            # (ttl, group, replicas ...) from its own models table
+            policy = self.settings.models.get(model.id)
+            if policy is not None:
+                return policy.model_copy(update={"args": config.args, "path": config.path})
+        return config
 
     def _spec(self, key: str) -> tuple[CatalogModel, tuple[str, ...]] | None:
+        key = pool_of(key)  # a replica runs what its pool runs
         if key in self._flags:
             model_id, flags = self._flags[key]
         else:
@@ -686,6 +714,12 @@ class ModelHost:
                 log.info("load dropped key=%s: nobody is waiting any more", key)
                 return
             machines = self.machines_for(model.id)
+            if key != pool_of(key):  # a replica: on a host that runs none of its pool
+                busy = {h.machine for h in self.running.values()
+                        if pool_of(h.key) == pool_of(key) and h.key != key}  # fmt: skip
+                machines = [m for m in machines if m not in busy]
+                if not machines:
+                    raise LoadRefused(f"no other host can start a replica of {pool_of(key)!r}")
             pinned = self.pinned.get(key)
             if pinned is not None:
                 machines = [m for m in machines if m == pinned]
@@ -829,7 +863,7 @@ class ModelHost:
                     estimate=hosted.estimate,
                     last_used=max(hosted.last_used, instance.last_used if instance else 0.0),
                     in_flight=instance.in_flight if instance is not None else 0,
-                    waiting=self.scheduler.buffered(hosted.key),
+                    waiting=self.scheduler.buffered(pool_of(hosted.key)),
                     group=group,
                     persistent=persistent,
                     ttl=self._ttl(hosted.model),
@@ -1144,7 +1178,7 @@ class ModelHost:
             ManagedOptions(
                 binary=self.options.binary,
                 model=model.path,
-                model_id=key,
+                model_id=pool_of(key),  # a replica answers for its pool
                 aliases=list(model.aliases) if not flags else [],
                 port=lease.port,
                 lease=lease,
@@ -1201,13 +1235,69 @@ class ModelHost:
         log.info("unloaded key=%s", hosted.key)
         self.scheduler.emit({"type": "model", "model": hosted.key, "event": "unloaded"})
         # requests that arrived while it drained are waiting: load it again for them
-        if self.scheduler.buffered(hosted.key) and not self._stopping:
-            self.request(hosted.key)
+        pool = pool_of(hosted.key)
+        if self.scheduler.buffered(pool) and not self._stopping and pool not in self.running:
+            self.request(pool)
         return True
 
     def _set_state(self, hosted: Hosted, state: ModelState) -> None:
         hosted.state = state
         self._ttl_wake.set()  # a newly loaded instance may expire before the TTL task wakes
+
+    async def _replica_loop(self) -> None:
+        """Start and stop replicas as demand says (:func:`plan_replicas`): looked at on
+        every scheduler change, and every :data:`REPLICA_CHECK` seconds at the latest."""
+        while True:
+            self._scale_replicas()
+            await self.scheduler.next_change(REPLICA_CHECK)
+
+    def _scale_replicas(self) -> None:
+        now = self.scheduler.clock()
+        for model in self.models():
+            wanted = self._config(model).replicas
+            if wanted is None or (wanted.max <= 1 and wanted.min == 0):
+                continue
+            pool = model.id
+            if any(pool_of(k) == pool for k in self.pending) or (
+                self.loading is not None and pool_of(self.loading) == pool
+            ):
+                continue  # one of its loads is under way
+            replicas = [r for r in self.residents(None) if pool_of(r.key) == pool]
+            scale = plan_replicas(
+                replicas,
+                minimum=wanted.min,
+                maximum=wanted.max,
+                waited=self.scheduler.waited(pool),
+                free_slots=self.scheduler.free_slots(pool),
+                now=now,
+                wait_s=self.settings.replica_wait,
+                idle_s=self.settings.replica_idle,
+            )
+            if scale.add and self._replica_room(pool):
+                number = 1
+                while replica_key(pool, number) in self.running:
+                    number += 1
+                key = replica_key(pool, number)
+                log.info("another replica key=%s running=%d", key, len(replicas))
+                self.explicit.add(key)
+                self.request(key)
+            for key in scale.remove:
+                hosted = self.running.get(key)
+                if hosted is not None:
+                    task = asyncio.create_task(
+                        self._unload(hosted, f"replica idle for {self.settings.replica_idle:g} s"),
+                        name=f"host-replica-stop-{key}",
+                    )
+                    self._starting.add(task)
+                    task.add_done_callback(self._starting.discard)
+
+    def _replica_room(self, pool: str) -> bool:
+        """Whether a machine that runs none of ``pool`` can start it."""
+        spec = self._spec(pool)
+        if spec is None:
+            return False
+        busy = {h.machine for h in self.running.values() if pool_of(h.key) == pool}
+        return any(m not in busy for m in self.machines_for(spec[0].id))
 
     async def _ttl_loop(self) -> None:
         """Unload instances idle past their TTL; sleeps until the planner's next

@@ -198,7 +198,8 @@ class HostAgent:
             if devices:
                 args += ["--device", ",".join(devices)]
             aliases = list(model.aliases) if not flags else []
-            instance, lease = self.make(key, model, aliases, args)
+            pool = str(data.get("pool") or key)  # a replica answers for its pool
+            instance, lease = self.make(pool, model, aliases, args)
             try:
                 await instance.start()
             except Exception:

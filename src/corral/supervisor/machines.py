@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -39,6 +40,19 @@ COMMAND_TIMEOUT = 30.0
 Send = Callable[[dict[str, Any], float], Awaitable[dict[str, Any] | None]]
 """Sends a command frame to a host and waits (at most the seconds given) for its
 ``command_result``; None when the host is gone or does not answer."""
+
+
+#: A replica's key: its pool's, then ``#r`` and a number (the first instance has none).
+_REPLICA = re.compile(r"#r\d+$")
+
+
+def pool_of(key: str) -> str:
+    """The pool (what requests name) a replica's key belongs to."""
+    return _REPLICA.sub("", key)
+
+
+def replica_key(pool: str, number: int) -> str:
+    return pool if number <= 1 else f"{pool}#r{number}"
 
 
 def rendezvous(model: str, machine: str) -> int:
@@ -174,6 +188,7 @@ class RemoteServer:
             {
                 "command": "load",
                 "key": self.key,
+                "pool": pool_of(self.key),
                 "model": self.model,
                 "flags": list(self.flags),
                 "devices": list(self.devices),

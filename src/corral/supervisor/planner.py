@@ -281,6 +281,51 @@ def place(
     return planned[0]
 
 
+@dataclass(frozen=True)
+class Scale:
+    """What to do with one model's replicas: start one more, and/or stop these."""
+
+    add: bool = False
+    remove: tuple[str, ...] = ()
+
+
+def plan_replicas(
+    replicas: Sequence[Resident],
+    *,
+    minimum: int,
+    maximum: int,
+    waited: float | None,
+    free_slots: int,
+    now: float,
+    wait_s: float,
+    idle_s: float,
+) -> Scale:
+    """One model's replicas (its instances on every host) against its ``replicas``
+    setting: fewer than ``minimum`` running, or requests waiting ``wait_s`` or longer
+    with no free slot and fewer than ``maximum``: start another (one at a time, not
+    while one is still starting). More than ``minimum`` (or than ``maximum``): stop
+    those idle for ``idle_s`` (nothing in flight or waiting), the newest first."""
+    alive = [r for r in replicas if r.state is not ModelState.UNLOADING]
+    starting = any(r.state is ModelState.LOADING for r in alive)
+    count = len(alive)
+    add = not starting and (
+        count < minimum
+        or (count < maximum and waited is not None and waited >= wait_s and free_slots == 0)
+    )
+    idle = [
+        r
+        for r in alive
+        if r.state is ModelState.LOADED and not r.busy and now - r.last_used >= idle_s
+    ]
+    idle.sort(key=lambda r: r.key, reverse=True)  # replica keys count up: newest first
+    keep = max(minimum, 0)
+    spare = max(0, count - keep)
+    if count > maximum:
+        spare = max(spare, count - maximum)
+    remove = tuple(r.key for r in idle[:spare]) if not add else ()
+    return Scale(add=add, remove=remove)
+
+
 def _settling(residents: Iterable[Resident]) -> bool:
     return any(r.state in (ModelState.LOADING, ModelState.UNLOADING) for r in residents)
 
