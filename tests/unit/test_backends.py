@@ -132,3 +132,37 @@ def test_install_says_the_backend_and_a_missing_toolkit_fails_before_any_build(
     assert "llama-server install: backend cuda" in result.stderr
     assert "the cuda backend needs the CUDA toolkit's nvcc" in result.stderr
     assert not (tmp_path / "downloads").exists()  # nothing was fetched or built
+
+
+def test_the_source_unpacks_safely_on_a_python_without_tar_filters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debian 12's Python 3.11.2 has no ``tarfile.data_filter``: the same refusals by
+    hand (a member that would land outside, a link), the rest unpacked."""
+    import io
+    import tarfile
+
+    from corral.supervisor import binary
+
+    def archive(*names: str, link: bool = False) -> tarfile.TarFile:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as out:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.size = 2
+                out.addfile(info, io.BytesIO(b"ok"))
+            if link:
+                info = tarfile.TarInfo("pkg/escape")
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                out.addfile(info)
+        buffer.seek(0)
+        return tarfile.open(fileobj=buffer)
+
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    binary._extract(archive("pkg/a.txt", "pkg/sub/b.txt"), tmp_path / "good")
+    assert (tmp_path / "good" / "pkg" / "sub" / "b.txt").read_bytes() == b"ok"
+    with pytest.raises(binary.InstallError, match="refusing"):
+        binary._extract(archive("../outside.txt"), tmp_path / "bad")
+    assert not (tmp_path / "outside.txt").exists()
+    with pytest.raises(binary.InstallError, match="refusing"):
+        binary._extract(archive("pkg/a.txt", link=True), tmp_path / "link")

