@@ -20,7 +20,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
@@ -83,25 +83,28 @@ def ensure_installed() -> None:
 async def start_proxy(
     ctx: BenchContext,
     name: str,
-    model_name: str,
+    model_name: str | Sequence[str],
     backends: list[str],
     spawn: Callable[[ManagedProcess], ManagedProcess],
     routing_strategy: str = "simple-shuffle",
 ) -> tuple[str, dict[str, str]]:
-    """Start the pinned LiteLLM proxy serving ``model_name`` from ``backends`` (llama-server
-    base URLs, one model group routed by ``routing_strategy``) through ``spawn``; return
-    its URL and the headers a client sends, once it answers its liveness check."""
+    """Start the pinned LiteLLM proxy serving ``model_name`` (or each of several names)
+    from ``backends`` (llama-server base URLs, one model group per name routed by
+    ``routing_strategy``) through ``spawn``; return its URL and the headers a client
+    sends, once it answers its liveness check."""
     master_key = "sk-bench-" + secrets.token_hex(12)
+    names = [model_name] if isinstance(model_name, str) else list(model_name)
     config = {
         "model_list": [
             {
-                "model_name": model_name,
+                "model_name": name,
                 "litellm_params": {
-                    "model": f"openai/{model_name}",
+                    "model": f"openai/{name}",
                     "api_base": f"{backend}/v1",
                     "api_key": "none",
                 },
             }
+            for name in names
             for backend in backends
         ],
         "router_settings": {"routing_strategy": routing_strategy},
