@@ -57,6 +57,7 @@ REQUEST_LIMIT = 120.0
 SYSTEMS = {
     "corral-fleet": "corral fleet (balancer + 3 model hosts)",
     "corral-fleet-min1": "corral fleet, replicas.min 1 (each model kept loaded)",
+    "corral-fleet-replicas": "corral fleet, replicas.max 3, replica_wait 0.5 s",
     "router-litellm": "router mode x3 + LiteLLM",
     "serve-nginx": "corral serve x3 + nginx round robin",
 }
@@ -119,12 +120,20 @@ async def _listed(url: str, headers: dict[str, str] | None = None) -> set[str]:
 
 
 async def _start_corral_fleet(
-    ctx: BenchContext, procs: Processes, folder: Path, keep: bool = False
+    ctx: BenchContext,
+    procs: Processes,
+    folder: Path,
+    keep: bool = False,
+    spread: bool = False,
 ) -> tuple[str, dict[str, str], list[Path]]:
     inference, management = free_port(), free_port()
     env = _env(ctx, "fleet")
-    policies = "".join(f"  {m}: {{replicas: {{min: 1, max: 1}}}}\n" for m in MODELS)
-    balancer_config = _config(ctx, "fleet-balancer", f"models:\n{policies}" if keep else "")
+    wanted = "{min: 1, max: 1}" if keep else "{min: 0, max: 3}"
+    policies = "".join(f"  {m}: {{replicas: {wanted}}}\n" for m in MODELS)
+    extra = f"models:\n{policies}" if keep or spread else ""
+    if spread:
+        extra += "replica_wait: 0.5\nreplica_idle: 30\n"
+    balancer_config = _config(ctx, "fleet-balancer", extra)
     balancer = procs.spawn(
         ManagedProcess(
             "fleet-balancer",
@@ -187,6 +196,12 @@ async def _start_corral_fleet_kept(
     ctx: BenchContext, procs: Processes, folder: Path
 ) -> tuple[str, dict[str, str], list[Path]]:
     return await _start_corral_fleet(ctx, procs, folder, keep=True)
+
+
+async def _start_corral_fleet_spread(
+    ctx: BenchContext, procs: Processes, folder: Path
+) -> tuple[str, dict[str, str], list[Path]]:
+    return await _start_corral_fleet(ctx, procs, folder, spread=True)
 
 
 async def _start_router_litellm(
@@ -286,6 +301,7 @@ async def _start_serve_nginx(
 STARTERS = {
     "corral-fleet": _start_corral_fleet,
     "corral-fleet-min1": _start_corral_fleet_kept,
+    "corral-fleet-replicas": _start_corral_fleet_spread,
     "router-litellm": _start_router_litellm,
     "serve-nginx": _start_serve_nginx,
 }
@@ -294,6 +310,7 @@ STARTERS = {
 LINES = {
     "corral-fleet": ("corral.supervisor.host loading model=", "reason=making room"),
     "corral-fleet-min1": ("corral.supervisor.host loading model=", "reason=making room"),
+    "corral-fleet-replicas": ("corral.supervisor.host loading model=", "reason=making room"),
     "router-litellm": ("load: spawning server instance with name=", "unloading"),
     "serve-nginx": ("corral.supervisor.host loading model=", "reason=making room"),
 }
