@@ -86,9 +86,18 @@ async def spawn(ns: str, tmp: Path, name: str, *args: str) -> asyncio.subprocess
     }
     log = (tmp / f"{name}.log").open("wb")
     return await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", ns, sys.executable, "-m", "corral.cli", *args,
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        sys.executable,
+        "-m",
+        "corral.cli",
+        *args,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
 
 
 async def test_a_partitioned_host_leaves_the_pool_and_comes_back_when_it_heals(
@@ -98,9 +107,15 @@ async def test_a_partitioned_host_leaves_the_pool_and_comes_back_when_it_heals(
     try:
         procs.append(
             await spawn(
-                namespaces["balancer"], tmp_path, "balancer", "balancer",
-                "--inference-addr", "0.0.0.0:18080", "--management-addr", "0.0.0.0:18085",
-            )  # fmt: skip
+                namespaces["balancer"],
+                tmp_path,
+                "balancer",
+                "balancer",
+                "--inference-addr",
+                "0.0.0.0:18080",
+                "--management-addr",
+                "0.0.0.0:18085",
+            )
         )
         for name, link, models in (("one", "10.77.1", ["near"]), ("two", "10.77.2", ["far"])):
             folder = tmp_path / name
@@ -111,12 +126,23 @@ async def test_a_partitioned_host_leaves_the_pool_and_comes_back_when_it_heals(
             where.mkdir()
             procs.append(
                 await spawn(
-                    namespaces[name], tmp_path, f"host-{name}", "agent",
-                    "--balancer", f"{link}.1:18085", "--models-dir", str(folder),
-                    "--llama-server", str(fake_binary(where)), "--name", name,
-                    "--llama-server-host", "0.0.0.0",
-                    "--external-llama-server", f"http://{link}.2",
-                )  # fmt: skip
+                    namespaces[name],
+                    tmp_path,
+                    f"host-{name}",
+                    "agent",
+                    "--balancer",
+                    f"{link}.1:18085",
+                    "--models-dir",
+                    str(folder),
+                    "--llama-server",
+                    str(fake_binary(where)),
+                    "--name",
+                    name,
+                    "--llama-server-host",
+                    "0.0.0.0",
+                    "--external-llama-server",
+                    f"http://{link}.2",
+                )
             )
         base = f"http://{BALANCER}:18080"
 

@@ -194,28 +194,13 @@ class Management:
     ) -> dict[str, Any] | None:
         """Send a command over the agent's socket and wait (10 s) for its result;
         None when the agent is not connected or does not answer."""
-        ws = self.agent_sockets.get(agent_id)
-        if ws is None:
-            return None
-        command_id = next(self._command_ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[command_id] = future
-        try:
-            await ws.send_json(
-                {
-                    "type": "command",
-                    "id": command_id,
-                    "command": command,
-                    "instance": instance_id.split("/", 1)[1],
-                    **(payload or {}),
-                }
-            )
-            async with asyncio.timeout(10):
-                return await future
-        except (TimeoutError, ConnectionResetError):
-            return None
-        finally:
-            self._pending.pop(command_id, None)
+        frame = {
+            "type": "command",
+            "command": command,
+            "instance": instance_id.split("/", 1)[1],
+            **(payload or {}),
+        }
+        return await self._ask(agent_id, frame, 10.0)
 
     async def host_command(
         self,
@@ -225,15 +210,22 @@ class Management:
     ) -> dict[str, Any] | None:
         """Send a ``host_command`` to a model host and wait for its result; None when
         it is not connected or does not answer within ``timeout``."""
-        ws = self.agent_sockets.get(host_id)
+        return await self._ask(host_id, {"type": "host_command", **payload}, timeout)
+
+    async def _ask(
+        self, agent_id: str, frame: dict[str, Any], limit_s: float
+    ) -> dict[str, Any] | None:
+        """Send ``frame`` (with a fresh ``id``) over the agent's socket and wait at most
+        ``limit_s`` for the ``command_result`` with that id."""
+        ws = self.agent_sockets.get(agent_id)
         if ws is None:
             return None
         command_id = next(self._command_ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[command_id] = future
         try:
-            await ws.send_json({"type": "host_command", "id": command_id, **payload})
-            async with asyncio.timeout(timeout):
+            await ws.send_json({**frame, "id": command_id})
+            async with asyncio.timeout(limit_s):
                 return await future
         except (TimeoutError, ConnectionResetError):
             return None

@@ -119,7 +119,7 @@ def _extract(
     for member in chosen:
         target = (into / member.name).resolve()
         if not target.is_relative_to(root) or not (member.isfile() or member.isdir()):
-            raise InstallError(f"refusing {member.name!r} in {archive.name}: not a plain file")
+            raise InstallError(f"refusing {member.name!r} in {archive.name!r}: not a plain file")
     archive.extractall(into, members=chosen)  # every member checked above
 
 

@@ -49,7 +49,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -316,12 +316,10 @@ class ModelHost:
             )
             if starting:
                 now = self.scheduler.clock()
-                task = asyncio.create_task(
+                self._beside(
                     self._come_up(hosted, now, 0, time.monotonic()),
                     name=f"host-adopt-{instance.key}",
                 )
-                self._starting.add(task)
-                task.add_done_callback(self._starting.discard)
         self.scheduler.emit({"type": "host", "host": machine.id})
 
     def remote_gone(self, host_id: str) -> None:
@@ -1021,11 +1019,7 @@ class ModelHost:
         await managed.start()
         # the wait for readiness (up to startup_timeout) runs beside the load loop: a
         # slow or hanging start never holds up other models' loads
-        task = asyncio.create_task(
-            self._come_up(hosted, began, evicted, started), name=f"host-start-{key}"
-        )
-        self._starting.add(task)
-        task.add_done_callback(self._starting.discard)
+        self._beside(self._come_up(hosted, began, evicted, started), name=f"host-start-{key}")
 
     async def _start_remote(
         self,
@@ -1067,9 +1061,12 @@ class ModelHost:
                 del self.running[key]
             raise
         hosted.url = server.url
-        task = asyncio.create_task(
-            self._come_up(hosted, began, evicted, started), name=f"host-start-{key}"
-        )
+        self._beside(self._come_up(hosted, began, evicted, started), name=f"host-start-{key}")
+
+    def _beside(self, work: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run ``work`` beside the load loop (a start's wait, a replica's stop); the host's
+        stop cancels it."""
+        task = asyncio.create_task(work, name=name)
         self._starting.add(task)
         task.add_done_callback(self._starting.discard)
 
@@ -1284,12 +1281,10 @@ class ModelHost:
             for key in scale.remove:
                 hosted = self.running.get(key)
                 if hosted is not None:
-                    task = asyncio.create_task(
+                    self._beside(
                         self._unload(hosted, f"replica idle for {self.settings.replica_idle:g} s"),
                         name=f"host-replica-stop-{key}",
                     )
-                    self._starting.add(task)
-                    task.add_done_callback(self._starting.discard)
 
     def _replica_room(self, pool: str) -> bool:
         """Whether a machine that runs none of ``pool`` can start it."""
