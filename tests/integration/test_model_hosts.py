@@ -283,6 +283,48 @@ async def test_replicas_follow_demand_across_hosts(
     await wait_for(back_to_zero, "the idle replicas to stop", limit_s=20)
 
 
+async def test_per_request_flags_and_loading_notices_work_across_hosts(
+    procs: Processes, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    config = tmp_path / "balancer.yaml"
+    config.write_text(json.dumps({"loading_notices": True}))
+    balancer = await procs.balancer("--config", str(config))
+    await model_host(procs, balancer, folder(tmp_path, "one", "nova"), "one")
+
+    async def offered() -> bool:
+        return "nova" in await listed(http, balancer)
+
+    await wait_for(offered, "the host's model")
+    url = f"http://{balancer.inference}/v1/chat/completions"
+    # a stream that loads the model tells the client so before its first token
+    async with http.post(url, json={**CHAT, "model": "nova", "stream": True}) as r:
+        assert r.status == 200
+        body = (await r.read()).decode()
+    events = [
+        json.loads(line[6:])
+        for line in body.splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+    deltas = [e["choices"][0]["delta"] for e in events if e.get("choices")]
+    notices = [d["reasoning_content"] for d in deltas if d.get("reasoning_content")]
+    first_token = next(i for i, d in enumerate(deltas) if d.get("content"))
+    assert notices[0] == "corral: loading model nova…\n"
+    assert notices[-1].startswith("corral: nova ready after ")
+    assert all(not d.get("content") for d in deltas[: len(notices)])  # notices came first
+    assert first_token >= len(notices)
+    # per-request flags: a pool of their own, started on the host with those flags
+    headers = {"X-Corral-Flags": "-np 3"}
+    async with http.post(url, json={**CHAT, "model": "nova"}, headers=headers) as r:
+        assert r.status == 200, await r.text()
+    fleet = await fleet_of(http, balancer)
+    slots = sorted(i["slots_total"] for i in fleet["instances"])
+    assert len(fleet["instances"]) == 2 and 3 in slots  # plain nova and nova with -np 3
+    # flags a client may not set are refused before anything starts
+    headers = {"X-Corral-Flags": "--slot-save-path /tmp"}
+    async with http.post(url, json={**CHAT, "model": "nova"}, headers=headers) as r:
+        assert r.status == 400
+
+
 @pytest.fixture(autouse=True)
 def _quiet_fake(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CORRAL_FAKE_DEVICES", raising=False)
