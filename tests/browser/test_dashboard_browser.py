@@ -87,6 +87,8 @@ async def test_instances_appear_and_leave_live_and_the_buttons_work(
         await expect(row.locator(".pill")).to_have_text("ready")
         await expect(row.locator(".slots")).to_contain_text("0/2")
         await expect(alpha.locator(".pill")).to_have_text("loaded")
+        await expect(alpha.locator(".host")).to_have_text("local")  # where it runs
+        await expect(alpha.locator(".host")).to_have_attribute("title", "can start it: local")
         for _ in range(4):
             async with http.post(base + "/v1/chat/completions", json=chat("alpha")) as response:
                 assert response.status == 200

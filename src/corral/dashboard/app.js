@@ -383,6 +383,12 @@ function renderCatalog() {
       { dataset: { catalog: model.id } },
       el("td", {}, model.id, model.unlisted ? el("span", { class: "muted" }, " (unlisted)") : null),
       el("td", {}, el("span", { class: `pill ${model.state}` }, model.state)),
+      // where it runs (this machine is "local"); the title lists the hosts that can start it
+      el(
+        "td",
+        { class: "host", title: `can start it: ${(model.hosts || []).join(", ") || "none"}` },
+        model.running_on || "–",
+      ),
       el("td", { class: "num" }, fmtBytes(model.size_bytes)),
       el("td", {}, model.quantization || "–"),
       el("td", { class: "num" }, model.context_length || "–"),
