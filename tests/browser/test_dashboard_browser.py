@@ -89,6 +89,9 @@ async def test_instances_appear_and_leave_live_and_the_buttons_work(
         await expect(alpha.locator(".pill")).to_have_text("loaded")
         await expect(alpha.locator(".host")).to_have_text("local")  # where it runs
         await expect(alpha.locator(".host")).to_have_attribute("title", "can start it: local")
+        machine = page.locator('#hosts tbody tr[data-host="local"]')  # this machine's room
+        await expect(machine.locator(".running")).to_have_text("alpha (loaded)")
+        await expect(machine.locator(".servers")).to_contain_text("1/")
         for _ in range(4):
             async with http.post(base + "/v1/chat/completions", json=chat("alpha")) as response:
                 assert response.status == 200

@@ -331,11 +331,36 @@ class CatalogEntry(Reply):
     running_on: str | None = Field(default=None, description="Where it runs (or loads) now.")
 
 
+class HostServer(Reply):
+    key: str = Field(description="Its pool: the model, or the model with per-request flags.")
+    model: str
+    state: ModelState
+    url: str
+
+
+class HostView(Reply):
+    """One machine models run on: this one (`local`) or a model host (an agent with
+    `--models-dir`)."""
+
+    id: str
+    name: str
+    memory_total: int = Field(description="Bytes (its --max-memory when set).")
+    memory_available: int = Field(description="Bytes free for another server now.")
+    max_instances: int
+    devices: list[DeviceView]
+    models: list[str] = Field(description="The models it can start.")
+    servers: list[HostServer] = Field(description="What it runs for this balancer.")
+
+
 class DashboardFleetView(FleetView):
     """The dashboard stream's `fleet` event: the fleet, with the host's catalog."""
 
     catalog: list[CatalogEntry] | None = Field(
         description="null for a balancer without a model host."
+    )
+    hosts: list[HostView] | None = Field(
+        default=None,
+        description="The machines models run on (`GET /api/v1/hosts`); null without a model host.",
     )
 
 
@@ -429,27 +454,6 @@ class LoadQuery(Query):
         description="Load it on this model host (its name or id, or `local`) instead of "
         "where the planner would.",
     )
-
-
-class HostServer(Reply):
-    key: str = Field(description="Its pool: the model, or the model with per-request flags.")
-    model: str
-    state: ModelState
-    url: str
-
-
-class HostView(Reply):
-    """One machine models run on: this one (`local`) or a model host (an agent with
-    `--models-dir`)."""
-
-    id: str
-    name: str
-    memory_total: int = Field(description="Bytes (its --max-memory when set).")
-    memory_available: int = Field(description="Bytes free for another server now.")
-    max_instances: int
-    devices: list[DeviceView]
-    models: list[str] = Field(description="The models it can start.")
-    servers: list[HostServer] = Field(description="What it runs for this balancer.")
 
 
 class HostsList(Reply):

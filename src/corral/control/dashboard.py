@@ -109,7 +109,10 @@ class Dashboard:
         """:class:`~corral.control.api_schema.DashboardFleetView`."""
         host = self.management.host
         catalog = host.status() if host is not None else None
-        view = DashboardFleetView.model_validate({**self.management.snapshot(), "catalog": catalog})
+        hosts = host.hosts() if host is not None else None
+        view = DashboardFleetView.model_validate(
+            {**self.management.snapshot(), "catalog": catalog, "hosts": hosts}
+        )
         return view.model_dump(mode="json", exclude_unset=True)
 
     async def traffic(self, request: web.Request) -> web.Response:

@@ -235,6 +235,7 @@ function render() {
   renderInstances();
   renderModels();
   renderCatalog();
+  renderHosts();
   renderAgents();
   renderDetail();
 }
@@ -410,6 +411,38 @@ function renderCatalog() {
     );
   });
   replaceRows($("catalog"), rows);
+}
+
+function renderHosts() {
+  const hosts = state.fleet.hosts;
+  $("hosts-card").hidden = !hosts;
+  if (!hosts) return;
+  const rows = hosts.map((host) =>
+    el(
+      "tr",
+      { dataset: { host: host.id } },
+      el("td", {}, host.id === "local" ? `${host.name} (this one)` : host.name),
+      el(
+        "td",
+        { class: "num" },
+        `${fmtBytes(host.memory_available)} of ${fmtBytes(host.memory_total)}`,
+      ),
+      el("td", { class: "num servers" }, `${host.servers.length}/${host.max_instances}`),
+      el(
+        "td",
+        { class: "wrap running" },
+        host.servers.map((server) => `${server.key} (${server.state})`).join(", ") || "–",
+      ),
+      el("td", { class: "wrap" }, host.models.join(", ") || "–"),
+      el(
+        "td",
+        { class: "wrap" },
+        host.devices.map((d) => `${d.name} (${d.free_mib} of ${d.total_mib} MiB free)`).join("; ") ||
+          "cpu",
+      ),
+    ),
+  );
+  replaceRows($("hosts"), rows);
 }
 
 function renderAgents() {
