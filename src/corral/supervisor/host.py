@@ -257,6 +257,7 @@ class ModelHost:
         """A model host reported: note what it can start and runs; adopt servers it runs
         that this host does not know (after a balancer restart), so none loads twice."""
         machine = self.remotes.get(report.id)
+        changed = machine is None
         if machine is None:
             machine = RemoteMachine(report, send)
             self.remotes[report.id] = machine
@@ -275,6 +276,7 @@ class ModelHost:
             if hosted.machine == machine.id and hosted.state is ModelState.LOADED:
                 if key not in reported:  # stopped there (another balancer, an operator)
                     del self.running[key]
+                    changed = True
                     log.info("gone from its host key=%s host=%s", key, machine.label)
         for instance in report.instances:
             if instance.key in self.running or instance.state not in ("ready", "starting"):
@@ -282,8 +284,9 @@ class ModelHost:
             model = machine.models.get(instance.model)
             if model is None:
                 continue
-            if instance.flags:
-                self._flags[instance.key] = (instance.model, instance.flags)
+            if instance.flags:  # its pool's flags (a replica's key names its pool)
+                self._flags[pool_of(instance.key)] = (instance.model, instance.flags)
+            changed = True
             starting = instance.state == "starting"  # another balancer's load under way
             server = RemoteServer(
                 machine,
@@ -320,7 +323,8 @@ class ModelHost:
                     self._come_up(hosted, now, 0, time.monotonic()),
                     name=f"host-adopt-{instance.key}",
                 )
-        self.scheduler.emit({"type": "host", "host": machine.id})
+        if changed:  # not every report: a host reports every second
+            self.scheduler.emit({"type": "host", "host": machine.id})
 
     def remote_gone(self, host_id: str) -> None:
         """A model host left: what it ran is gone from here (its instances leave their
@@ -332,8 +336,9 @@ class ModelHost:
         lost = [k for k, h in self.running.items() if h.machine == host_id]
         for key in lost:
             del self.running[key]
-            if self.scheduler.buffered(key) and not self._stopping:
-                self.request(key)
+        for pool in {pool_of(k) for k in lost}:
+            if self.scheduler.buffered(pool) and not self._stopping:
+                self.request(pool)
         log.warning("model host left host=%s lost=%s", machine.label, lost)
         self.scheduler.emit({"type": "host", "host": host_id, "event": "gone"})
 
@@ -701,8 +706,14 @@ class ModelHost:
         existing = self.running.get(key)
         if existing is not None and existing.state is not ModelState.UNLOADING:
             return
+        skip_local = False  # this machine cannot start it, but a remote host may
         if LOCAL in self.machines_for(model.id):
-            await self._check_local(model)
+            try:
+                await self._check_local(model)
+            except LoadRefused:
+                if self.machines_for(model.id) == [LOCAL]:
+                    raise
+                skip_local = True
         group, exclusive, _ = self._group(model)
         clock = self.scheduler.clock
         began = clock()
@@ -711,7 +722,7 @@ class ModelHost:
             if not self._wanted(key):
                 log.info("load dropped key=%s: nobody is waiting any more", key)
                 return
-            machines = self.machines_for(model.id)
+            machines = [m for m in self.machines_for(model.id) if not (skip_local and m == LOCAL)]
             if key != pool_of(key):  # a replica: on a host that runs none of its pool
                 busy = {h.machine for h in self.running.values()
                         if pool_of(h.key) == pool_of(key) and h.key != key}  # fmt: skip
