@@ -22,7 +22,7 @@ from corral.config import Settings
 from corral.tls import client_context
 
 if TYPE_CHECKING:
-    from corral.supervisor.managed import ManagedOptions
+    from corral.supervisor.managed import ManagedInstance, ManagedOptions
     from corral.supervisor.process import PortLease
     from corral.tls import ClientCertificate
 
@@ -300,8 +300,7 @@ def _agent_hosting(args: argparse.Namespace, settings: Settings) -> int:
     from corral.catalog.catalog import Catalog
     from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
     from corral.supervisor.host_agent import HostAgent, HostAgentOptions
-    from corral.supervisor.process import lease_port
-    from corral.tokens import TokenError, state_dir
+    from corral.tokens import TokenError
 
     if args.model or settings.local_llama_server:
         _err("--models-dir makes the agent a model host: give no --model or --local-llama-server")
@@ -342,24 +341,9 @@ def _agent_hosting(args: argparse.Namespace, settings: Settings) -> int:
         options.name = settings.agent_name
 
     def make(key: str, model: Any, aliases: list[str], llama_args: list[str]) -> tuple[Any, Any]:
-        from corral.supervisor.managed import ManagedInstance
-
-        lease = lease_port(settings.ports(), state_dir() / "ports")
-        instance = ManagedInstance(
-            owned_options(
-                settings,
-                binary=binary,
-                model=model.path,
-                model_id=key,
-                aliases=aliases,
-                llama_args=llama_args,
-                port=lease.port,
-                lease=lease,
-                cluster_token=cluster_token,
-                tls=balancers_tls,
-            )
+        return _owned_instance(
+            settings, binary, model.path, key, aliases, llama_args, cluster_token, balancers_tls
         )
-        return instance, lease
 
     async def serve(stop: asyncio.Event) -> int:
         agent = HostAgent(catalog, options, make)
@@ -412,9 +396,7 @@ def _agent_owning(
     from yarl import URL
 
     from corral.supervisor.binary import LlamaServerNotFound, find_llama_server
-    from corral.supervisor.managed import ManagedInstance, check_reserved
-    from corral.supervisor.process import lease_port
-    from corral.tokens import state_dir
+    from corral.supervisor.managed import check_reserved
 
     wanted: list[tuple[str, Path, list[str], list[str]]] = []  # id, file, args, aliases
     if args.model:
@@ -455,20 +437,8 @@ def _agent_owning(
     async def serve(stop: asyncio.Event) -> int:
         managed: list[ManagedInstance] = []
         for model_id, path, extra, aliases in wanted:
-            lease = lease_port(settings.ports(), state_dir() / "ports")
-            instance = ManagedInstance(
-                owned_options(
-                    settings,
-                    binary=binary,
-                    model=path,
-                    model_id=model_id,
-                    aliases=aliases,
-                    llama_args=extra,
-                    port=lease.port,
-                    lease=lease,
-                    cluster_token=cluster_token,
-                    tls=balancers_tls,
-                )
+            instance, _ = _owned_instance(
+                settings, binary, path, model_id, aliases, extra, cluster_token, balancers_tls
             )
             await instance.start()
             managed.append(instance)
@@ -477,6 +447,37 @@ def _agent_owning(
         return 0
 
     return _run_service(serve)
+
+
+def _owned_instance(
+    settings: Settings,
+    binary: Path,
+    model: Path,
+    model_id: str,
+    aliases: list[str],
+    llama_args: list[str],
+    cluster_token: str,
+    tls: ClientCertificate | None,
+) -> tuple[ManagedInstance, PortLease]:
+    """One llama-server the agent owns, on a port leased for it (released when it stops)."""
+    from corral.supervisor.managed import ManagedInstance
+    from corral.supervisor.process import lease_port
+    from corral.tokens import state_dir
+
+    lease = lease_port(settings.ports(), state_dir() / "ports")
+    options = owned_options(
+        settings,
+        binary=binary,
+        model=model,
+        model_id=model_id,
+        aliases=aliases,
+        llama_args=llama_args,
+        port=lease.port,
+        lease=lease,
+        cluster_token=cluster_token,
+        tls=tls,
+    )
+    return ManagedInstance(options), lease
 
 
 def owned_options(
